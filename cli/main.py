@@ -1,0 +1,441 @@
+"""`waportctl`: the command line of waportd, one verb per control command (DESIGN.md §4).
+
+Global options go before the verb (`waportctl --json list`) or after it (`waportctl list --json`).
+Exit codes: 0 ok, 1 error reply, 2 usage, 3 daemon unreachable.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+import ipc
+from cli import qr as qrcode
+from cli import render
+from cli.client import (
+    DEFAULT_RUN_DIR,
+    DEFAULT_TIMEOUT,
+    EXIT_ERROR,
+    WORKER_BOUND_TIMEOUT,
+    Settings,
+    call,
+    print_json,
+    unreachable,
+)
+from cli.eventstream import EventStream
+from ipc import events
+from ipc.control import DaemonUnreachable
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _set(field: str) -> Callable[[click.Context, click.Parameter, Any], None]:
+    """A callback storing a verb-level global option into the shared settings."""
+
+    def callback(ctx: click.Context, _param: click.Parameter, value: Any) -> None:
+        if value is not None and value is not False:
+            setattr(ctx.ensure_object(Settings), field, value)
+
+    return callback
+
+
+def global_options(func: F) -> F:
+    """Accept --run-dir/--json/--timeout after the verb too, as users type them there."""
+    func = click.option(
+        "--run-dir",
+        default=None,
+        expose_value=False,
+        callback=_set("run_dir"),
+        hidden=True,
+        type=click.Path(file_okay=False),
+    )(func)
+    func = click.option(
+        "--json",
+        "json_",
+        is_flag=True,
+        default=False,
+        expose_value=False,
+        callback=_set("json"),
+        help="Print the reply's result as JSON.",
+    )(func)
+    func = click.option(
+        "--timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        expose_value=False,
+        callback=_set("timeout"),
+        hidden=True,
+    )(func)
+    return func
+
+
+pass_settings = click.make_pass_decorator(Settings, ensure=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--run-dir",
+    envvar="WAPORT_RUN_DIR",
+    default=DEFAULT_RUN_DIR,
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Directory of waportd's sockets (env WAPORT_RUN_DIR).",
+)
+@click.option("--json", "json_", is_flag=True, help="Print the reply's result as JSON.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help=f"Seconds to wait for waportd's reply  [default: {DEFAULT_TIMEOUT:g}; "
+    f"{WORKER_BOUND_TIMEOUT:g} for stop, restart, logout, delete, send, pair]",
+)
+@click.version_option(ipc.__version__, prog_name="waportctl")
+@click.pass_context
+def cli(ctx: click.Context, run_dir: str, json_: bool, timeout: float | None) -> None:
+    """Control waportd, the WhatsApp session supervisor.
+
+    \b
+    Exit codes: 0 ok, 1 error reply, 2 usage, 3 waportd unreachable.
+    """
+    ctx.obj = Settings(run_dir=run_dir, json=json_, timeout=timeout)
+
+
+def _print_record_state(settings: Settings, result: dict[str, Any]) -> None:
+    if settings.json:
+        print_json(result)
+    else:
+        click.echo(f"{result.get('company')}: {render.scalar(result.get('state'))}")
+
+
+@cli.command()
+@global_options
+@pass_settings
+def ping(settings: Settings) -> None:
+    """Check that waportd answers."""
+    result = call(settings, "ping")
+    if settings.json:
+        print_json(result)
+    else:
+        click.echo(f"pong from waportd {result.get('version', '?')} (pid {result.get('pid', '?')})")
+
+
+@cli.command()
+@global_options
+@pass_settings
+def version(settings: Settings) -> None:
+    """Show the versions of waportd, its protocol and backend."""
+    result = call(settings, "version")
+    if settings.json:
+        print_json(result)
+    else:
+        click.echo(
+            f"waportd {result.get('version', '?')} (protocol {result.get('protocol', '?')}, "
+            f"backend {result.get('backend', '?')})"
+        )
+        click.echo(f"waportctl {ipc.__version__}")
+
+
+def _list(settings: Settings) -> None:
+    result = call(settings, "list")
+    if settings.json:
+        print_json(result)
+    else:
+        click.echo(render.sessions_table(result.get("sessions") or []))
+
+
+@cli.command("list")
+@global_options
+@pass_settings
+def list_(settings: Settings) -> None:
+    """List all sessions."""
+    _list(settings)
+
+
+@cli.command()
+@click.argument("company", required=False)
+@global_options
+@pass_settings
+def status(settings: Settings, company: str | None) -> None:
+    """Show one session in detail (all sessions without COMPANY)."""
+    if company is None:
+        _list(settings)
+        return
+    result = call(settings, "status", company=company)
+    if settings.json:
+        print_json(result)
+    else:
+        click.echo(render.kv_block(result))
+
+
+def _lifecycle(cmd: str, doc: str) -> None:
+    """Register a verb whose reply is the session record (start/stop/restart/logout)."""
+
+    @click.argument("company")
+    @global_options
+    @pass_settings
+    def command(settings: Settings, company: str) -> None:
+        _print_record_state(settings, call(settings, cmd, company=company))
+
+    command.__doc__ = doc
+    cli.command(cmd)(command)
+
+
+_lifecycle("start", "Start a company's worker (and start it at boot from now on).")
+_lifecycle("stop", "Stop a company's worker (and no longer start it at boot).")
+_lifecycle("restart", "Restart a company's worker; clears the `failed` state.")
+_lifecycle("logout", "Unlink the device from WhatsApp; the session must pair again.")
+
+
+def stdin_is_tty() -> bool:
+    return sys.stdin.isatty()
+
+
+@cli.command()
+@click.argument("company")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@global_options
+@pass_settings
+def delete(settings: Settings, company: str, yes: bool) -> None:
+    """Delete a company: its worker, session and credentials."""
+    if not yes:
+        if not stdin_is_tty():
+            raise click.UsageError(
+                f"refusing to delete {company!r} without confirmation: stdin is not a terminal; pass --yes"
+            )
+        if not click.confirm(
+            f"Delete {company!r}, its session and credentials? It will need pairing again", err=True
+        ):
+            click.echo("not deleted", err=True)
+            raise click.exceptions.Exit(EXIT_ERROR)
+    result = call(settings, "delete", company=company)
+    if settings.json:
+        print_json(result)
+    else:
+        click.echo(f"{company}: deleted")
+
+
+@cli.command()
+@click.argument("company")
+@click.argument("to")
+@click.argument("text")
+@click.option("--idempotency-key", help="Send at most once per key: a repeat returns the first result.")
+@click.option("--wait", is_flag=True, help="Wait until the message is sent or has failed (exit 1 if it failed).")
+@click.option("--wait-timeout", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="Seconds --wait waits before giving up (exit 1).")
+@global_options
+@pass_settings
+def send(settings: Settings, company: str, to: str, text: str, idempotency_key: str | None,
+         wait: bool, wait_timeout: float) -> None:
+    """Send TEXT from COMPANY to TO (a phone number or a JID).
+
+    The answer `queued` means the message is journaled and will be sent; --wait waits for the outcome.
+    """
+    args: dict[str, Any] = {"company": company, "to": to, "text": text}
+    if idempotency_key is not None:
+        args["idempotency_key"] = idempotency_key
+    result = call(settings, "send", **args)
+    if wait and result.get("status") in ("queued", "sending"):
+        result = wait_for_outcome(settings, company, result, wait_timeout)
+    if settings.json:
+        print_json(result)
+    else:
+        status_, message_id = render.scalar(result.get("status")), render.scalar(result.get("message_id"))
+        click.echo(f"{company}: {status_} {message_id}")
+
+
+FINAL = ("sent", "send_failed", "uncertain")
+
+
+def _when(ts: Any) -> str:
+    return render.iso_time(ts) if isinstance(ts, int | float) else "-"
+
+
+def wait_for_outcome(settings: Settings, company: str, result: dict[str, Any], wait_s: float) -> dict[str, Any]:
+    """Follow the journal until the message is final: the events socket wakes us, the journal decides."""
+    message_id = result["message_id"]
+    deadline = time.monotonic() + wait_s
+    try:
+        stream = EventStream(settings.run_dir, company).open()
+    except DaemonUnreachable:
+        stream = None
+    try:
+        while True:
+            message = call(settings, "messages", company=company, message_id=message_id)["message"]
+            if message["status"] in FINAL:
+                out = {"message_id": message_id, "status": message["status"]}
+                if message.get("error"):
+                    out["error"] = message["error"]
+                if message["status"] != "sent":
+                    if settings.json:
+                        print_json(out)
+                    else:
+                        click.echo(f"{company}: {message['status']} {message_id}: {message.get('error')}", err=True)
+                    raise click.exceptions.Exit(EXIT_ERROR)
+                return out
+            left = deadline - time.monotonic()
+            if left <= 0:
+                click.echo(f"{company}: still {message['status']} after {wait_s:g} s: {message_id}", err=True)
+                raise click.exceptions.Exit(EXIT_ERROR)
+            if stream is not None:
+                stream.next_event(min(left, 1.0))
+            else:
+                time.sleep(min(left, 0.2))
+    finally:
+        if stream is not None:
+            stream.close()
+
+
+@cli.command()
+@click.argument("company")
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
+@global_options
+@pass_settings
+def messages(settings: Settings, company: str, limit: int) -> None:
+    """Recent outbound and inbound messages of COMPANY from its journal, with their status."""
+    result = call(settings, "messages", company=company, limit=limit)
+    if settings.json:
+        print_json(result)
+        return
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(result.get("counts", {}).items())) or "none"
+    click.echo(f"outbound ({counts}):")
+    rows = [[_when(m.get("created")), m["message_id"], m["status"], m["to"], m.get("error") or "-",
+             render.preview(m.get("text"))] for m in result.get("outbound", [])]
+    click.echo(render.table(["CREATED", "MESSAGE-ID", "STATUS", "TO", "ERROR", "TEXT"], rows) if rows else "  none")
+    click.echo("inbound:")
+    rows = [[_when(m.get("ts")), m["id"], m.get("from") or "-", m.get("push_name") or "-",
+             "yes" if m.get("delivered") else "no", render.preview(m.get("text"))]
+            for m in result.get("inbound", [])]
+    click.echo(render.table(["TIME", "ID", "FROM", "NAME", "DELIVERED", "TEXT"], rows) if rows else "  none")
+
+
+def _no_code(what: str, result: dict[str, Any]) -> NoReturn:
+    """A reply without a code is not an error reply, but the user got nothing: say why, exit 1."""
+    why = result.get("message") or result.get("reason")
+    state = result.get("state")
+    text = f"no {what}: " + (f"session state is {state}" if state else "the daemon returned none")
+    if why and why != state:
+        text += f" ({why})"
+    click.echo(text, err=True)
+    raise click.exceptions.Exit(EXIT_ERROR)
+
+
+@cli.command()
+@click.argument("company")
+@click.option("--png", type=click.Path(dir_okay=False, writable=True), help="Also write the code as a PNG.")
+@global_options
+@pass_settings
+def qr(settings: Settings, company: str, png: str | None) -> None:
+    """Show the QR code to scan with WhatsApp > Linked devices."""
+    result = call(settings, "qr", company=company)
+    code = result.get("code")
+    if settings.json:
+        print_json(result)
+    if not code or not isinstance(code, str):
+        _no_code("QR code", result)
+    if png:
+        try:
+            qrcode.write_png(code, png)
+        except OSError as exc:
+            click.echo(f"error: cannot write {png}: {exc.strerror or exc}", err=True)
+            raise click.exceptions.Exit(EXIT_ERROR) from None
+    if not settings.json:
+        click.echo(qrcode.terminal(code, getattr(sys.stdout, "encoding", None)), nl=False)
+        click.echo(code)
+        if png:
+            click.echo(f"written to {png}", err=True)
+
+
+@cli.command()
+@click.argument("company")
+@click.argument("phone")
+@global_options
+@pass_settings
+def pair(settings: Settings, company: str, phone: str) -> None:
+    """Get a pairing code to link PHONE without scanning a QR code."""
+    result = call(settings, "pair_code", company=company, phone=phone)
+    if settings.json:
+        print_json(result)
+    code = result.get("code")
+    if not code:
+        _no_code("pair code", result)
+    if not settings.json:
+        click.echo(code)
+        click.echo("enter it on the phone: WhatsApp > Linked devices > Link with phone number", err=True)
+
+
+@cli.command("events")
+@click.option("-c", "--company", help="Only this company's events.")
+@click.option("-t", "--type", "type_", type=click.Choice(sorted(events.TYPES)), help="Only this event type.")
+@click.option("--count", type=click.IntRange(min=1), help="Exit after N events.")
+@global_options
+@pass_settings
+def events_(settings: Settings, company: str | None, type_: str | None, count: int | None) -> None:
+    """Print events as they happen, until Ctrl-C (or --count N)."""
+    stream = EventStream(settings.run_dir, company, type_)
+    try:
+        stream.open()
+    except DaemonUnreachable:
+        unreachable(stream.path, what="waportd events")
+    seen = 0
+    try:
+        for raw, event in stream:
+            if settings.json:
+                click.echo(raw if "\n" not in raw else render.compact(event))
+            else:
+                click.echo(render.event_line(event))
+            seen += 1
+            if count is not None and seen >= count:
+                break
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:  # `waportctl events | head`: the reader is gone, which is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
+    finally:
+        stream.close()
+
+
+@cli.command()
+@global_options
+@pass_settings
+def metrics(settings: Settings) -> None:
+    """Show the daemon's metrics."""
+    result = call(settings, "metrics")
+    if settings.json:
+        print_json(result)
+    else:
+        click.echo(render.metrics_table(result.get("metrics") or []))
+
+
+@cli.command()
+@click.argument("company")
+@global_options
+@pass_settings
+def diagnose(settings: Settings, company: str) -> None:
+    """Check a session's health and suggest what to do."""
+    result = call(settings, "diagnose", company=company)
+    if settings.json:
+        print_json(result)
+    else:
+        click.echo(render.diagnosis(result))
+
+
+@cli.command()
+@global_options
+@pass_settings
+def reload(settings: Settings) -> None:
+    """Re-read the configuration: start and stop companies to match it."""
+    result = call(settings, "reload")
+    if settings.json:
+        print_json(result)
+    else:
+        click.echo(render.reload_summary(result))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli.main(prog_name="waportctl")

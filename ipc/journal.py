@@ -1,0 +1,235 @@
+"""The per-company message journal (DESIGN.md §6): SQLite in WAL mode under the session directory.
+
+The supervisor appends accepted sends (so `send` is durable before it answers, even while
+the worker is restarting) and reads it for `messages`; the worker sends from it, records
+outcomes and journals inbound messages. SQLite's locking makes the two writers safe.
+
+`synchronous=NORMAL` in WAL mode survives any process crash (kill -9 included); only a
+power loss can drop the last transactions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any
+
+FILENAME = "journal.db"
+_ids = random.Random()  # seeded from os.urandom: unique ids, not secrets, without a syscall each
+
+QUEUED = "queued"
+SENDING = "sending"
+SENT = "sent"
+SEND_FAILED = "send_failed"
+UNCERTAIN = "uncertain"
+PENDING = (QUEUED, SENDING)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id TEXT NOT NULL UNIQUE,
+    idempotency_key TEXT UNIQUE,
+    recipient TEXT NOT NULL,
+    text TEXT NOT NULL,
+    status TEXT NOT NULL,
+    error TEXT,
+    sent_ts REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    source TEXT NOT NULL DEFAULT 'control',
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_status ON outbox(status, seq);
+CREATE TABLE IF NOT EXISTS inbox (
+    id TEXT PRIMARY KEY,
+    chat TEXT, sender TEXT, push_name TEXT, type TEXT, text TEXT, ts REAL, is_group INTEGER,
+    received REAL NOT NULL,
+    delivered INTEGER NOT NULL DEFAULT 0,
+    copies INTEGER NOT NULL DEFAULT 1
+);
+CREATE INDEX IF NOT EXISTS inbox_undelivered ON inbox(delivered, received);
+"""
+
+
+@dataclass
+class Outgoing:
+    message_id: str
+    idempotency_key: str | None
+    recipient: str
+    text: str
+    status: str
+    error: str | None
+    sent_ts: float | None
+    created: float
+    updated: float
+    attempts: int = 0
+    source: str = "control"
+
+    def result(self) -> dict[str, Any]:
+        """What `send` answers, now or for a repeated idempotency key."""
+        out: dict[str, Any] = {"message_id": self.message_id, "status": self.status}
+        if self.error:
+            out["error"] = self.error
+        return out
+
+    def public(self) -> dict[str, Any]:
+        return {"direction": "out", "message_id": self.message_id, "idempotency_key": self.idempotency_key,
+                "to": self.recipient, "text": self.text, "status": self.status, "error": self.error,
+                "sent_ts": self.sent_ts, "created": self.created, "updated": self.updated,
+                "attempts": self.attempts}
+
+
+_OUT_COLUMNS = (
+    "message_id, idempotency_key, recipient, text, status, error, sent_ts, created, updated, attempts, source"
+)
+_IN_COLUMNS = ("id", "chat", "sender", "push_name", "type", "text", "ts", "is_group")
+
+
+def message_id_for(company: str, idempotency_key: str | None) -> str:
+    """A WhatsApp-style id we choose; derived from the key so a resend of the same message is harmless."""
+    if idempotency_key is None:
+        return f"3EB0{_ids.getrandbits(64):016X}"
+    digest = hashlib.sha256(f"{company}\0{idempotency_key}".encode()).hexdigest()
+    return "3EB0" + digest[:16].upper()
+
+
+class Journal:
+    def __init__(self, path: str) -> None:
+        if not os.path.exists(path):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        self.path = path
+        self.db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(_SCHEMA)
+
+    @classmethod
+    def in_session(cls, session_dir: str) -> Journal:
+        return cls(os.path.join(session_dir, FILENAME))
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ------------------------------------------------------------ outbox
+
+    def by_key(self, key: str) -> Outgoing | None:
+        row = self.db.execute(f"SELECT {_OUT_COLUMNS} FROM outbox WHERE idempotency_key = ?", (key,)).fetchone()
+        return Outgoing(*row) if row else None
+
+    def by_id(self, message_id: str) -> Outgoing | None:
+        row = self.db.execute(f"SELECT {_OUT_COLUMNS} FROM outbox WHERE message_id = ?", (message_id,)).fetchone()
+        return Outgoing(*row) if row else None
+
+    def enqueue(
+        self, company: str, recipient: str, text: str, key: str | None, source: str = "control"
+    ) -> tuple[Outgoing, bool]:
+        """Append a send; (the message, True) — or (the first one, False) for a key seen before."""
+        now = time.time()
+        message_id = message_id_for(company, key)
+        try:
+            self.db.execute(
+                "INSERT INTO outbox (message_id, idempotency_key, recipient, text, status, created, updated, source)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (message_id, key, recipient, text, QUEUED, now, now, source),
+            )
+        except sqlite3.IntegrityError:
+            first = self.by_key(key) if key is not None else None
+            if first is None:
+                raise
+            return first, False
+        return Outgoing(message_id, key, recipient, text, QUEUED, None, None, now, now, 0, source), True
+
+    def enqueue_many(
+        self, company: str, items: list[tuple[str, str, str | None, str]]
+    ) -> list[tuple[Outgoing, bool]]:
+        """`enqueue` for (recipient, text, key, source) items in one transaction: one commit for many sends."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            out = [self.enqueue(company, recipient, text, key, source) for recipient, text, key, source in items]
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+        return out
+
+    def queued(self, limit: int = 100) -> list[Outgoing]:
+        rows = self.db.execute(
+            f"SELECT {_OUT_COLUMNS} FROM outbox WHERE status = ? ORDER BY seq LIMIT ?", (QUEUED, limit)
+        ).fetchall()
+        return [Outgoing(*r) for r in rows]
+
+    def mark(self, message_id: str, status: str, error: str | None = None, sent_ts: float | None = None) -> None:
+        attempt = 1 if status == SENDING else 0
+        self.db.execute(
+            "UPDATE outbox SET status = ?, error = ?, sent_ts = COALESCE(?, sent_ts), updated = ?,"
+            " attempts = attempts + ? WHERE message_id = ?",
+            (status, error, sent_ts, time.time(), attempt, message_id),
+        )
+
+    def interrupted(self) -> list[Outgoing]:
+        """After a crash: sends that began but whose outcome is unknown become `uncertain`."""
+        rows = [Outgoing(*r) for r in self.db.execute(
+            f"SELECT {_OUT_COLUMNS} FROM outbox WHERE status = ? ORDER BY seq", (SENDING,)).fetchall()]
+        if rows:
+            self.db.execute("UPDATE outbox SET status = ?, error = ?, updated = ? WHERE status = ?",
+                            (UNCERTAIN, "worker ended during the send; not resent", time.time(), SENDING))
+        return rows
+
+    def pending(self) -> int:
+        return self.db.execute(
+            "SELECT COUNT(*) FROM outbox WHERE status IN (?, ?)", PENDING).fetchone()[0]
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT status, COUNT(*) FROM outbox GROUP BY status").fetchall())
+
+    def recent_outbound(self, limit: int = 20) -> list[Outgoing]:
+        rows = self.db.execute(f"SELECT {_OUT_COLUMNS} FROM outbox ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+        return [Outgoing(*r) for r in rows]
+
+    # ------------------------------------------------------------ inbox
+
+    def inbox_add(self, msg: dict[str, Any]) -> bool:
+        """Journal an inbound message; False if its id was seen before (a redelivery)."""
+        values = (msg["id"], msg.get("chat"), msg.get("from"), msg.get("push_name"), msg.get("type"),
+                  msg.get("text"), msg.get("ts"), 1 if msg.get("is_group") else 0, time.time())
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO inbox (id, chat, sender, push_name, type, text, ts, is_group, received)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            values,
+        )
+        if cur.rowcount == 1:
+            return True
+        self.db.execute("UPDATE inbox SET copies = copies + 1 WHERE id = ?", (msg["id"],))
+        return False
+
+    def undelivered(self, received_before: float | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT id, chat, sender, push_name, type, text, ts, is_group FROM inbox WHERE delivered = 0"
+            " AND received <= ? ORDER BY received LIMIT ?",
+            (time.time() if received_before is None else received_before, limit)).fetchall()
+        return [_inbound(r) for r in rows]
+
+    def delivered(self, ids: list[str]) -> None:
+        self.db.executemany("UPDATE inbox SET delivered = 1 WHERE id = ?", [(i,) for i in ids])
+
+    def recent_inbound(self, limit: int = 20) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT id, chat, sender, push_name, type, text, ts, is_group, received, delivered, copies FROM inbox"
+            " ORDER BY received DESC LIMIT ?", (limit,)).fetchall()
+        out = []
+        for r in rows:
+            msg = _inbound(r[:8])
+            msg.update(direction="in", received=r[8], delivered=bool(r[9]), copies=r[10])
+            out.append(msg)
+        return out
+
+
+def _inbound(row: tuple) -> dict[str, Any]:
+    msg = dict(zip(_IN_COLUMNS, row, strict=True))
+    msg["from"] = msg.pop("sender")
+    msg["is_group"] = bool(msg["is_group"])
+    return msg

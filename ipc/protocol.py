@@ -1,0 +1,92 @@
+"""Worker <-> supervisor protocol over ZeroMQ ROUTER (supervisor) / DEALER (worker).
+
+In the spirit of Majordomo / Paranoid Pirate: every multipart message is
+``[HEADER, type, json-body]`` (the ROUTER side sees the routing id first).
+Both sides heartbeat; requests carry an id and an absolute deadline. Anything
+that does not parse raises `ProtocolError`, which callers count and drop.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+HEADER = b"WAP1"
+VERSION = 1
+
+READY = "READY"  # worker -> supervisor: {company, pid, generation, version}
+HEARTBEAT = "HEARTBEAT"  # both ways: {} (worker adds {state, queued})
+REQUEST = "REQUEST"  # supervisor -> worker: {id, cmd, args, deadline}
+REPLY = "REPLY"  # worker -> supervisor: {id, ok, result | error}
+EVENT = "EVENT"  # worker -> supervisor: {type, ts, data}
+STOP = "STOP"  # supervisor -> worker: {reason}; the worker stops and exits 0
+OUTBOX = "OUTBOX"  # supervisor -> worker: {}; the journal has new queued messages
+ACK = "ACK"  # supervisor -> worker: {ids}; these inbound messages reached every sink
+LOG = "LOG"  # worker -> supervisor: {level, name, msg, ts}; re-emitted by the supervisor's handlers
+
+TYPES = frozenset({READY, HEARTBEAT, REQUEST, REPLY, EVENT, STOP, OUTBOX, ACK, LOG})
+
+# Required body fields and their types, per message type.
+_SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
+    READY: {"company": str, "pid": int, "generation": int, "version": int},
+    HEARTBEAT: {},
+    REQUEST: {"id": str, "cmd": str, "args": dict, "deadline": (int, float)},
+    REPLY: {"id": str, "ok": bool},
+    EVENT: {"type": str, "ts": (int, float), "data": dict},
+    STOP: {"reason": str},
+    OUTBOX: {},
+    ACK: {"ids": list},
+    LOG: {"level": int, "name": str, "msg": str, "ts": (int, float)},
+}
+
+MAX_FRAME_BYTES = 1 << 20
+
+
+class ProtocolError(ValueError):
+    """A frame that is not a valid protocol message; count it and drop it."""
+
+
+@dataclass
+class Message:
+    type: str
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+def encode(type_: str, body: dict[str, Any] | None = None) -> list[bytes]:
+    if type_ not in TYPES:
+        raise ValueError(f"unknown message type {type_!r}")
+    return [HEADER, type_.encode(), json.dumps(body or {}, separators=(",", ":")).encode()]
+
+
+def decode(frames: list[bytes]) -> Message:
+    """Parse the three protocol frames (routing id already removed)."""
+    if len(frames) != 3:
+        raise ProtocolError(f"expected 3 frames, got {len(frames)}")
+    header, raw_type, raw_body = frames
+    if header != HEADER:
+        raise ProtocolError(f"bad header {bytes(header[:16])!r}")
+    try:
+        type_ = bytes(raw_type).decode()
+    except UnicodeDecodeError as exc:
+        raise ProtocolError("message type is not UTF-8") from exc
+    if type_ not in TYPES:
+        raise ProtocolError(f"unknown message type {type_[:32]!r}")
+    if len(raw_body) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"body of {len(raw_body)} bytes is too large")
+    try:
+        body = json.loads(bytes(raw_body))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"body is not JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise ProtocolError("body is not a JSON object")
+    for name, kind in _SCHEMA[type_].items():
+        value = body.get(name)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ProtocolError(f"{type_}: field {name!r} missing or of the wrong type")
+    return Message(type_, body)
+
+
+def routing_id(company: str, generation: int) -> bytes:
+    """Unique per worker incarnation, so a lingering old pipe never receives a new worker's traffic."""
+    return f"{company}/{generation}".encode()

@@ -1,0 +1,124 @@
+"""The send path (issue 6): accepted messages per second through the control socket across 100
+companies, accept latency at a steady 1,000 messages/s, and delivery latency to the simulated network.
+
+    python tests/bench/bench_send.py --companies 100 --burst 20000 --rate 1000 --seconds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+import uuid
+
+import zmq
+from common import Daemon, EventTap, SimNetProcess, count_state, record, summary, wait_for
+
+
+def dealer(run_dir: str) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.connect(f"ipc://{run_dir}/control.sock")
+    return sock
+
+
+def request(n: int, companies: list[str]) -> tuple[str, bytes]:
+    rid = uuid.uuid4().hex
+    body = {"id": rid, "cmd": "send", "args": {"company": companies[n % len(companies)],
+                                               "to": f"1555{n % 9973:07d}", "text": f"bench {n}"}}
+    return rid, json.dumps(body).encode()
+
+
+def burst(run_dir: str, companies: list[str], total: int, window: int = 1000) -> dict:
+    """As fast as the daemon answers, with `window` requests in flight."""
+    sock = dealer(run_dir)
+    sent = answered = ok = 0
+    start = time.monotonic()
+    while answered < total:
+        while sent < total and sent - answered < window:
+            sock.send(request(sent, companies)[1])
+            sent += 1
+        if sock.poll(10_000):
+            reply = json.loads(sock.recv())
+            answered += 1
+            ok += bool(reply.get("ok"))
+        else:
+            raise RuntimeError("the daemon stopped answering")
+    elapsed = time.monotonic() - start
+    sock.close(0)
+    return {"messages": total, "accepted": ok, "seconds": round(elapsed, 2),
+            "accepted_per_s": round(ok / elapsed)}
+
+
+def paced(run_dir: str, companies: list[str], rate: float, seconds: float) -> dict:
+    """A steady `rate` of sends; the latency of each answer."""
+    sock = dealer(run_dir)
+    sent_at: dict[str, float] = {}
+    latencies: list[float] = []
+    interval = 1.0 / rate
+    start = time.monotonic()
+    next_send = start
+    n = 0
+    end = start + seconds
+    while time.monotonic() < end or len(latencies) < n:
+        now = time.monotonic()
+        if now >= next_send and now < end:
+            rid, frame = request(n, companies)
+            sent_at[rid] = time.monotonic()
+            sock.send(frame)
+            n += 1
+            next_send += interval
+            continue
+        wait = max(0.0, min(next_send, end) - time.monotonic()) if now < end else 5.0
+        if sock.poll(int(wait * 1000)):
+            reply = json.loads(sock.recv())
+            latencies.append((time.monotonic() - sent_at.pop(reply["id"])) * 1000)
+        elif now >= end:
+            break
+    sock.close(0)
+    return {"rate_per_s": rate, "messages": n, "accept_latency_ms": {k: round(v, 2) for k, v in
+                                                                      summary(latencies).items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--companies", type=int, default=100)
+    ap.add_argument("--burst", type=int, default=20_000)
+    ap.add_argument("--rate", type=float, default=1000)
+    ap.add_argument("--seconds", type=float, default=10)
+    args = ap.parse_args()
+    base = tempfile.mkdtemp(prefix="wps-", dir="/tmp")
+    net = SimNetProcess(base)
+    companies = [f"s{i:03d}" for i in range(args.companies)]
+    d = Daemon(base, sim_endpoint=net.endpoint, companies=companies, heartbeat_interval=5.0,
+               rate_limit_max=10_000_000)
+    figures: dict = {"companies": args.companies}
+    try:
+        d.start()
+        wait_for(lambda: count_state(d, "connected") == args.companies, timeout=120, interval=0.5)
+        figures["burst"] = burst(d.run_dir, companies, args.burst)
+        wait_for(lambda: net.stats()["messages_sent"] >= args.burst, timeout=300, interval=0.5,
+                 what="the burst to reach the network")
+        tap = EventTap(d.run_dir, b"")
+        figures["steady"] = paced(d.run_dir, companies, args.rate, args.seconds)
+        expected = args.burst + figures["steady"]["messages"]
+        wait_for(lambda: net.stats()["messages_sent"] >= expected, timeout=120, interval=0.5)
+        tap.pump(500)
+        delivery = [e["data"]["latency"] * 1000 for e in tap.seen if e["type"] == "sent"]
+        tap.close()
+        figures["steady"]["delivery_latency_ms"] = {k: round(v, 2) for k, v in summary(delivery).items()}
+        figures["network_sent"] = net.stats()["messages_sent"]
+        d.terminate(timeout=60)
+    finally:
+        d.cleanup()
+        net.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    record(f"send_{args.companies}", figures)
+
+
+if __name__ == "__main__":
+    main()

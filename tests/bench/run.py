@@ -1,0 +1,90 @@
+"""Run every benchmark and write BENCHMARKS.md from their figures (`make bench`).
+
+Each benchmark is its own script (and can be run alone); this one runs them one after the other
+(never two at once on 2 cores) and turns tests/bench/results/*.json into the table of figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+RESULTS = os.path.join(HERE, "results")
+
+RUNS = {
+    "scale": ["bench_scale.py", "--companies", "1000"],
+    "scale-exec": ["bench_scale.py", "--companies", "200", "--spawn", "exec"],
+    "send": ["bench_send.py", "--companies", "100"],
+    "supervisord": ["bench_supervisord.py", "--workers", "500"],
+}
+
+
+def load(name: str) -> dict | None:
+    try:
+        with open(os.path.join(RESULTS, f"{name}.json")) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def write_markdown() -> str:
+    lines = ["# Benchmarks", "",
+             "Figures printed by `tests/bench/*.py` (`make bench` runs them all and rewrites this file).",
+             "Measured with the `sim` backend and a standalone simulated network on the same machine, so the",
+             "network's own CPU competes with waport's.", ""]
+    for name in sorted(os.listdir(RESULTS)) if os.path.isdir(RESULTS) else []:
+        if not name.endswith(".json"):
+            continue
+        data = load(name[:-5]) or {}
+        lines += [f"## {name[:-5]}", "", f"_{data.pop('machine', '')}_", "", "| figure | value |", "|---|---|"]
+        for key, value in flatten(data):
+            lines.append(f"| {key} | {value} |")
+        lines.append("")
+    text = "\n".join(lines)
+    with open(os.path.join(ROOT, "BENCHMARKS.md"), "w") as fh:
+        fh.write(text)
+    return text
+
+
+def flatten(data: dict, prefix: str = "") -> list[tuple[str, object]]:
+    out: list[tuple[str, object]] = []
+    for key, value in sorted(data.items()):
+        if isinstance(value, dict):
+            out += flatten(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("only", nargs="*", choices=[*RUNS, []], help="benchmarks to run (default: all)")
+    ap.add_argument("--render-only", action="store_true")
+    args = ap.parse_args()
+    if not args.render_only:
+        for name in args.only or list(RUNS):
+            print(f"== {name}", flush=True)
+            subprocess.run([sys.executable, *RUNS[name]], cwd=HERE, check=True)
+        if not args.only:
+            out = subprocess.run([sys.executable, "neonize_memory.py", "--json"], cwd=HERE,
+                                 capture_output=True, text=True, check=True).stdout
+            figures: dict = {"note": "cold `python -m workers` (exec); idle = mid-dial through a black-hole "
+                                     "proxy (no network here)"}
+            for r in json.loads(out):
+                figures[f"{r['backend']}_x{r['workers']}"] = {
+                    "rss_mib": round(r["rss"] / 2**20, 1), "uss_mib": round(r["uss"] / 2**20, 1),
+                    "pss_mib": round(r["pss"] / 2**20, 1), "threads": r["threads"]}
+            sys.path.insert(0, HERE)
+            from common import record
+
+            record("neonize_memory", figures)
+    print(write_markdown())
+
+
+if __name__ == "__main__":
+    main()

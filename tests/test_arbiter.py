@@ -1,0 +1,200 @@
+"""End to end: a real waportd, real workers, the simulated network as a separate process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import psutil
+import pytest
+from conftest import ROOT, EventTap, processes_using, wait_for
+
+COMPANIES = ["acme", "bistro", "salon_1", "dental-2", "gym"]
+
+
+def all_in(d, companies, state):
+    sessions = {r["company"]: r for r in d.ctl("list")["sessions"]}
+    return all(sessions.get(c, {}).get("state") == state for c in companies) and sessions
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_starts_one_worker_per_company(daemon_factory, simnet):
+    d = daemon_factory(sim_endpoint=simnet.endpoint, companies=COMPANIES).start()
+    sessions = wait_for(lambda: all_in(d, COMPANIES, "connected"), timeout=30, what="all connected")
+    pids = {r["pid"] for r in sessions.values()}
+    assert len(pids) == len(COMPANIES) and set(d.worker_pids()) == pids
+    assert simnet.connections() == {c: 1 for c in COMPANIES}
+    for r in sessions.values():
+        assert r["phone"] and r["connected_at"] and r["restarts"] == 0
+    # The session lock names the worker that holds it.
+    lock = os.path.join(d.state_dir, "sessions", "acme", "session.lock")
+    assert int(open(lock).read()) == sessions["acme"]["pid"]
+    assert os.stat(os.path.join(d.state_dir, "sessions", "acme")).st_mode & 0o777 == 0o700
+    assert simnet.stats()["replaced"] == 0
+
+
+def test_killed_worker_restarts_after_the_computed_delay(daemon_factory, simnet):
+    d = daemon_factory(sim_endpoint=simnet.endpoint, companies=["acme"], restart_base_delay=0.8).start()
+    first = d.wait_state("acme", "connected")
+    tap = EventTap(d.run_dir, b"acme.")
+    os.kill(first["pid"], signal.SIGKILL)
+    backoff = tap.wait(lambda e: e["type"] == "state" and e["data"]["state"] == "backoff", what="backoff")
+    restart = tap.wait(lambda e: e["type"] == "restart", what="restart")
+    tap.close()
+    planned = backoff["data"]["next_restart_at"] - backoff["ts"]
+    assert planned == pytest.approx(0.8, abs=0.05)  # base delay, jitter 0
+    assert restart["ts"] >= backoff["data"]["next_restart_at"] - 0.01
+    second = d.wait_state("acme", "connected")
+    assert second["pid"] != first["pid"] and second["restarts"] == 1
+    assert "SIGKILL" in second["last_error"]
+    assert simnet.stats()["replaced"] == 0
+
+
+def test_crash_loop_ends_in_failed_and_restart_clears_it(daemon_factory, simnet):
+    d = daemon_factory(sim_endpoint=simnet.endpoint, companies=["acme"], max_restarts=2,
+                       restart_base_delay=0.1).start()
+    killed = set()
+    for _ in range(3):
+        r = wait_for(lambda: (s := d.status("acme"))["pid"] and s["pid"] not in killed and s,
+                     what="a new worker")
+        killed.add(r["pid"])
+        os.kill(r["pid"], signal.SIGKILL)
+    failed = d.wait_state("acme", "failed")
+    assert failed["reason"].startswith("crash loop: 3 consecutive failures")
+    assert failed["next_restart_at"] is None and failed["pid"] is None
+    assert d.ctl("restart", company="acme")["state"] == "starting"
+    assert d.wait_state("acme", "connected")["pid"] not in killed
+
+
+def test_second_daemon_on_the_same_state_dir_refuses(daemon_factory, simnet):
+    d = daemon_factory(sim_endpoint=simnet.endpoint).start()
+    second = subprocess.run(
+        [sys.executable, "-m", "waportd", "--config", d.config_path, "--run-dir", d.run_dir + "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=30,
+    )
+    assert second.returncode == 1
+    assert f"pid {d.proc.pid}" in second.stderr and "waportd.lock" in second.stderr
+    assert d.ctl("ping")["pid"] == d.proc.pid
+
+
+def test_killed_daemon_takes_its_workers_along_and_a_new_one_takes_over(daemon_factory, simnet):
+    d = daemon_factory(sim_endpoint=simnet.endpoint, companies=COMPANIES).start()
+    old = wait_for(lambda: all_in(d, COMPANIES, "connected"), timeout=30, what="all connected")
+    old_pids = [r["pid"] for r in old.values()]
+    d.kill()
+    wait_for(lambda: not any(alive(p) for p in old_pids), timeout=10, what="orphan workers to exit")
+    d.start()
+    new = wait_for(lambda: all_in(d, COMPANIES, "connected"), timeout=30, what="all connected again")
+    assert not {r["pid"] for r in new.values()} & set(old_pids)
+    assert simnet.stats()["replaced"] == 0
+    assert simnet.connections() == {c: 1 for c in COMPANIES}
+
+
+def test_sigterm_stops_everything_and_leaves_nothing_behind(daemon_factory, short_tmp):
+    # No sim_endpoint: the daemon runs its own simulated network, which must go too.
+    d = daemon_factory(companies=["acme", "bistro"]).start()
+    wait_for(lambda: all_in(d, ["acme", "bistro"], "connected"), timeout=30, what="connected")
+    assert len(processes_using(short_tmp)) >= 4  # daemon, two workers, simnet
+    assert d.terminate() == 0
+    wait_for(lambda: not processes_using(short_tmp), timeout=10, what="no process left")
+    assert not os.path.exists(os.path.join(d.run_dir, "control.sock"))
+
+
+def test_hung_worker_is_aborted_killed_and_restarted(daemon_factory, simnet):
+    d = daemon_factory(sim_endpoint=simnet.endpoint, companies=["acme"], heartbeat_interval=0.3).start()
+    first = d.wait_state("acme", "connected")
+    tap = EventTap(d.run_dir, b"acme.")
+    os.kill(first["pid"], signal.SIGSTOP)  # a worker that no longer answers
+    tap.wait(lambda e: e["type"] == "health_check_failed", what="health_check_failed")
+    backoff = tap.wait(lambda e: e["type"] == "state" and e["data"]["state"] == "backoff", what="backoff")
+    tap.close()
+    assert backoff["data"]["reason"] == "hung"
+    assert not alive(first["pid"])
+    second = d.wait_state("acme", "connected")
+    assert second["pid"] != first["pid"]
+    assert simnet.stats()["replaced"] == 0
+
+
+def test_worker_reported_exits_map_to_states(daemon_factory, simnet):
+    d = daemon_factory(sim_endpoint=simnet.endpoint, companies=["out", "rep", "ban"]).start()
+    wait_for(lambda: all_in(d, ["out", "rep", "ban"], "connected"), timeout=30, what="connected")
+    simnet.call("logout", company="out")
+    simnet.call("replace", company="rep")
+    simnet.call("ban", company="ban", seconds=1.5)
+    assert d.wait_state("out", "logged_out")["pid"] is None
+    assert d.wait_state("rep", "replaced")["pid"] is None
+    banned = d.wait_state("ban", "banned")
+    assert banned["next_restart_at"] is not None
+    # A ban ends: the session comes back on its own; logged_out and replaced do not.
+    assert d.wait_state("ban", "connected", timeout=20)["restarts"] == 1
+    assert d.status("out")["state"] == "logged_out" and d.status("rep")["state"] == "replaced"
+
+
+def test_dropped_connection_reconnects_inside_the_worker(daemon_factory, simnet):
+    d = daemon_factory(sim_endpoint=simnet.endpoint, companies=["acme"]).start()
+    pid = d.wait_state("acme", "connected")["pid"]
+    tap = EventTap(d.run_dir, b"acme.")
+    simnet.call("drop", company="acme")
+    tap.wait(lambda e: e["type"] == "disconnected", what="disconnected")
+    tap.wait(lambda e: e["type"] == "connected", what="connected again")
+    tap.close()
+    assert d.status("acme")["pid"] == pid  # no restart needed
+
+
+def test_network_down_at_start_backs_off_and_recovers(daemon_factory, short_tmp):
+    from conftest import SimNetProcess
+
+    endpoint = f"ipc://{short_tmp}/simnet.sock"  # where the network will be, once it is up
+    d = daemon_factory(sim_endpoint=endpoint, companies=["acme"]).start()
+    r = d.wait_state("acme", "backoff", timeout=20)
+    assert r["reason"].startswith("connect_failed") and r["next_restart_at"]
+    net = SimNetProcess(short_tmp)  # the network comes back: the next restart connects
+    try:
+        assert net.endpoint == endpoint
+        assert d.wait_state("acme", "connected", timeout=30)["restarts"] >= 1
+    finally:
+        net.stop()
+
+
+def test_reload_starts_and_stops_only_what_changed(daemon_factory, simnet):
+    d = daemon_factory(sim_endpoint=simnet.endpoint, companies=["a", "b"]).start()
+    before = wait_for(lambda: all_in(d, ["a", "b"], "connected"), timeout=20, what="connected")
+    d.write_config(companies=["b", "c"])
+    assert d.ctl("reload") == {"started": ["c"], "stopped": ["a"]}
+    d.wait_state("c", "connected")
+    assert d.wait_state("a", "stopped")["pid"] is None
+    assert d.status("b")["pid"] == before["b"]["pid"]  # untouched
+    d.write_config(companies=["b"])
+    d.proc.send_signal(signal.SIGHUP)
+    d.wait_state("c", "stopped")
+
+
+def test_bad_config_on_reload_keeps_the_running_one(daemon_factory, simnet):
+    d = daemon_factory(sim_endpoint=simnet.endpoint, companies=["a"]).start()
+    d.wait_state("a", "connected")
+    with open(d.config_path, "a") as fh:
+        fh.write("no_such_key = 1\n")
+    with pytest.raises(Exception) as exc:
+        d.ctl("reload")
+    assert exc.value.code == "bad_request" and "no_such_key" in exc.value.message
+    assert d.status("a")["state"] == "connected"
+
+
+def test_desired_state_survives_a_daemon_restart(daemon_factory, simnet):
+    d = daemon_factory(sim_endpoint=simnet.endpoint, companies=["cfg1", "cfg2"]).start()
+    d.ctl("start", company="extra")
+    wait_for(lambda: all_in(d, ["cfg1", "cfg2", "extra"], "connected"), timeout=20, what="connected")
+    assert d.ctl("stop", company="cfg2")["state"] == "stopped"
+    assert d.terminate() == 0
+    d.start()
+    wait_for(lambda: all_in(d, ["cfg1", "extra"], "connected"), timeout=20, what="back after restart")
+    assert "cfg2" not in {r["company"] for r in d.ctl("list")["sessions"]}
+    assert simnet.stats()["replaced"] == 0

@@ -1,0 +1,55 @@
+import pytest
+
+from waportd import config
+from waportd.config import ConfigError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "waportd.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_when_the_default_file_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "DEFAULT_PATH", str(tmp_path / "absent.toml"))
+    cfg = config.load(None, environ={})
+    assert cfg.state_dir == "/var/lib/waport" and cfg.restart_base_delay == 5 and cfg.max_restarts == 10
+    assert cfg.backend == "neonize" and cfg.companies == ()
+
+
+def test_a_named_missing_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        config.load(str(tmp_path / "nope.toml"), environ={})
+
+
+def test_file_then_env_then_flags(tmp_path):
+    path = write(tmp_path, 'backend = "sim"\ncompanies = ["a", "b"]\nrestart_base_delay = "500ms"\n'
+                           'memory_limit = "512MiB"\nstop_timeout = "2m"\n')
+    cfg = config.load(path, environ={"WAPORT_COMPANIES": "c,d", "WAPORT_MAX_RESTARTS": "3"})
+    assert cfg.backend == "sim" and cfg.companies == ("c", "d") and cfg.max_restarts == 3
+    assert cfg.restart_base_delay == 0.5 and cfg.memory_limit == 512 * 1024**2 and cfg.stop_timeout == 120
+    cfg = config.load(path, environ={"WAPORT_COMPANIES": "c"}, overrides={"companies": ["e"], "backend": None})
+    assert cfg.companies == ("e",) and cfg.backend == "sim"
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("restart_base_dely = 5\n", "unknown key"),
+        ('backend = "whatsapp"\n', "backend"),
+        ('companies = ["ok", "not ok"]\n', "invalid company id"),
+        ('stop_timeout = "soon"\n', "stop_timeout"),
+        ("restart_jitter = 1.5\n", "restart_jitter"),
+        ("max_restarts = -1\n", "max_restarts"),
+        ("heartbeat_interval = 0\n", "heartbeat_interval"),
+        ("this is not toml", "not valid TOML"),
+    ],
+)
+def test_bad_config_is_refused_with_the_key_named(tmp_path, text, match):
+    with pytest.raises(ConfigError, match=match):
+        config.load(write(tmp_path, text), environ={})
+
+
+def test_bad_env_value_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="restart_factor"):
+        config.load(write(tmp_path, ""), environ={"WAPORT_RESTART_FACTOR": "fast"})

@@ -1,0 +1,181 @@
+"""Control commands against a real daemon: what a user of waportctl sees."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import zmq
+from conftest import EventTap, SimNetProcess, wait_for
+
+from ipc.errors import WaportError
+
+WAPORTCTL = os.path.join(os.path.dirname(sys.executable), "waportctl")
+
+
+def error_of(call, *args, **kwargs) -> WaportError:
+    with pytest.raises(WaportError) as exc:
+        call(*args, **kwargs)
+    return exc.value
+
+
+@pytest.fixture
+def connected(daemon_factory, simnet):
+    d = daemon_factory(sim_endpoint=simnet.endpoint, companies=["acme"]).start()
+    d.wait_state("acme", "connected")
+    return d
+
+
+def test_send_reaches_the_network(connected, simnet):
+    tap = EventTap(connected.run_dir, b"acme.sent")
+    reply = connected.ctl("send", company="acme", to="+1 (555) 010-9999", text="booking at 10")
+    assert reply["status"] == "queued" and reply["message_id"]
+    event = tap.wait(lambda e: e["data"]["message_id"] == reply["message_id"], what="sent event")
+    tap.close()
+    assert event["data"]["to"] == "15550109999"
+    sent = simnet.call("sent", company="acme")["messages"]
+    assert [(m["to"], m["text"], m["id"]) for m in sent] == [("15550109999", "booking at 10", reply["message_id"])]
+    listing = connected.ctl("messages", company="acme")
+    assert [(m["message_id"], m["status"]) for m in listing["outbound"]] == [(reply["message_id"], "sent")]
+
+
+def test_send_validation(connected):
+    assert error_of(connected.ctl, "send", company="acme", to="12", text="x").code == "invalid_phone"
+    assert error_of(connected.ctl, "send", company="acme", to="15550109999", text="x" * 70000).code == \
+        "message_too_long"
+    assert error_of(connected.ctl, "send", company="nobody", to="15550109999", text="x").code == \
+        "unknown_company"
+    assert error_of(connected.ctl, "send", company="bad id!", to="15550109999", text="x").code == \
+        "invalid_company_id"
+
+
+def test_send_while_the_network_is_down_is_queued_and_sent_later(daemon_factory, short_tmp):
+    d = daemon_factory(sim_endpoint=f"ipc://{short_tmp}/simnet.sock", companies=["acme"]).start()
+    d.wait_state("acme", "backoff", timeout=20)
+    reply = d.ctl("send", company="acme", to="15550109999", text="hi", idempotency_key="k1")
+    assert reply["status"] == "queued"
+    assert d.ctl("send", company="acme", to="15550109999", text="hi", idempotency_key="k1") == reply
+    net = SimNetProcess(short_tmp)
+    try:
+        sent = wait_for(lambda: net.call("sent", company="acme")["messages"], timeout=30, what="the send")
+        assert [m["id"] for m in sent] == [reply["message_id"]]
+        final = d.ctl("send", company="acme", to="15550109999", text="hi", idempotency_key="k1")
+        assert final == {"message_id": reply["message_id"], "status": "sent"}
+    finally:
+        net.stop()
+
+
+def test_send_to_a_stopped_company_is_refused(connected):
+    connected.ctl("stop", company="acme")
+    err = error_of(connected.ctl, "send", company="acme", to="15550109999", text="hi")
+    assert err.code == "not_connected" and "stopped" in err.message
+
+
+def test_inbound_messages_become_events(connected, simnet):
+    tap = EventTap(connected.run_dir, b"acme.message")
+    simnet.call("inbound", company="acme", **{"from": "15550100001"}, text="is 10:00 free?", id="M1")
+    event = tap.wait(lambda e: e["type"] == "message", what="message event")
+    tap.close()
+    assert event["data"]["text"] == "is 10:00 free?" and event["data"]["id"] == "M1"
+    assert event["data"]["from"] == "15550100001"
+
+
+def test_pairing_by_qr_scan(daemon_factory, short_tmp):
+    net = SimNetProcess(short_tmp, auto_pair=False)
+    try:
+        d = daemon_factory(sim_endpoint=net.endpoint, companies=["acme"]).start()
+        d.wait_state("acme", "pairing")
+        qr = wait_for(lambda: d.ctl("qr", company="acme")["code"], what="a QR code")
+        assert qr.startswith("SIMQR:")
+        net.call("scan", qr=qr, phone="15550107777")
+        r = d.wait_state("acme", "connected")
+        assert r["phone"] == "15550107777"
+        assert d.ctl("qr", company="acme")["code"] is None
+    finally:
+        net.stop()
+
+
+def test_pair_code(daemon_factory, short_tmp):
+    net = SimNetProcess(short_tmp, auto_pair=False)
+    try:
+        d = daemon_factory(sim_endpoint=net.endpoint, companies=["acme"]).start()
+        d.wait_state("acme", "pairing")
+        assert error_of(d.ctl, "pair_code", company="acme", phone="12").code == "invalid_phone"
+        code = d.ctl("pair_code", company="acme", phone="+1 555 010 7777")["code"]
+        net.call("scan", qr=code)
+        assert d.wait_state("acme", "connected")["phone"]
+    finally:
+        net.stop()
+
+
+def test_logout_unlinks_and_does_not_restart(connected, simnet):
+    r = connected.ctl("logout", company="acme")
+    assert r["state"] == "logged_out" and r["pid"] is None
+    assert simnet.connections().get("acme", 0) == 0
+
+
+def test_delete_removes_the_session(connected):
+    session_dir = os.path.join(connected.state_dir, "sessions", "acme")
+    assert os.path.isdir(session_dir)
+    assert connected.ctl("delete", company="acme") == {"company": "acme", "deleted": True}
+    assert not os.path.exists(session_dir)
+    assert connected.ctl("list")["sessions"] == []
+    assert error_of(connected.status, "acme").code == "unknown_company"
+
+
+def test_stop_and_start(connected):
+    r = connected.ctl("stop", company="acme")
+    assert r["state"] == "stopped" and r["pid"] is None
+    assert connected.ctl("stop", company="acme")["state"] == "stopped"  # idempotent
+    connected.ctl("start", company="acme")
+    connected.wait_state("acme", "connected")
+
+
+def test_malformed_frames_get_errors_and_the_daemon_keeps_serving(connected):
+    ctx = zmq.Context.instance()
+    for kind in (zmq.DEALER, zmq.REQ):
+        sock = ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(f"ipc://{connected.run_dir}/control.sock")
+        for frame in (b"", b"\x00\xff", b"{", b"[1]", b'{"id": 5}', b'{"id": "q", "cmd": "start", "args": 3}',
+                      json.dumps({"id": "z", "cmd": "status", "args": {"company": "../../etc"}}).encode()):
+            sock.send(frame)
+            assert sock.poll(5000), f"no reply to {frame!r}"
+            reply = json.loads(sock.recv())
+            assert reply["ok"] is False
+            assert reply["error"]["code"] in ("bad_request", "invalid_company_id"), reply
+        sock.close(0)
+    # multipart garbage on a DEALER: still answered or dropped, never a crash
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"ipc://{connected.run_dir}/control.sock")
+    sock.send_multipart([b"a", b"b", b"c"])
+    assert sock.poll(5000)
+    sock.close(0)
+    assert connected.ctl("ping")["pong"] is True
+    assert connected.status("acme")["state"] == "connected"
+
+
+def test_waportctl_against_the_real_daemon(connected):
+    env = {**os.environ, "WAPORT_RUN_DIR": connected.run_dir}
+    out = subprocess.run([WAPORTCTL, "--json", "list"], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert [s["company"] for s in json.loads(out.stdout)["sessions"]] == ["acme"]
+    out = subprocess.run([WAPORTCTL, "status", "no such"], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and "invalid_company_id" in out.stderr
+    out = subprocess.run([WAPORTCTL, "send", "acme", "15550109999", "hello"], env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.startswith("acme: queued ")
+    out = subprocess.run([WAPORTCTL, "send", "--wait", "acme", "15550109999", "hi", "--idempotency-key", "w1"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("acme: sent "), out.stdout + out.stderr
+    message_id = out.stdout.split()[-1]
+    out = subprocess.run([WAPORTCTL, "messages", "acme"], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and message_id in out.stdout and " sent " in out.stdout
+    assert "hi" in out.stdout
+    connected.terminate()
+    out = subprocess.run([WAPORTCTL, "ping"], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 3 and "cannot reach waportd" in out.stderr

@@ -1,0 +1,71 @@
+import os
+import subprocess
+import sys
+
+from ipc import journal as J
+
+
+def test_enqueue_is_durable_and_idempotent(tmp_path):
+    j = J.Journal(str(tmp_path / "journal.db"))
+    assert (tmp_path / "journal.db").stat().st_mode & 0o777 == 0o600
+    first, created = j.enqueue("acme", "15550109999", "hi", "k1")
+    assert created and first.status == J.QUEUED
+    again, created = j.enqueue("acme", "15550109999", "something else", "k1")
+    assert not created and again.message_id == first.message_id and again.text == "hi"
+    other, _ = j.enqueue("acme", "15550109999", "hi", None)
+    assert other.message_id != first.message_id
+    # another connection (another process) sees it at once
+    assert J.Journal(j.path).by_key("k1").result() == {"message_id": first.message_id, "status": "queued"}
+    assert j.pending() == 2
+
+
+def test_message_ids_derive_from_the_key():
+    assert J.message_id_for("acme", "k") == J.message_id_for("acme", "k")
+    assert J.message_id_for("acme", "k") != J.message_id_for("bistro", "k")
+    assert J.message_id_for("acme", None) != J.message_id_for("acme", None)
+    assert J.message_id_for("acme", "k").startswith("3EB0")
+
+
+def test_outcomes_and_interrupted_sends(tmp_path):
+    j = J.Journal(str(tmp_path / "journal.db"))
+    a, _ = j.enqueue("acme", "1555010001", "a", None)
+    b, _ = j.enqueue("acme", "1555010002", "b", None)
+    c, _ = j.enqueue("acme", "1555010003", "c", None)
+    assert [m.message_id for m in j.queued()] == [a.message_id, b.message_id, c.message_id]
+    j.mark(a.message_id, J.SENDING)
+    j.mark(a.message_id, J.SENT, sent_ts=123.0)
+    j.mark(b.message_id, J.SENDING)  # ... and then the worker is killed
+    interrupted = j.interrupted()
+    assert [m.message_id for m in interrupted] == [b.message_id]
+    assert j.by_id(b.message_id).status == J.UNCERTAIN and j.by_id(a.message_id).sent_ts == 123.0
+    assert [m.message_id for m in j.queued()] == [c.message_id]
+    assert j.counts() == {"sent": 1, "uncertain": 1, "queued": 1}
+
+
+def test_inbox_deduplicates_and_tracks_delivery(tmp_path):
+    j = J.Journal(str(tmp_path / "journal.db"))
+    msg = {"id": "M1", "chat": "1555", "from": "1555", "push_name": "Ann", "type": "text", "text": "hi",
+           "ts": 1.5, "is_group": False}
+    assert j.inbox_add(msg) is True
+    assert j.inbox_add(msg) is False
+    assert [m["id"] for m in j.undelivered()] == ["M1"]
+    assert j.undelivered(received_before=0) == []
+    j.delivered(["M1"])
+    assert j.undelivered() == []
+    recent = j.recent_inbound()
+    assert recent[0]["copies"] == 2 and recent[0]["delivered"] is True and recent[0]["from"] == "1555"
+
+
+def test_survives_kill_9_between_commits(tmp_path):
+    path = str(tmp_path / "journal.db")
+    code = (
+        "import os, signal, sys\n"
+        "from ipc.journal import Journal\n"
+        "j = Journal(sys.argv[1])\n"
+        "for i in range(200):\n"
+        "    j.enqueue('acme', '15550109999', f'm{i}', f'k{i}')\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, path], cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == -9
+    assert J.Journal(path).pending() == 200

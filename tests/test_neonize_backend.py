@@ -1,0 +1,584 @@
+"""The neonize backend without a network: real neonize protobuf events through the backend's real
+(guarded) handlers, the watchdog, requests against a stand-in client, and real worker processes
+that fail to connect (DNS here; a black-hole proxy for the watchdog)."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import ROOT, wait_for, whatsapp_resolves
+from test_worker import FakeSupervisor
+
+from ipc import exitcodes, protocol
+from workers.backend import BackendError, WorkerContext
+
+NZ = pytest.importorskip("neonize.proto.Neonize_pb2")
+E2E = pytest.importorskip("neonize.proto.waE2E.WAWebProtobufsE2E_pb2")
+from neonize.exc import PairPhoneError, SendMessageError  # noqa: E402
+
+from workers import neonize_backend as nb  # noqa: E402
+from workers.neonize_backend import NeonizeBackend, describe_connect_error  # noqa: E402
+
+OWN = "15550001111"
+DNS_ERROR = (
+    'failed to dial whatsapp web websocket: failed to WebSocket dial: failed to send handshake request: Get '
+    '"https://web.whatsapp.com/ws/chat": dial tcp: lookup web.whatsapp.com on 10.255.255.53:53: no such host'
+)
+
+
+def jid(user: str, server: str = "s.whatsapp.net", device: int = 0) -> Any:
+    return NZ.JID(User=user, Server=server, Device=device)
+
+
+class Reports:
+    """What the backend emitted, in order."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, dict[str, Any]]] = []
+
+    def __call__(self, type_: str, data: dict[str, Any]) -> None:
+        self.items.append((type_, data))
+
+    def of(self, type_: str) -> list[dict[str, Any]]:
+        return [d for t, d in self.items if t == type_]
+
+    def states(self) -> list[str]:
+        return [d["state"] for d in self.of("state")]
+
+
+class FakeClient:
+    """Stands in for NewClient where a Go call would need WhatsApp (send, pair code, logout, stop)."""
+
+    def __init__(self) -> None:
+        self.me = NZ.Device(JID=jid(OWN))
+        self.sent: list[tuple[Any, Any]] = []
+        self.send_error: Exception | None = None
+        self.pair_error: Exception | None = None
+        self.paired_phone = ""
+        self.logouts = 0
+        self.stops = 0
+        self.stop_delay = 0.0
+
+    def send_message(self, to: Any, message: Any) -> Any:
+        if self.send_error is not None:
+            raise self.send_error
+        self.sent.append((to, message))
+        return NZ.SendResponse(ID="3EB0AABBCCDD", Timestamp=1_700_000_000)
+
+    def PairPhone(self, phone: str, show_push_notification: bool) -> str:  # noqa: N802 - neonize's name
+        if self.pair_error is not None:
+            raise self.pair_error
+        self.paired_phone = phone
+        return "ABCD-EFGH"
+
+    def logout(self) -> None:
+        self.logouts += 1
+
+    def stop(self) -> None:
+        time.sleep(self.stop_delay)
+        self.stops += 1
+
+    def get_me(self) -> Any:
+        return self.me
+
+
+@pytest.fixture
+def session_dir(short_tmp: str) -> str:
+    path = os.path.join(short_tmp, "sess")
+    os.makedirs(path, mode=0o700)
+    return path
+
+
+@pytest.fixture
+def make(session_dir: str) -> Iterator[Any]:
+    """A backend with a stand-in client attached as if connect() were running (no Go client here)."""
+    made: list[NeonizeBackend] = []
+
+    def make_(**options: Any) -> tuple[NeonizeBackend, Reports, FakeClient]:
+        reports = Reports()
+        backend = NeonizeBackend(WorkerContext("acme", session_dir, options), reports)
+        client = FakeClient()
+        backend._client, backend._nz, backend.phase = client, nb.load_neonize(), nb.CONNECTING
+        made.append(backend)
+        return backend, reports, client
+
+    yield make_
+    for backend in made:
+        backend.stop()
+
+
+def connected(make: Any, **options: Any) -> tuple[NeonizeBackend, Reports, FakeClient]:
+    backend, reports, client = make(**options)
+    backend.deliver(client, NZ.Connected(status=True))
+    assert reports.of("state")[-1] == {"state": "connected", "reason": "", "phone": OWN}
+    return backend, reports, client
+
+
+def message_event(message: Any, *, chat: Any = None, sender: Any = None, from_me: bool = False,
+                  group: bool = False, msg_id: str = "3EB0MSG1", ts: int = 1_700_000_000_500, **source: Any) -> Any:
+    sender = sender or jid("15557654321")
+    info = NZ.MessageInfo(
+        ID=msg_id, Pushname="Ana", Timestamp=ts,
+        MessageSource=NZ.MessageSource(Chat=chat or sender, Sender=sender, IsFromMe=from_me, IsGroup=group, **source),
+    )  # fmt: skip
+    return NZ.Message(Info=info, Message=message)
+
+
+# ---------------------------------------------------------------------------------- isolation
+
+
+def test_importing_the_backend_does_not_load_neonize(session_dir: str) -> None:
+    """Only connecting loads the Go runtime; the supervisor's imports never do."""
+    code = (
+        "import sys, workers.worker, workers.neonize_backend as nb, workers.backend as b\n"
+        f"nb.NeonizeBackend(b.WorkerContext('acme', {session_dir!r}, {{}}), lambda t, d: None)\n"
+        "b.load('neonize')\n"
+        "assert 'neonize' not in sys.modules, sorted(m for m in sys.modules if 'neonize' in m)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=30)
+
+
+def test_a_real_client_is_wired_before_connect(session_dir: str) -> None:
+    """On a real NewClient (in its own process: one client per process), without connecting."""
+    code = f"""
+import threading, neonize.client, neonize.events as ev
+import workers.neonize_backend as nb, workers.backend as b
+backend = nb.NeonizeBackend(b.WorkerContext('acme', {session_dir!r}, {{}}), lambda t, d: None)
+client = backend._new_client()
+wanted = {{ev.EVENT_TO_INT[getattr(ev, cls)] for cls, _ in nb.EVENTS.values()}}
+assert set(client.event.list_func) == wanted, client.event.list_func
+assert client.event._qr.__name__ == 'on_qr'
+assert client._NewClient__onLoginStatus == backend._login_status_callback
+assert client._stop_finalizer.atexit is False
+assert client.uuid == b'acme' and client.name == backend.store
+assert client.device_props.os == 'waport'
+assert neonize.client.Thread(target=print).daemon
+"""
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=30)
+
+
+# ---------------------------------------------------------------------------------- pairing
+
+
+def test_qr_codes_put_the_session_in_pairing(make: Any) -> None:
+    backend, reports, client = make(pairing_timeout=100)
+    backend.on_qr(client, b"2@first,code")
+    deadline = backend._pairing_deadline
+    backend.on_qr(client, b"2@second,code")
+    assert reports.of("qr") == [{"code": "2@first,code"}, {"code": "2@second,code"}]
+    assert set(reports.states()) == {"pairing"}
+    assert backend.qr == "2@second,code"
+    assert deadline is not None and backend._pairing_deadline == deadline  # counted from the first code
+    assert backend._connect_deadline is None  # WhatsApp answered: no black hole
+
+
+def test_pairing_timeout_is_reported_by_the_watchdog(make: Any) -> None:
+    backend, reports, client = make(pairing_timeout=0.2)
+    backend.on_qr(client, b"2@code")
+    watchdog = threading.Thread(target=backend._watch, daemon=True)
+    watchdog.start()
+    wait_for(lambda: reports.of("exit"), timeout=5, what="pairing_timeout")
+    assert reports.of("exit") == [{"reason": "pairing_timeout", "message": "not paired within 0.2 s"}]
+    watchdog.join(2)
+    assert not watchdog.is_alive()
+
+
+def test_no_answer_at_all_is_connect_failed(make: Any) -> None:
+    backend, reports, _ = make(connect_timeout=30)
+    backend._connect_deadline = time.monotonic() + 30
+    assert backend._check_deadlines(time.monotonic() + 29) is False
+    assert backend._check_deadlines(time.monotonic() + 31) is True
+    assert reports.of("exit") == [{"reason": "connect_failed", "message": "no answer from WhatsApp within 30 s"}]
+
+
+@pytest.mark.parametrize(
+    ("event", "report"),
+    [
+        ("timeout", ("exit", {"reason": "pairing_timeout", "message": "the QR codes expired without a scan"})),
+        ("err-client-outdated",
+         ("exit", {"reason": "outdated", "message": "WhatsApp refused pairing: client outdated"})),
+        ("err-scanned-without-multidevice",
+         ("error", {"kind": "pairing", "message": "pairing: err-scanned-without-multidevice"})),
+    ],
+)
+def test_end_of_the_qr_channel(make: Any, event: str, report: tuple[str, dict[str, Any]]) -> None:
+    backend, reports, _ = make()
+    buf = ctypes.create_string_buffer(event.encode())
+    backend._login_status_callback(None, ctypes.addressof(buf))  # as Go calls it: a C string
+    assert reports.items == [report]
+
+
+def test_pair_code_only_while_pairing_after_the_first_qr(make: Any) -> None:
+    backend, reports, client = make()
+    with pytest.raises(BackendError) as err:
+        backend.pair_code(OWN)
+    assert err.value.code == "bad_request" and "while pairing" in err.value.message
+    backend.on_qr(client, b"2@code")
+    assert backend.pair_code("15557654321@s.whatsapp.net") == "ABCD-EFGH"
+    assert client.paired_phone == "15557654321"
+    assert reports.of("pair_code") == [{"code": "ABCD-EFGH"}]
+    client.pair_error = PairPhoneError("phone number too short")
+    with pytest.raises(BackendError) as err:
+        backend.pair_code("123")
+    assert err.value.code == "bad_request" and "too short" in err.value.message
+    with pytest.raises(BackendError) as err:
+        backend.pair_code("1203630@g.us")
+    assert err.value.code == "invalid_phone"
+    backend.deliver(client, NZ.Connected(status=True))
+    with pytest.raises(BackendError) as err:
+        backend.pair_code(OWN)
+    assert "already paired" in err.value.message
+
+
+def test_pair_success_then_connected(make: Any) -> None:
+    backend, reports, client = make(connect_timeout=45)
+    backend.on_qr(client, b"2@code")
+    success = NZ.PairStatus(ID=jid(OWN), Status=NZ.PairStatus.SUCCESS, Platform="android")
+    backend.deliver(client, success)
+    assert reports.of("state")[-1] == {"state": "connecting", "reason": "paired; connecting", "phone": OWN}
+    assert backend._pairing_deadline is None and backend._connect_deadline is not None
+    backend.deliver(client, NZ.Connected(status=True))
+    assert reports.states() == ["pairing", "connecting", "connected"]
+    assert reports.of("state")[-1]["phone"] == OWN
+    assert backend._connect_deadline is None
+
+
+def test_pair_error_is_an_error_report(make: Any) -> None:
+    backend, reports, client = make()
+    backend.deliver(client, NZ.PairStatus(Status=NZ.PairStatus.ERROR, Error="bad signature"))
+    assert reports.items == [("error", {"kind": "pairing", "message": "bad signature"})]
+
+
+# ---------------------------------------------------------------------------------- connection
+
+
+def test_connected_asks_go_for_the_phone_when_neonize_has_none(make: Any) -> None:
+    backend, reports, client = make()
+    client.me = None
+    client.get_me = lambda: NZ.Device(JID=jid("15559998888", device=3))  # type: ignore[method-assign]
+    backend.deliver(client, NZ.Connected(status=True))
+    assert reports.of("state") == [{"state": "connected", "reason": "", "phone": "15559998888"}]
+
+
+def test_drops_and_reconnects(make: Any) -> None:
+    backend, reports, client = make()
+    backend.deliver(client, NZ.Disconnected(status=True))  # not connected yet (pairing restart): not a drop
+    assert reports.items == []
+    backend.deliver(client, NZ.Connected(status=True))
+    backend.deliver(client, NZ.Disconnected(status=True))
+    backend.deliver(client, NZ.Connected(status=True))
+    assert reports.states() == ["connected", "disconnected", "connected"]
+    assert reports.of("state")[1]["reason"] == "connection lost; reconnecting"
+    backend.deliver(client, NZ.KeepAliveTimeout(ErrorCount=2, LastSuccess=1))
+    assert reports.of("state")[-1]["state"] == "disconnected" and "2 missed" in reports.of("state")[-1]["reason"]
+    backend.deliver(client, NZ.KeepAliveRestored())
+    assert reports.states()[-1] == "connected"
+    assert reports.of("exit") == []
+
+
+@pytest.mark.parametrize(
+    ("event", "exit_"),
+    [
+        (NZ.LoggedOut(OnConnect=True, Reason=NZ.LOGGED_OUT),
+         {"reason": "logged_out", "message": "device unlinked at connect (logged_out)"}),
+        (NZ.LoggedOut(), {"reason": "logged_out", "message": "device unlinked while connected"}),
+        (NZ.StreamReplaced(), {"reason": "replaced", "message": "another client connected with this session"}),
+        (NZ.ClientOutdated(),
+         {"reason": "outdated", "message": "WhatsApp refused this client version: update neonize"}),
+        (NZ.TemporaryBan(), {"reason": "banned", "message": "temporarily banned"}),
+        (NZ.ConnectFailure(Reason=NZ.MAIN_DEVICE_GONE),
+         {"reason": "logged_out", "message": "WhatsApp refused the connection (main_device_gone)"}),
+        (NZ.ConnectFailure(Reason=NZ.TEMP_BANNED),
+         {"reason": "banned", "message": "WhatsApp refused the connection (temp_banned)"}),
+        (NZ.ConnectFailure(Reason=NZ.GENERIC, Message="bad request"),
+         {"reason": "connect_failed", "message": "WhatsApp refused the connection (bad request)"}),
+        (NZ.ConnectFailure(),
+         {"reason": "connect_failed", "message": "WhatsApp refused the connection (unknown reason)"}),
+    ],
+)
+def test_events_that_end_the_session(make: Any, event: Any, exit_: dict[str, Any]) -> None:
+    backend, reports, client = connected(make)
+    backend.deliver(client, event)
+    assert reports.of("exit") == [exit_]
+    # The first exit wins; nothing is reported after it.
+    backend.deliver(client, NZ.StreamReplaced())
+    backend.deliver(client, NZ.Connected(status=True))
+    assert reports.items[-1] == ("exit", exit_) and len(reports.of("exit")) == 1
+
+
+def test_temporary_ban_carries_its_expiry(make: Any) -> None:
+    backend, reports, client = connected(make)
+    before = time.time()
+    backend.deliver(client, NZ.TemporaryBan(Code=NZ.TemporaryBan.SEND_TO_TOO_MANY_PEOPLE, Expire=3600))
+    (exit_,) = reports.of("exit")
+    assert exit_["reason"] == "banned" and exit_["message"] == "temporarily banned (send_to_too_many_people)"
+    assert before + 3600 <= exit_["until"] <= time.time() + 3600
+
+
+def test_server_side_trouble_is_a_disconnect_not_an_exit(make: Any) -> None:
+    backend, reports, client = connected(make)
+    backend.deliver(client, NZ.ConnectFailure(Reason=NZ.SERVICE_UNAVAILABLE))
+    assert reports.of("state")[-1]["state"] == "disconnected" and reports.of("exit") == []
+    backend.deliver(client, NZ.StreamError(Code="999"))
+    assert reports.items[-1] == ("error", {"kind": "stream_error", "message": "WhatsApp stream error 999"})
+
+
+def test_a_failing_handler_reports_and_never_raises_into_go(make: Any) -> None:
+    class Broken:
+        @property
+        def me(self) -> Any:
+            raise RuntimeError("boom")
+
+    backend, reports, _ = make()
+    backend.deliver(Broken(), NZ.Connected(status=True))
+    assert reports.items == [("error", {"kind": "handler", "message": "on_connected: RuntimeError('boom')"})]
+
+
+def test_nothing_is_reported_after_stop(make: Any) -> None:
+    backend, reports, client = make()
+    backend.stop()
+    backend.deliver(client, NZ.Connected(status=True))
+    backend.deliver(client, message_event(E2E.Message(conversation="late")))
+    assert reports.items == [] and client.stops == 1
+
+
+# ---------------------------------------------------------------------------------- inbound
+
+
+def test_a_direct_text_message(make: Any) -> None:
+    backend, reports, client = connected(make)
+    backend.deliver(client, message_event(E2E.Message(conversation="hello")))
+    assert reports.of("message") == [{
+        "id": "3EB0MSG1", "chat": "15557654321", "from": "15557654321", "push_name": "Ana",
+        "type": "text", "text": "hello", "ts": 1_700_000_000.5, "is_group": False,
+    }]  # fmt: skip
+
+
+def test_group_media_and_extended_text(make: Any) -> None:
+    backend, reports, client = connected(make)
+    group = jid("120363025246125486", "g.us")
+    sender = jid("15557654321", device=4)
+    image = E2E.Message(imageMessage=E2E.ImageMessage(caption="menu", mimetype="image/jpeg"))
+    backend.deliver(client, message_event(image, chat=group, sender=sender, group=True, msg_id="A1"))
+    text = E2E.Message(extendedTextMessage=E2E.ExtendedTextMessage(text="@all see https://x.y"))
+    backend.deliver(client, message_event(text, chat=group, sender=sender, group=True, msg_id="A2"))
+    got = [(m["id"], m["chat"], m["from"], m["type"], m["text"], m["is_group"]) for m in reports.of("message")]
+    assert got == [
+        ("A1", "120363025246125486@g.us", "15557654321", "image", "menu", True),
+        ("A2", "120363025246125486@g.us", "15557654321", "text", "@all see https://x.y", True),
+    ]
+
+
+def test_hidden_number_senders_use_the_phone_number_when_given(make: Any) -> None:
+    backend, reports, client = connected(make)
+    lid = jid("98765432109876", "lid")
+    ev = message_event(E2E.Message(conversation="hi"), chat=lid, sender=lid, SenderAlt=jid("15557654321"))
+    backend.deliver(client, ev)
+    backend.deliver(client, message_event(E2E.Message(conversation="hi"), chat=lid, sender=lid, msg_id="B2"))
+    first, second = reports.of("message")
+    assert (first["chat"], first["from"]) == ("15557654321", "15557654321")
+    assert (second["chat"], second["from"]) == ("98765432109876@lid", "98765432109876@lid")
+
+
+def test_own_messages_protocol_traffic_and_empty_events_are_not_inbound(make: Any) -> None:
+    backend, reports, client = connected(make)
+    backend.deliver(client, message_event(E2E.Message(conversation="typed on the phone"), from_me=True))
+    revoke = E2E.Message(protocolMessage=E2E.ProtocolMessage(type=E2E.ProtocolMessage.REVOKE))
+    backend.deliver(client, message_event(revoke))
+    backend.deliver(client, NZ.Message(Info=NZ.MessageInfo(ID="X")))
+    assert reports.of("message") == [] and reports.of("error") == []
+
+
+def test_receipts_trust_the_type_only_when_it_is_set(make: Any) -> None:
+    backend, reports, client = connected(make)
+    source = NZ.MessageSource(Chat=jid("15557654321"), Sender=jid("15557654321"))
+    backend.deliver(client, NZ.Receipt(MessageSource=source, MessageIDs=["M1", "M2"], Type=NZ.Receipt.READ))
+    unset = NZ.Receipt(MessageSource=source, MessageIDs=["M3"])
+    assert unset.Type == NZ.Receipt.DELIVERED  # what an unset proto2 enum reads as: not to be believed
+    backend.deliver(client, unset)
+    backend.deliver(client, NZ.Receipt(MessageSource=source, Type=NZ.Receipt.DELIVERED))  # no ids: nothing
+    assert reports.of("receipt") == [
+        {"ids": ["M1", "M2"], "type": "read", "chat": "15557654321"},
+        {"ids": ["M3"], "type": "unknown", "chat": "15557654321"},
+    ]
+
+
+# ---------------------------------------------------------------------------------- requests
+
+
+def test_send_text_needs_a_connection(make: Any) -> None:
+    backend, _, client = make()
+    with pytest.raises(BackendError) as err:
+        backend.send_text(OWN, "hi")
+    assert err.value.code == "not_connected" and client.sent == []
+
+
+def test_send_text(make: Any) -> None:
+    backend, _, client = connected(make)
+    assert backend.send_text("15557654321", "hello", message_id="journal-1") == {
+        "message_id": "3EB0AABBCCDD", "ts": 1_700_000_000.0}  # fmt: skip
+    backend.send_text("120363025246125486@g.us", "to the group")
+    backend.send_text("15557654321:5@s.whatsapp.net", "to the user, not one device")
+    recipients = [(to.User, to.Server, to.Device) for to, _ in client.sent]
+    assert recipients == [("15557654321", "s.whatsapp.net", 0), ("120363025246125486", "g.us", 0),
+                          ("15557654321", "s.whatsapp.net", 0)]  # fmt: skip
+    assert [m.conversation for _, m in client.sent] == ["hello", "to the group", "to the user, not one device"]
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        ("websocket not connected", "not_connected"),  # nothing went out: the outbox keeps it queued
+        ("the store doesn't contain a device JID", "not_connected"),
+        ("failed to get device list: info query timed out", "timeout"),  # outcome unknown
+        ("server returned error 479", "internal"),
+    ],
+)
+def test_send_errors(make: Any, error: str, code: str) -> None:
+    backend, _, client = connected(make)
+    client.send_error = SendMessageError(error)
+    with pytest.raises(BackendError) as err:
+        backend.send_text(OWN, "hi")
+    assert err.value.code == code and error in err.value.message
+
+
+def test_logout_unlinks_stops_and_deletes_the_store(make: Any, session_dir: str) -> None:
+    backend, reports, client = connected(make)
+    backend._prepare_store()
+    assert os.path.exists(os.path.join(session_dir, "whatsapp.db"))
+    backend.logout()
+    assert client.logouts == 1 and client.stops == 1
+    assert not os.path.exists(os.path.join(session_dir, "whatsapp.db"))
+    assert reports.of("exit") == [{"reason": "logged_out", "message": "logged out on request"}]
+    backend.stop()  # the worker stops it again on its way out: a no-op
+    assert client.stops == 1
+
+
+def test_logout_while_not_connected_deletes_the_local_session(make: Any, session_dir: str) -> None:
+    backend, reports, client = make()
+    backend._prepare_store()
+    backend.logout()
+    assert client.logouts == 0 and not os.path.exists(os.path.join(session_dir, "whatsapp.db"))
+    assert reports.of("exit") == [
+        {"reason": "logged_out", "message": "local session deleted; remove the linked device on the phone"}]
+
+
+def test_stop_is_bounded_when_go_hangs(make: Any) -> None:
+    backend, _, client = make()
+    client.stop_delay = 30  # neonize's Stop during a dial into a black hole
+    started = time.monotonic()
+    backend.stop()
+    assert time.monotonic() - started < nb.STOP_WAIT + 1
+    backend.stop()
+    assert time.monotonic() - started < nb.STOP_WAIT + 1.5
+
+
+# ---------------------------------------------------------------------------------- store, options
+
+
+def test_sqlite_store_is_private(make: Any, session_dir: str) -> None:
+    path = os.path.join(session_dir, "whatsapp.db")
+    with open(path, "w"):
+        pass
+    os.chmod(path, 0o644)
+    backend, _, _ = make()
+    assert backend.store == path
+    backend._prepare_store()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_postgres_store_and_bad_options(session_dir: str) -> None:
+    ctx = WorkerContext("acme", session_dir, {"store": "postgres://wa:secret@db/wa_acme"})
+    backend = NeonizeBackend(ctx, Reports())
+    backend._prepare_store()
+    assert backend.store == "postgres://wa:secret@db/wa_acme" and os.listdir(session_dir) == []
+    for bad in ({"store": "/tmp/other.db"}, {"store": 5}, {"connect_timeout": 0}, {"pairing_timeout": "soon"},
+                {"proxy": 8080}):  # fmt: skip
+        with pytest.raises(ValueError):
+            NeonizeBackend(WorkerContext("acme", session_dir, bad), Reports())
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (DNS_ERROR, "cannot reach WhatsApp: DNS lookup of web.whatsapp.com failed (no such host)"),
+        ('failed to dial whatsapp web websocket: Get "https://web.whatsapp.com/ws/chat": context deadline exceeded',
+         "cannot reach WhatsApp: no answer (timed out)"),
+        ("dial tcp: lookup web.whatsapp.com on 127.0.0.53:53: server misbehaving",
+         "cannot reach WhatsApp: DNS lookup of web.whatsapp.com failed (no DNS server answered)"),
+        ("dial tcp 157.240.1.1:443: connect: connection refused", "cannot reach WhatsApp: connection refused"),
+        ("dial tcp 157.240.1.1:443: connect: network is unreachable", "cannot reach WhatsApp: network is unreachable"),
+        ("failed to upgrade database: sql: database is locked", "session store failed: database is locked"),
+        ("something: else entirely", "else entirely"),
+    ],
+)
+def test_connect_errors_read_well(error: str, reason: str) -> None:
+    assert describe_connect_error(error) == reason
+
+
+# ---------------------------------------------------------------------------------- real worker processes
+
+
+@pytest.fixture
+def sup(short_tmp: str) -> Iterator[FakeSupervisor]:
+    s = FakeSupervisor(short_tmp)
+    yield s
+    s.close()
+
+
+def run_worker(base: str, sup: FakeSupervisor, **options: Any) -> tuple[int, list[dict[str, Any]], str, float]:
+    """A neonize worker until it exits: (code, its events, its stderr, seconds)."""
+    cmd = [sys.executable, "-m", "workers", "--company", "acme", "--generation", "1", "--endpoint", sup.endpoint,
+           "--session-dir", os.path.join(base, "sess"), "--backend", "neonize", "--heartbeat-interval", "5",
+           "--options", json.dumps({"pairing_timeout": 170, **options})]  # fmt: skip
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    took = time.monotonic() - started
+    sup.pump(100)
+    events = [m.body for m in sup.got if m.type == protocol.EVENT]
+    return proc.returncode, events, stderr, took
+
+
+@pytest.mark.skipif(whatsapp_resolves(), reason="this machine can reach WhatsApp: the no-network case needs none")
+def test_a_worker_without_network_exits_for_a_restart_with_backoff(short_tmp: str, sup: FakeSupervisor) -> None:
+    code, events, stderr, took = run_worker(short_tmp, sup)
+    assert code == exitcodes.TEMPFAIL, stderr
+    assert [e["data"]["state"] for e in events if e["type"] == "state"] == ["connecting"]
+    (exit_,) = [e["data"] for e in events if e["type"] == "exit"]
+    assert exit_["reason"] == "connect_failed" and exit_["message"].startswith("cannot reach WhatsApp")
+    assert "Traceback" not in stderr and len(stderr.splitlines()) <= 5, stderr
+    assert took < 10
+    assert stat.S_IMODE(os.stat(os.path.join(short_tmp, "sess", "whatsapp.db")).st_mode) == 0o600
+
+
+def test_a_black_hole_is_cut_short_by_the_watchdog(short_tmp: str, sup: FakeSupervisor) -> None:
+    hole = socket.socket()  # accepts connections (backlog) and never answers: a proxy into the void
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(16)
+    try:
+        code, events, stderr, took = run_worker(short_tmp, sup, connect_timeout=1.5,
+                                                proxy=f"http://127.0.0.1:{hole.getsockname()[1]}")  # fmt: skip
+    finally:
+        hole.close()
+    assert code == exitcodes.TEMPFAIL, stderr
+    (exit_,) = [e["data"] for e in events if e["type"] == "exit"]
+    assert exit_ == {"reason": "connect_failed", "message": "no answer from WhatsApp within 1.5 s",
+                     "code": exitcodes.TEMPFAIL}  # fmt: skip
+    # The dial into the hole cannot be interrupted; the process still ends at once (not after ~60 s).
+    assert took < 1.5 + nb.STOP_WAIT + 5, took
+    assert "Traceback" not in stderr, stderr

@@ -1,0 +1,67 @@
+"""End to end on a machine without network: a real waportd with backend = "neonize" backs off with
+a clear `connect_failed` reason, retries quietly, and never loads neonize into the supervisor."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT, wait_for, whatsapp_resolves
+
+WAPORTCTL = str(Path(sys.executable).with_name("waportctl"))
+NEONIZE_SO = "neonize-linux-amd64.so"
+REASON = "connect_failed: cannot reach WhatsApp: DNS lookup of web.whatsapp.com failed (no such host)"
+
+
+def maps(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return ""  # gone already
+
+
+@pytest.mark.skipif(whatsapp_resolves(), reason="this machine can reach WhatsApp: the no-network case needs none")
+def test_no_network_means_backoff_with_a_clear_reason(daemon_factory: Any) -> None:
+    d = daemon_factory(backend="neonize", companies=["acme"]).start()
+    record = d.wait_state("acme", "backoff", timeout=20)
+    assert record["reason"] == REASON
+    assert record["next_restart_at"] and record["pid"] is None
+    # A network failure (exit 75) is retried, again and again, with the same clear reason; all the
+    # while the supervisor (which spawns neonize workers) never has neonize's Go library mapped.
+    def retried() -> bool:
+        assert NEONIZE_SO not in maps(d.proc.pid)
+        return d.status("acme")["restarts"] >= 2
+
+    wait_for(retried, timeout=20, what="two restarts")
+    record = d.wait_state("acme", "backoff", timeout=20)
+    assert record["reason"] == REASON and record["last_error"] == REASON
+    shown = subprocess.run([WAPORTCTL, "--run-dir", d.run_dir, "status", "acme"],
+                           capture_output=True, text=True, timeout=15)  # fmt: skip
+    assert shown.returncode == 0 and "backoff" in shown.stdout and REASON in shown.stdout, shown
+    # The daemon's log: a few lines per attempt, no traceback storm.
+    d.terminate()
+    log = Path(d.log_path).read_text(errors="replace")
+    attempts = log.count("connect failed: cannot reach WhatsApp")  # the worker's one line per attempt
+    assert attempts >= 3, log
+    assert "Traceback" not in log and "Exception ignored" not in log, log
+    assert len(log.splitlines()) <= 12 + 8 * attempts, log
+
+
+def test_supervisor_modules_do_not_import_neonize() -> None:
+    """Every module of the supervisor, the CLI and the leaf, and the fork server if there is one."""
+    code = (
+        "import importlib, importlib.util, pkgutil, sys, waportd, cli, ipc\n"
+        "for pkg in (waportd, cli, ipc):\n"
+        "    for m in pkgutil.iter_modules(pkg.__path__):\n"
+        "        if m.name != '__main__':\n"
+        "            importlib.import_module(f'{pkg.__name__}.{m.name}')\n"
+        "if importlib.util.find_spec('workers.zygote'):  # forks workers: must hold no Go runtime\n"
+        "    importlib.import_module('workers.zygote')\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'neonize')\n"
+        "assert not loaded, loaded\n"
+        "assert 'workers.neonize_backend' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)

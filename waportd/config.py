@@ -1,0 +1,199 @@
+"""Configuration: TOML file, then WAPORT_<KEY> environment variables, then flags (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ipc.errors import WaportError
+from ipc.validation import validate_company
+
+DEFAULT_PATH = "/etc/waport/waportd.toml"
+
+
+class ConfigError(Exception):
+    """A configuration the daemon refuses to run with; the message says which key and why."""
+
+
+@dataclass(frozen=True)
+class Config:
+    state_dir: str = "/var/lib/waport"
+    run_dir: str = "/run/waport"
+    backend: str = "neonize"
+    companies: tuple[str, ...] = ()
+    metrics_listen: str = "127.0.0.1:9477"
+    redis_url: str = ""
+    sim_endpoint: str = ""
+    # Options handed to sim workers as they are (TOML table, or JSON in WAPORT_SIM_OPTIONS): test knobs.
+    sim_options: dict[str, Any] = field(default_factory=dict, hash=False)
+    restart_base_delay: float = 5.0
+    restart_factor: float = 2.0
+    restart_max_delay: float = 300.0
+    restart_jitter: float = 0.2
+    restart_reset_after: float = 60.0
+    max_restarts: int = 10
+    heartbeat_interval: float = 5.0
+    health_check_interval: float = 30.0
+    reconnect_timeout: float = 300.0
+    stop_timeout: float = 10.0
+    memory_limit: int = 0
+    rate_limit_max: int = 30
+    rate_limit_window: float = 60.0
+    rate_limit_company_max: int = 0  # all recipients of one company in the window; 0 = off
+    stream_maxlen: int = 100_000  # approximate cap of each Redis stream
+    pairing_timeout: float = 170.0
+    connect_timeout: float = 60.0  # neonize: a dial that gets no answer ends then (a black-holed network)
+    log_level: str = "info"
+    worker_spawn: str = "auto"  # zygote (fork server) | exec (fresh interpreter) | auto: zygote for sim
+    source: str = field(default="", compare=False)  # the file it came from, for messages
+
+
+_DURATIONS = {
+    "restart_base_delay",
+    "restart_max_delay",
+    "restart_reset_after",
+    "heartbeat_interval",
+    "health_check_interval",
+    "reconnect_timeout",
+    "stop_timeout",
+    "rate_limit_window",
+    "pairing_timeout",
+    "connect_timeout",
+}
+_BACKENDS = ("neonize", "sim")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "min": 60, "h": 3600}
+_UNIT_BYTES = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1024**2,
+               "g": 1e9, "gb": 1e9, "gib": 1024**3}
+KEYS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "source")
+
+
+def parse_duration(key: str, value: Any) -> float:
+    """Seconds from a number or a string such as "500ms", "5 s", "2m"."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a duration, got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|min|h)?\s*", str(value))
+        if not m:
+            raise ConfigError(f"{key}: {value!r} is not a duration (examples: 5, \"500ms\", \"2m\")")
+        seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2) or "s"]
+    if seconds < 0:
+        raise ConfigError(f"{key}: must not be negative")
+    return seconds
+
+
+def parse_bytes(key: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a size in bytes, got {value!r}")
+    if isinstance(value, (int, float)):
+        size = float(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _UNIT_BYTES:
+            raise ConfigError(f"{key}: {value!r} is not a size (examples: 0, 536870912, \"512MiB\")")
+        size = float(m.group(1)) * _UNIT_BYTES[m.group(2).lower()]
+    if size < 0:
+        raise ConfigError(f"{key}: must not be negative")
+    return int(size)
+
+
+def _coerce(key: str, value: Any) -> Any:
+    if key in _DURATIONS:
+        return parse_duration(key, value)
+    if key == "memory_limit":
+        return parse_bytes(key, value)
+    if key in ("max_restarts", "rate_limit_max", "rate_limit_company_max", "stream_maxlen"):
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: {value!r} is not a whole number") from None
+        if n < 0 or isinstance(value, bool):
+            raise ConfigError(f"{key}: must be a whole number >= 0")
+        return n
+    if key in ("restart_factor", "restart_jitter"):
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: {value!r} is not a number") from None
+        if key == "restart_factor" and x < 1:
+            raise ConfigError("restart_factor: must be >= 1")
+        if key == "restart_jitter" and not 0 <= x < 1:
+            raise ConfigError("restart_jitter: must be in [0, 1)")
+        return x
+    if key == "companies":
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError("companies: expected a list of company ids")
+        out = []
+        for item in items:
+            item = item.strip() if isinstance(item, str) else item
+            if item == "":
+                continue
+            try:
+                out.append(validate_company(item))
+            except WaportError as exc:
+                raise ConfigError(f"companies: {exc.message}") from None
+        return tuple(dict.fromkeys(out))
+    if key == "sim_options":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except ValueError:
+                raise ConfigError(f"sim_options: {value!r} is not a JSON object") from None
+        if not isinstance(value, dict):
+            raise ConfigError("sim_options: expected a table of options for the sim backend")
+        return dict(value)
+    if key == "worker_spawn":
+        if value not in ("auto", "zygote", "exec"):
+            raise ConfigError(f"worker_spawn: {value!r} is not one of auto, zygote, exec")
+        return value
+    if key == "backend":
+        if value not in _BACKENDS:
+            raise ConfigError(f"backend: {value!r} is not one of {', '.join(_BACKENDS)}")
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def load(
+    path: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the config; a missing default file means defaults, a missing named file is an error."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    source = path or DEFAULT_PATH
+    explicit = path is not None
+    if os.path.exists(source) and os.path.getsize(source) > 0:
+        try:
+            with open(source, "rb") as fh:
+                values.update(tomllib.load(fh))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    elif explicit and not os.path.exists(source):
+        raise ConfigError(f"{source}: no such config file")
+    unknown = sorted(set(values) - set(KEYS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(KEYS)}")
+    for key in KEYS:
+        env = environ.get(f"WAPORT_{key.upper()}")
+        if env is not None:
+            values[key] = env
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = value
+    coerced = {key: _coerce(key, value) for key, value in values.items()}
+    if coerced.get("heartbeat_interval", 1) <= 0:
+        raise ConfigError("heartbeat_interval: must be > 0")
+    return Config(source=source if os.path.exists(source) else "", **coerced)

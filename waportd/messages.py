@@ -1,0 +1,214 @@
+"""The supervisor's side of DESIGN.md §6: accept sends durably, route inbound messages to the sinks.
+
+A send is validated, rate limited and journaled (per-company SQLite) before it is answered,
+then the worker is nudged to send it. Inbound messages go to the events socket and, with
+Redis, to `waport:inbox`; the worker hears an ACK only when every sink has them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ipc import events, protocol
+from ipc.errors import BAD_REQUEST, NOT_CONNECTED, RATE_LIMITED, UNKNOWN_COMPANY, WaportError
+from ipc.journal import Journal
+from ipc.states import FAILED, LOGGED_OUT, OUTDATED, REPLACED
+from ipc.validation import mask_phone, normalize_phone, validate_company, validate_text
+from waportd.ratelimit import FallbackLimiter, Limits
+from waportd.redis_bridge import EVENTS, INBOX, RedisBridge, client_for
+
+if TYPE_CHECKING:
+    from waportd.arbiter import Arbiter
+
+log = logging.getLogger("waport.messages")
+
+Done = Callable[[dict[str, Any]], None]
+OPEN_JOURNALS = 256
+SEEN_INBOUND = 100_000
+NO_SEND_STATES = (FAILED, LOGGED_OUT, REPLACED, OUTDATED)
+
+
+def limits_of(cfg: Any) -> Limits:
+    return Limits(cfg.rate_limit_max, cfg.rate_limit_window, cfg.rate_limit_company_max)
+
+
+class MessageDesk:
+    def __init__(self, arbiter: Arbiter) -> None:
+        self.arbiter = arbiter
+        cfg = arbiter.cfg
+        self.journals: OrderedDict[str, Journal] = OrderedDict()
+        self.seen: OrderedDict[tuple[str, str], None] = OrderedDict()  # inbound already published
+        self.bridge: RedisBridge | None = None
+        self.batch: dict[str, list[tuple[str, str, str | None, str, Done]]] = {}
+        client = client_for(cfg.redis_url, timeout=0.2) if cfg.redis_url else None
+        self.limiter = FallbackLimiter(limits_of(cfg), client)
+        if cfg.redis_url:
+            self.bridge = RedisBridge(cfg.redis_url, arbiter.wake, cfg.stream_maxlen)
+
+    def start(self) -> None:
+        if self.bridge:
+            self.bridge.start()
+
+    def stop(self) -> None:
+        if self.bridge:
+            self.bridge.stop()
+        for journal in self.journals.values():
+            journal.close()
+        self.journals.clear()
+
+    def reconfigure(self, cfg: Any) -> None:
+        self.limiter.memory.limits = limits_of(cfg)
+        if self.limiter.redis:
+            self.limiter.redis.limits = limits_of(cfg)
+
+    def journal(self, company: str) -> Journal:
+        journal = self.journals.get(company)
+        if journal is None:
+            session_dir = os.path.join(self.arbiter.cfg.state_dir, "sessions", company)
+            os.makedirs(session_dir, mode=0o700, exist_ok=True)
+            journal = self.journals[company] = Journal.in_session(session_dir)
+            while len(self.journals) > OPEN_JOURNALS:
+                self.journals.popitem(last=False)[1].close()
+        self.journals.move_to_end(company)
+        return journal
+
+    def forget(self, company: str) -> None:
+        journal = self.journals.pop(company, None)
+        if journal:
+            journal.close()
+
+    # ------------------------------------------------------------ outbound
+
+    def accept(self, company: str, to: Any, text: Any, key: Any, on_done: Done, source: str = "control") -> None:
+        """Validate, de-duplicate, rate limit, then journal with the turn's batch: the one path for every send.
+
+        Refusals raise `WaportError` at once; `on_done(result)` runs after the batch is committed
+        (`flush`), so an answer is never given before the message is durable.
+        """
+        a = self.arbiter
+        company = validate_company(company)
+        s = a.sessions.get(company)
+        if s is None:
+            raise WaportError(UNKNOWN_COMPANY, f"no session for company {company!r}; start it first")
+        recipient = normalize_phone(to)
+        body = validate_text(text)
+        if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 200):
+            raise WaportError(BAD_REQUEST, "idempotency_key must be a string of 1-200 characters")
+        journal = self.journal(company)
+        if key is not None:
+            first = journal.by_key(key)
+            if first is not None:
+                on_done(first.result())
+                return
+        if s.state in NO_SEND_STATES or not a.desired.is_wanted(company, a.configured):
+            raise WaportError(NOT_CONNECTED, f"{company} is {s.state} and will not send until it is started "
+                                             "(waportctl restart)", state=s.state)
+        decision = self.limiter.check(company, recipient)
+        if not decision.allowed:
+            a.counters[("rate_limited", company)] += 1
+            a.publish(company, events.RATE_LIMITED, {"to": recipient, "retry_after_ms": decision.retry_after_ms})
+            raise WaportError(RATE_LIMITED, f"too many messages to {mask_phone(recipient)}; retry in "
+                                            f"{decision.retry_after_ms} ms", retry_after_ms=decision.retry_after_ms)
+        self.batch.setdefault(company, []).append((recipient, body, key, source, on_done))
+
+    def flush(self) -> None:
+        """Commit the turn's accepted sends, one transaction per company, then answer and nudge the workers."""
+        a = self.arbiter
+        batch, self.batch = self.batch, {}
+        for company, items in batch.items():
+            results = self.journal(company).enqueue_many(company, [item[:4] for item in items])
+            s = a.sessions.get(company)
+            created = sum(1 for _, new in results if new)
+            a.counters[("accepted", company)] += created
+            if s is not None:
+                s.queued += created
+                if s.ready:
+                    a.send_worker(s, protocol.OUTBOX, {})
+            for (message, _), item in zip(results, items, strict=True):
+                item[4](message.result())
+
+    def on_outcome(self, company: str, type_: str, data: dict[str, Any]) -> None:
+        a = self.arbiter
+        if type_ == events.SENT:
+            a.counters[("sent", company)] += 1
+            latency = data.get("latency")
+            if isinstance(latency, (int, float)):
+                a.ops.metrics.observe_send_latency(latency)
+        else:
+            a.counters[("failed", company, str(data.get("reason", "error")))] += 1
+
+    def listing(self, company: str, limit: int) -> dict[str, Any]:
+        journal = self.journal(company)
+        return {"company": company, "counts": journal.counts(),
+                "outbound": [m.public() for m in journal.recent_outbound(limit)],
+                "inbound": journal.recent_inbound(limit)}
+
+    # ------------------------------------------------------------ inbound
+
+    def on_inbound(self, company: str, data: dict[str, Any], ts: float) -> None:
+        msg_id = data.get("id")
+        if not isinstance(msg_id, str):
+            self.arbiter.counters[("malformed", "event")] += 1
+            return
+        key = (company, msg_id)
+        if key not in self.seen:
+            self.seen[key] = None
+            while len(self.seen) > SEEN_INBOUND:
+                self.seen.popitem(last=False)
+            self.arbiter.counters[("received", company)] += 1
+            self.arbiter.publish(company, events.MESSAGE, data, ts)
+        if self.bridge:
+            self.bridge.put_stream(INBOX, {"company": company, **{k: data.get(k) for k in (
+                "id", "chat", "from", "push_name", "type", "text", "ts", "is_group")}}, token=key)
+        else:
+            self.ack(company, [msg_id])
+
+    def ack(self, company: str, ids: list[str]) -> None:
+        s = self.arbiter.sessions.get(company)
+        if s is not None and s.ready:
+            self.arbiter.send_worker(s, protocol.ACK, {"ids": ids})
+
+    def take_bridge_results(self) -> None:
+        """Inbox entries Redis took are acknowledged; outbox entries from producers are sent."""
+        if not self.bridge:
+            return
+        for kind, item in self.bridge.take_results():
+            if kind == "added":
+                company, msg_id = item
+                self.ack(company, [msg_id])
+            elif kind == "outbox":
+                self.from_stream(*item)
+            elif kind == "up":
+                for s in list(self.arbiter.sessions.values()):
+                    self.mirror(s.company, s.record())
+
+    def from_stream(self, entry_id: str, fields: dict[str, str]) -> None:
+        """A producer's XADD to waport:outbox: the same send path, the entry id as the default key."""
+        company = fields.get("company", "")
+        key = fields.get("idempotency_key") or f"redis:{entry_id}"
+        bridge = self.bridge
+        assert bridge is not None
+
+        def answer(result: dict[str, Any]) -> None:
+            bridge.put_outbox_result(entry_id, {"company": company, "idempotency_key": key, "ts": time.time(),
+                                                **result})
+
+        try:
+            self.accept(company, fields.get("to"), fields.get("text"), key,
+                        lambda r: answer({"ok": True, **r}), source="redis")
+        except WaportError as exc:
+            answer({"ok": False, "status": "rejected", "error": exc.code, "message": exc.message})
+
+    def event_to_stream(self, event: dict[str, Any]) -> None:
+        if self.bridge:
+            self.bridge.put_stream(EVENTS, {**event, "data": json.dumps(event["data"], separators=(",", ":"))})
+
+    def mirror(self, company: str, record: dict[str, Any] | None) -> None:
+        if self.bridge:
+            self.bridge.put_mirror(company, record)

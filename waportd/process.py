@@ -1,0 +1,189 @@
+"""Thin shell around worker processes: spawn, signal, reap. No policy here."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+PR_SET_CHILD_SUBREAPER = 36
+
+# Exec'd as `python -c` so a helper process (the embedded simnet) dies with us too:
+# PR_SET_PDEATHSIG survives execve.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit(1)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def worker_args(
+    company: str,
+    generation: int,
+    endpoint: str,
+    session_dir: str,
+    backend: str,
+    heartbeat_interval: float,
+    options: dict[str, Any],
+    log_level: str,
+) -> list[str]:
+    """The worker's arguments after `python -m workers` (the lock descriptor is added by the spawner)."""
+    return [
+        "--company", company,
+        "--generation", str(generation),
+        "--endpoint", endpoint,
+        "--session-dir", session_dir,
+        "--backend", backend,
+        "--parent-pid", str(os.getpid()),
+        "--heartbeat-interval", repr(heartbeat_interval),
+        "--options", json.dumps(options, separators=(",", ":")),
+        "--log-level", log_level,
+    ]  # fmt: skip
+
+
+@dataclass
+class Child:
+    """A process we reap ourselves; `popen` is kept so subprocess never waits for it behind our back."""
+
+    pid: int
+    popen: subprocess.Popen | None = None
+
+    def reaped(self, code: int) -> None:
+        if self.popen is not None:
+            self.popen.returncode = code
+
+
+class ExecSpawner:
+    """A fresh interpreter per worker: slower and larger, but nothing is shared (used for neonize)."""
+
+    def spawn_worker(self, args: list[str], lock_fd: int) -> Child:
+        popen = spawn([sys.executable, "-m", "workers", *args, "--lock-fd", str(lock_fd)], pass_fds=(lock_fd,))
+        return Child(popen.pid, popen)
+
+    def owns(self, pid: int) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+class ZygoteSpawner:
+    """Forks workers from a preloaded fork server (`python -m workers.zygote`).
+
+    Workers are double-forked and re-parented to us: this process must be a child subreaper.
+    """
+
+    TIMEOUT = 15.0
+
+    def __init__(self) -> None:
+        self.sock: socket.socket | None = None
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        become_subreaper()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        cmd = ["-m", "workers.zygote", "--fd", str(theirs.fileno()), "--supervisor", str(os.getpid())]
+        self.proc = spawn_tied(cmd, pass_fds=(theirs.fileno(),))
+        theirs.close()
+        ours.settimeout(self.TIMEOUT)
+        self.sock = ours
+
+    def owns(self, pid: int) -> bool:
+        """True for the fork server itself; it is restarted on the next spawn."""
+        if self.proc is not None and pid == self.proc.pid:
+            self.close()
+            return True
+        return False
+
+    def spawn_worker(self, args: list[str], lock_fd: int) -> Child:
+        if self.sock is None:
+            self.start()
+        assert self.sock is not None
+        try:
+            socket.send_fds(self.sock, [json.dumps({"argv": args}).encode()], [lock_fd])
+            reply = json.loads(self.sock.recv(4096) or b"{}")
+        except (OSError, ValueError) as exc:
+            self.close()
+            raise OSError(f"fork server: {exc}") from None
+        if "pid" not in reply:
+            raise OSError(f"fork server: {reply.get('error', 'no answer')}")
+        return Child(int(reply["pid"]))
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+            self.proc = None
+
+
+def raise_fd_limit() -> int:
+    """Each worker costs the supervisor a lock descriptor and a socket: lift the soft limit to the hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def become_subreaper() -> None:
+    """Orphaned descendants (double-forked workers) are re-parented to us, so we reap them."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def spawn(cmd: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
+    """Start a child in its own process group (terminal signals are ours to relay).
+
+    Its stdout goes to our stderr: the Go side of neonize prints there, and stdout is
+    never used for IPC.
+    """
+    return subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=sys.stderr.fileno(),
+        close_fds=True,
+        pass_fds=pass_fds,
+        process_group=0,
+    )
+
+
+def spawn_tied(cmd: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
+    """Spawn a Python helper (`cmd` are the interpreter's arguments) that the kernel ends when we die."""
+    return spawn([sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), sys.executable, *cmd], pass_fds)
+
+
+def kill(pid: int, sig: int) -> bool:
+    try:
+        os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def reap() -> list[tuple[int, int]]:
+    """Collect every exited child: [(pid, returncode)], negative for a signal."""
+    done = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            break
+        done.append((pid, os.waitstatus_to_exitcode(status)))
+    return done
+

@@ -1,0 +1,1 @@
+"""Worker processes: one per company, each owning that company's session."""

@@ -1,0 +1,86 @@
+"""The one small interface between the worker loop and a WhatsApp backend.
+
+A backend runs its connection on its own thread(s) and reports through `emit`,
+which is thread-safe and only enqueues. The worker loop does not know which
+backend runs.
+
+Reports a backend makes with ``emit(type, data)``:
+
+- ``state``   ``{"state": pairing|connecting|connected|disconnected, "reason": str, "phone"?: str}``
+- ``qr``      ``{"code": str}``                      (also put the state to ``pairing``)
+- ``pair_code`` ``{"code": str}``
+- ``message`` ``{"id", "chat", "from", "push_name", "type", "text", "ts", "is_group"}``
+- ``receipt`` ``{"ids": [str], "type": str, "chat": str}``
+- ``error``   ``{"kind": str, "message": str}``
+- ``exit``    ``{"reason": str, "until"?: float}`` — the session cannot go on in this
+  process: the worker stops the backend and exits with the code for `reason`
+  (see `ipc.exitcodes.REASON_TO_CODE`: logged_out, replaced, banned, outdated,
+  pairing_timeout, connect_failed, ...).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+Emit = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class WorkerContext:
+    company: str
+    session_dir: str  # 0700, owned by this worker; credentials live here
+    options: dict[str, Any] = field(default_factory=dict)  # e.g. sim_endpoint, pairing_timeout
+
+
+class BackendError(Exception):
+    """A failed backend call; `code` is a control-protocol error code (e.g. not_connected)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Backend(abc.ABC):
+    def __init__(self, ctx: WorkerContext, emit: Emit) -> None:
+        self.ctx = ctx
+        self.emit = emit
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Begin connecting (or pairing) in the background; return at once."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Close the connection and release resources; idempotent, bounded in time."""
+
+    @abc.abstractmethod
+    def send_text(self, to: str, text: str, message_id: str | None = None) -> dict[str, Any]:
+        """Send and return ``{"message_id": str, "ts": float}``; raise `BackendError`.
+
+        Blocking; called from a thread pool, never from the backend's own callbacks.
+        """
+
+    @abc.abstractmethod
+    def logout(self) -> None:
+        """Unlink the device and delete the stored credentials."""
+
+    @abc.abstractmethod
+    def pair_code(self, phone: str) -> str:
+        """Request a phone-number pair code while pairing; raise `BackendError` otherwise."""
+
+
+def load(name: str) -> type[Backend]:
+    """Import a backend by name only when asked: neonize must never load where it is not used."""
+    if name == "sim":
+        from workers.sim_backend import SimBackend
+
+        return SimBackend
+    if name == "neonize":
+        from workers.neonize_backend import NeonizeBackend
+
+        return NeonizeBackend
+    raise ValueError(f"unknown backend {name!r}")

@@ -1,0 +1,477 @@
+"""The `sim` backend: a worker's session on the simulated WhatsApp network (workers/simnet.py).
+
+One background thread owns the ZeroMQ DEALER socket (zmq sockets are not thread-safe). Calls
+from other threads (send_text, pair_code, logout) are queued as closures that run on that
+thread, woken through a pipe; their results come back through `concurrent.futures.Future`.
+Every connection attempt uses a fresh socket, so a stale reply can never be mistaken for a
+new one and the network sees each attempt as a new peer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+import zmq
+
+from ipc.errors import BAD_REQUEST, INTERNAL, NOT_CONNECTED, TIMEOUT
+from workers.backend import Backend, BackendError, Emit, WorkerContext
+from workers.inbound import normalize_message
+
+log = logging.getLogger("waport.sim")
+
+CREDS_FILE = "sim-creds.json"
+HEARTBEAT_INTERVAL = 1.0
+SILENCE_TIMEOUT = 3.0  # no reply at all for this long: the network is gone
+REQUEST_TIMEOUT = 10.0
+BYE_WAIT = 0.3
+BACKOFF_MIN = 0.2
+BACKOFF_MAX = 5.0
+
+# Phases of the connection thread.
+CONNECTING = "connecting"  # first hello in flight
+PAIRING = "pairing"
+CONNECTED = "connected"
+DISCONNECTED = "disconnected"  # lost after a first answer; retrying
+EXITED = "exited"  # an exit was emitted, or the backend stopped
+
+Reply = dict[str, Any]
+# What a waiting caller gets when the connection closes under its request: sent or not is unknown.
+CLOSED_REPLY: Reply = {
+    "ok": False,
+    "error": {"code": TIMEOUT, "message": "connection lost before the answer"},
+}
+
+
+class SimBackend(Backend):
+    """A session on the simulated network: pairing, reconnects with backoff, faults as exits."""
+
+    def __init__(self, ctx: WorkerContext, emit: Emit) -> None:
+        super().__init__(ctx, emit)
+        endpoint = ctx.options.get("sim_endpoint")
+        if not isinstance(endpoint, str) or not endpoint:
+            raise ValueError("the sim backend needs the option sim_endpoint")
+        self.endpoint = endpoint
+        self.pairing_timeout = float(ctx.options.get("pairing_timeout") or 170)
+        self.connect_timeout = float(ctx.options.get("connect_timeout") or 5)
+        self.creds_path = os.path.join(ctx.session_dir, CREDS_FILE)
+        self.phase = CONNECTING
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._calls: queue.SimpleQueue[tuple[Callable[[Future[Any]], None], Future[Any]]] = queue.SimpleQueue()
+        self._calls_lock = threading.Lock()
+        self._accepting = False
+        self._wake_r = self._wake_w = -1  # a pipe, from start(): wakes the thread for queued calls
+        # Owned by the connection thread from here on.
+        self._zctx: zmq.Context | None = None
+        self._sock: zmq.Socket | None = None
+        self._poller = zmq.Poller()
+        self._ids = itertools.count(1)
+        self._pending: dict[str, tuple[float, Callable[[Reply], None], bool]] = {}
+        self._answered = False  # the network answered a hello once: failures are now reconnects
+        self._hello_deadline: float | None = None
+        self._retry_at: float | None = None
+        self._attempt = 0
+        self._failures = 0
+        self._next_heartbeat = 0.0
+        self._last_heard = 0.0
+        self._pairing_deadline: float | None = None
+
+    # ------------------------------------------------------------------ Backend interface
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        with self._calls_lock:
+            self._accepting = True
+        self._thread = threading.Thread(target=self._run, name=f"sim-{self.ctx.company}", daemon=True)
+        self._thread.start()
+        grow = int(self.ctx.options.get("grow_bytes_per_s") or 0)
+        if grow > 0:  # a test knob: a worker whose memory grows, for the memory_limit restart
+            threading.Thread(target=_grow, args=(grow, self._stopping), name="sim-grow", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(2.0)
+        if thread is not None and not thread.is_alive():
+            self._close_wake_pipe()
+
+    def send_text(self, to: str, text: str, message_id: str | None = None) -> dict[str, Any]:
+        if self.phase != CONNECTED:
+            raise BackendError(NOT_CONNECTED, f"not connected (state {self.phase})")
+        args: dict[str, Any] = {"to": to, "text": text}
+        if message_id:
+            args["id"] = message_id
+        result = self._call("send", args, need=CONNECTED)
+        return {"message_id": result["id"], "ts": result["ts"]}
+
+    def logout(self) -> None:
+        """Unlink on the network when connected; the credentials go in any case, then exit logged_out."""
+        try:
+            self._submit(self._logout_on_thread).result(5.0)
+        except (BackendError, FutureTimeout):
+            pass  # not running, or no answer: unlink locally anyway, pairing starts afresh
+        self._delete_creds()
+
+    def pair_code(self, phone: str) -> str:
+        if self.phase != PAIRING:
+            raise BackendError(BAD_REQUEST, f"a pair code is only available while pairing (state {self.phase})")
+        code = str(self._call("pair_code", {"phone": phone}, need=PAIRING)["code"])
+        self.emit("pair_code", {"code": code})
+        return code
+
+    # ------------------------------------------------------------------ calls from other threads
+
+    def _call(self, cmd: str, args: dict[str, Any], need: str, timeout: float = REQUEST_TIMEOUT) -> Reply:
+        """Run a request on the connection thread and wait for the network's answer."""
+
+        def run(fut: Future[Any]) -> None:
+            if self.phase != need:
+                fut.set_exception(BackendError(NOT_CONNECTED, f"not {need} (state {self.phase})"))
+                return
+            self._request(cmd, args, lambda reply: _settle(fut, reply), caller=True)
+
+        fut = self._submit(run)
+        try:
+            return fut.result(timeout)
+        except FutureTimeout:
+            raise BackendError(TIMEOUT, f"the network did not answer {cmd} within {timeout:g} s") from None
+
+    def _logout_on_thread(self, fut: Future[Any]) -> None:
+        def done(_reply: Reply) -> None:
+            self._delete_creds()
+            self._exit("logged_out")
+            if not fut.done():
+                fut.set_result(None)
+
+        if self.phase == CONNECTED:
+            self._request("logout_device", {}, done, caller=True)
+        else:
+            done({})
+
+    def _submit(self, fn: Callable[[Future[Any]], None]) -> Future[Any]:
+        fut: Future[Any] = Future()
+        with self._calls_lock:
+            if not self._accepting:
+                raise BackendError(NOT_CONNECTED, "the sim backend is not running")
+            self._calls.put((fn, fut))
+        self._wake()
+        return fut
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # already awake, or closed
+
+    def _close_wake_pipe(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_r = self._wake_w = -1
+
+    # ------------------------------------------------------------------ the connection thread
+
+    def _run(self) -> None:
+        self._zctx = zmq.Context()
+        self._poller.register(self._wake_r, zmq.POLLIN)
+        try:
+            self.emit("state", {"state": CONNECTING, "reason": ""})
+            self._open()
+            while self.phase != EXITED and not self._stopping.is_set():
+                self._poll_once()
+            if self._stopping.is_set():
+                self._say_bye()
+        except Exception as exc:  # a bug: report it the way the worker expects, never hang
+            self.emit("error", {"kind": "crash", "message": repr(exc)})
+            self._exit("crash", message=repr(exc))
+        finally:
+            with self._calls_lock:
+                self._accepting = False
+            self._drain_calls(run=False)
+            self._close_socket()
+            self._zctx.term()
+            self.phase = EXITED
+
+    def _poll_once(self) -> None:
+        events = dict(self._poller.poll(self._poll_timeout_ms()))
+        if self._wake_r in events:
+            try:
+                while os.read(self._wake_r, 512):
+                    pass
+            except BlockingIOError:
+                pass
+        self._drain_calls(run=True)
+        sock = self._sock
+        while sock is not None and sock is self._sock and sock.poll(0):
+            self._on_frame(sock.recv())
+        self._check_timers(time.monotonic())
+
+    def _poll_timeout_ms(self) -> int:
+        deadlines = [d for d in (self._hello_deadline, self._retry_at, self._pairing_deadline) if d is not None]
+        if self.phase in (PAIRING, CONNECTED):
+            deadlines += [self._next_heartbeat, self._last_heard + SILENCE_TIMEOUT]
+        if not deadlines:
+            return 1000
+        return max(0, min(1000, int((min(deadlines) - time.monotonic()) * 1000) + 1))
+
+    def _drain_calls(self, run: bool) -> None:
+        while True:
+            try:
+                fn, fut = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if not run:
+                fut.set_exception(BackendError(NOT_CONNECTED, "the sim backend stopped"))
+                continue
+            try:
+                fn(fut)
+            except Exception as exc:
+                if not fut.done():
+                    fut.set_exception(BackendError(INTERNAL, repr(exc)))
+
+    def _check_timers(self, now: float) -> None:
+        if self._hello_deadline is not None and now >= self._hello_deadline:
+            self._hello_deadline = None
+            self._attempt_failed(f"no answer from {self.endpoint} within {self.connect_timeout:g} s")
+        if self._retry_at is not None and now >= self._retry_at:
+            self._retry_at = None
+            self._open()
+        if self.phase in (PAIRING, CONNECTED):
+            if now - self._last_heard > SILENCE_TIMEOUT:
+                self._lost("connection lost: no answer from the network")
+            elif now >= self._next_heartbeat:
+                self._next_heartbeat = now + HEARTBEAT_INTERVAL
+                self._request("heartbeat", {}, self._on_heartbeat)
+        if self._pairing_deadline is not None and now >= self._pairing_deadline and self.phase != EXITED:
+            self._exit("pairing_timeout", message=f"not paired within {self.pairing_timeout:g} s")
+        for req_id, (deadline, _, _) in list(self._pending.items()):
+            if now > deadline + 1:
+                del self._pending[req_id]  # its caller gave up already
+
+    # ------------------------------------------------------------------ connection attempts
+
+    def _open(self) -> None:
+        """A fresh socket and a hello; the answer decides between connected, pairing and exit."""
+        assert self._zctx is not None
+        self._close_socket()
+        sock = self._zctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.endpoint)
+        self._sock = sock
+        self._poller.register(sock, zmq.POLLIN)
+        self._attempt += 1
+        args: dict[str, Any] = {"company": self.ctx.company}
+        token = self._load_creds().get("token")
+        if token:
+            args["token"] = token
+        self._hello_deadline = time.monotonic() + self.connect_timeout
+        self._request("hello", args, self._on_hello)
+
+    def _on_hello(self, reply: Reply) -> None:
+        self._hello_deadline = None
+        if not reply.get("ok"):
+            error = reply.get("error") or {}
+            reason = error.get("reason")
+            if reason == "logged_out":
+                self._delete_creds()
+                self._exit("logged_out", message=error.get("message", ""))
+            elif reason == "banned":
+                self._exit("banned", until=error.get("until"), message=error.get("message", ""))
+            else:
+                self._attempt_failed(error.get("message") or "refused")
+            return
+        result = reply.get("result") or {}
+        now = time.monotonic()
+        self._answered = True
+        self._failures = 0
+        self._last_heard = now
+        self._next_heartbeat = now + HEARTBEAT_INTERVAL
+        if result.get("status") == CONNECTED:
+            self._connected(str(result.get("phone", "")))
+        else:
+            self.phase = PAIRING
+            if self._pairing_deadline is None:
+                self._pairing_deadline = now + self.pairing_timeout
+            self.emit("qr", {"code": str(result.get("qr", ""))})
+            self.emit("state", {"state": PAIRING, "reason": "waiting for QR scan"})
+
+    def _connected(self, phone: str) -> None:
+        log.info("connected as %s", phone)  # the log formatter masks the number
+        self.phase = CONNECTED
+        self._pairing_deadline = None
+        self.emit("state", {"state": CONNECTED, "reason": "", "phone": phone})
+
+    def _attempt_failed(self, error: str) -> None:
+        """The first attempt failing ends the worker; later ones retry with backoff, forever."""
+        self._close_socket()
+        if not self._answered:
+            self._exit("connect_failed", message=error)
+            return
+        self.emit("reconnect_failed", {"attempt": self._attempt, "error": error})
+        self._schedule_retry()
+
+    def _lost(self, reason: str) -> None:
+        log.warning("connection lost: %s; reconnecting", reason)
+        self._close_socket()
+        self.phase = DISCONNECTED
+        self.emit("state", {"state": DISCONNECTED, "reason": reason})
+        self._attempt = 0
+        self._failures = 0
+        self._schedule_retry()
+
+    def _schedule_retry(self) -> None:
+        self._retry_at = time.monotonic() + min(BACKOFF_MAX, BACKOFF_MIN * 2**self._failures)
+        self._failures += 1
+
+    def _exit(self, reason: str, **extra: Any) -> None:
+        if self.phase == EXITED:
+            return
+        self.phase = EXITED
+        self._hello_deadline = self._retry_at = self._pairing_deadline = None
+        self._close_socket()
+        self.emit("exit", {"reason": reason, **{k: v for k, v in extra.items() if v is not None}})
+
+    def _say_bye(self) -> None:
+        """Tell the network we leave, so it frees the session at once; wait briefly for the answer."""
+        if self._sock is None or self.phase not in (PAIRING, CONNECTED):
+            return
+        done = threading.Event()
+        self._request("bye", {}, lambda _reply: done.set())
+        deadline = time.monotonic() + BYE_WAIT
+        while not done.is_set() and self._sock is not None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
+                break
+            self._on_frame(self._sock.recv())
+
+    def _close_socket(self) -> None:
+        if self._sock is not None:
+            self._poller.unregister(self._sock)
+            self._sock.close(0)
+            self._sock = None
+        pending, self._pending = self._pending, {}
+        for _, on_reply, caller in pending.values():
+            if caller:  # a waiting caller learns the outcome is unknown; internal requests just end
+                on_reply(CLOSED_REPLY)
+
+    # ------------------------------------------------------------------ frames
+
+    def _request(self, cmd: str, args: dict[str, Any], on_reply: Callable[[Reply], None], caller: bool = False) -> None:
+        if self._sock is None:
+            on_reply({"ok": False, "error": {"code": NOT_CONNECTED, "message": "no connection"}})
+            return
+        req_id = str(next(self._ids))
+        self._pending[req_id] = (time.monotonic() + REQUEST_TIMEOUT, on_reply, caller)
+        self._sock.send(json.dumps({"id": req_id, "cmd": cmd, "args": args}).encode())
+
+    def _on_frame(self, raw: bytes) -> None:
+        self._last_heard = time.monotonic()
+        try:
+            msg = json.loads(raw)
+        except ValueError:
+            self.emit("error", {"kind": "protocol", "message": "undecodable frame from the network"})
+            return
+        if not isinstance(msg, dict):
+            return
+        if "event" in msg:
+            self._on_push(str(msg["event"]), msg.get("data") or {})
+            return
+        entry = self._pending.pop(str(msg.get("id")), None)
+        if entry is not None:
+            entry[1](msg)
+
+    def _on_heartbeat(self, reply: Reply) -> None:
+        if not reply.get("ok") and (reply.get("error") or {}).get("code") == NOT_CONNECTED:
+            self._lost("connection lost: the network forgot the connection")
+
+    def _on_push(self, event: str, data: dict[str, Any]) -> None:
+        if event == "message":
+            sender = str(data.get("from", ""))
+            msg = normalize_message(msg_id=data.get("id"), chat=sender, sender=sender,
+                                    content=str(data.get("text", "")), push_name=str(data.get("push_name") or ""),
+                                    ts=data.get("ts"), is_group=False)
+            if msg is not None:
+                self.emit("message", msg)
+            self._request("ack", {"company": self.ctx.company, "ids": [data.get("id")]}, _ignore)
+        elif event == "receipt":
+            self.emit("receipt", {"ids": data.get("ids", []), "type": data.get("type"), "chat": data.get("chat")})
+        elif event == "paired":
+            self._save_creds({"company": self.ctx.company, "token": data["token"], "phone": data["phone"]})
+            self._connected(str(data["phone"]))
+        elif event == "dropped":
+            if self.phase in (PAIRING, CONNECTED):
+                self._lost("connection lost")
+        elif event == "logged_out":
+            self._delete_creds()
+            self._exit("logged_out")
+        elif event == "replaced":
+            self._exit("replaced")
+        elif event == "banned":
+            self._exit("banned", until=data.get("until"))
+
+    # ------------------------------------------------------------------ credentials
+
+    def _load_creds(self) -> dict[str, Any]:
+        try:
+            with open(self.creds_path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except ValueError:
+            self.emit("error", {"kind": "credentials", "message": f"unreadable {self.creds_path}: pairing again"})
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _save_creds(self, creds: dict[str, Any]) -> None:
+        tmp = f"{self.creds_path}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(creds, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.creds_path)
+
+    def _delete_creds(self) -> None:
+        try:
+            os.unlink(self.creds_path)
+        except FileNotFoundError:
+            pass
+
+
+def _settle(fut: Future[Any], reply: Reply) -> None:
+    if fut.done():
+        return
+    if reply.get("ok"):
+        fut.set_result(reply.get("result") or {})
+    else:
+        error = reply.get("error") or {}
+        fut.set_exception(BackendError(str(error.get("code", INTERNAL)), str(error.get("message", ""))))
+
+
+def _ignore(_reply: Reply) -> None:
+    pass
+
+
+def _grow(bytes_per_s: int, stop: threading.Event) -> None:
+    """Hold on to `bytes_per_s` more (resident) memory every second until the backend stops."""
+    held: list[bytes] = []
+    while not stop.wait(0.1):
+        held.append(b"\x01" * (bytes_per_s // 10))

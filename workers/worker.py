@@ -1,0 +1,298 @@
+"""The worker process: one company, one session, one backend.
+
+It holds the session lock it inherited, connects a DEALER to the supervisor,
+says READY, heartbeats both ways, turns supervisor requests into backend calls
+and backend reports into events, and exits with a code that says why
+(`ipc.exitcodes`). It dies with its supervisor: PR_SET_PDEATHSIG, a parent
+check, and supervisor heartbeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import fcntl
+import json
+import logging
+import os
+import queue
+import signal
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from typing import Any
+
+import zmq
+
+from ipc import exitcodes, protocol, states
+from ipc.errors import BAD_REQUEST, INTERNAL, TIMEOUT, WaportError
+from ipc.journal import Journal
+from ipc.validation import normalize_phone
+from workers import logforward
+from workers.backend import Backend, BackendError, WorkerContext, load
+from workers.outbox import Sender
+
+log = logging.getLogger("waport.worker")
+
+PR_SET_PDEATHSIG = 1
+MISSED_HEARTBEATS = 3
+REDELIVER_AFTER = 5.0  # seconds an inbound message may wait for its ACK before it is sent again
+IN_FLIGHT_GRACE = 3.0  # seconds shutdown waits for requests still running, so their replies go out
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel for SIGTERM when the supervisor dies; then check it did not die already."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if parent_pid and os.getppid() != parent_pid:
+        sys.exit(exitcodes.SUPERVISOR_LOST)
+
+
+def hold_session_lock(lock_fd: int | None, session_dir: str) -> int:
+    """Hold the session lock: the inherited descriptor, or our own when run by hand."""
+    if lock_fd is None:
+        lock_fd = os.open(os.path.join(session_dir, "session.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.error("session lock %s/session.lock is held by another process", session_dir)
+        sys.exit(exitcodes.SESSION_LOCKED)
+    os.ftruncate(lock_fd, 0)
+    os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
+    return lock_fd
+
+
+class Worker:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.company: str = args.company
+        self.generation: int = args.generation
+        self.parent_pid: int = args.parent_pid
+        self.heartbeat_interval: float = args.heartbeat_interval
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.ROUTING_ID, protocol.routing_id(self.company, self.generation))
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        # `--endpoint none`: run without a supervisor (another process manager, or a benchmark).
+        self.standalone = args.endpoint == "none"
+        self.sock.connect("inproc://waport-standalone" if self.standalone else args.endpoint)
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.reports: queue.SimpleQueue[tuple[str, dict[str, Any]]] = queue.SimpleQueue()
+        self.replies: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
+        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="request")
+        self.in_flight: set[Future[None]] = set()
+        self.state = states.STARTING
+        self.exit: dict[str, Any] | None = None
+        self.stop_signal: int | None = None
+        self.last_supervisor = time.monotonic()
+        self.malformed = 0
+        options = json.loads(args.options or "{}")
+        context = WorkerContext(self.company, args.session_dir, options)
+        self.backend: Backend = load(args.backend)(context, self.emit)
+        self.journal = Journal.in_session(args.session_dir)
+        self.sender = Sender(self.journal.path, self.backend, self.emit)
+        self.duplicates = 0
+
+    # Thread-safe entry points: they only enqueue and wake the loop.
+    def emit(self, type_: str, data: dict[str, Any]) -> None:
+        self.reports.put((type_, data))
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self.wake_w, b"x")
+        except BlockingIOError:
+            pass  # the pipe is full: the loop is already due to wake
+
+    def on_signal(self, signum: int, _frame: object) -> None:
+        self.stop_signal = signum
+        self._wake()
+
+    def run(self) -> int:
+        self.send(protocol.READY, {"company": self.company, "pid": os.getpid(),
+                                   "generation": self.generation, "version": protocol.VERSION})
+        self.sender.start()
+        self.backend.start()
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.wake_r, zmq.POLLIN)
+        next_beat = 0.0
+        while self.exit is None and self.stop_signal is None:
+            now = time.monotonic()
+            if now >= next_beat:
+                self.heartbeat(now)
+                self.redeliver()
+                next_beat = now + self.heartbeat_interval
+            for item, _ in poller.poll(max(0, int((next_beat - time.monotonic()) * 1000)) + 1):
+                if item is self.sock:
+                    self.read_supervisor()
+                else:
+                    self.drain_wake()
+            self.flush_reports()
+        return self.shutdown()
+
+    def heartbeat(self, now: float) -> None:
+        if self.parent_pid and os.getppid() != self.parent_pid:
+            self.exit = {"reason": "supervisor_lost", "message": "supervisor process is gone"}
+            return
+        if not self.standalone and now - self.last_supervisor > MISSED_HEARTBEATS * self.heartbeat_interval:
+            self.exit = {"reason": "supervisor_lost", "message": "no heartbeat from the supervisor"}
+            return
+        self.send(protocol.HEARTBEAT, {"state": self.state, "queued": self.journal.pending()})
+
+    def redeliver(self) -> None:
+        """Inbound messages no sink has acknowledged go out again (after a crash, or a Redis outage)."""
+        horizon = time.time() - REDELIVER_AFTER
+        for msg in self.journal.undelivered(received_before=horizon):
+            self.send(protocol.EVENT, {"type": "message", "ts": time.time(), "data": msg})
+
+    def read_supervisor(self) -> None:
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = protocol.decode(frames)
+            except protocol.ProtocolError as exc:
+                self.malformed += 1
+                log.warning("dropped a malformed frame from the supervisor: %s", exc)
+                continue
+            self.last_supervisor = time.monotonic()
+            if msg.type == protocol.REQUEST:
+                fut = self.pool.submit(self.serve, msg.body)
+                self.in_flight.add(fut)
+                fut.add_done_callback(self.in_flight.discard)
+            elif msg.type == protocol.STOP:
+                self.exit = {"reason": "stopped", "message": msg.body.get("reason", "")}
+            elif msg.type == protocol.OUTBOX:
+                self.sender.nudge()
+            elif msg.type == protocol.ACK:
+                self.journal.delivered([i for i in msg.body["ids"] if isinstance(i, str)])
+
+    def drain_wake(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def flush_reports(self) -> None:
+        while True:
+            try:
+                self.send_raw(self.replies.get_nowait())
+            except queue.Empty:
+                break
+        while self.exit is None:
+            try:
+                type_, data = self.reports.get_nowait()
+            except queue.Empty:
+                return
+            if type_ == "exit":
+                self.exit = data
+                return
+            if type_ == "state":
+                self.state = data.get("state", self.state)
+                self.sender.nudge(connected=self.state == states.CONNECTED)
+            elif type_ == "message" and not self.journal.inbox_add(data):
+                self.duplicates += 1  # a redelivery by the network: journaled once, delivered once
+                log.debug("dropped a duplicate of inbound message %s", data.get("id"))
+                continue
+            self.send(protocol.EVENT, {"type": type_, "ts": time.time(), "data": data})
+
+    def serve(self, body: dict[str, Any]) -> None:
+        """Run one supervisor request on a pool thread; the reply goes back through the loop."""
+        req_id = body["id"]
+        try:
+            if time.time() > body["deadline"]:
+                raise WaportError(TIMEOUT, "request expired before the worker could run it")
+            result = self.dispatch(body["cmd"], body["args"])
+            reply = {"id": req_id, "ok": True, "result": result}
+        except WaportError as exc:
+            reply = {"id": req_id, "ok": False, "error": exc.to_dict()}
+        except BackendError as exc:
+            reply = {"id": req_id, "ok": False, "error": {"code": exc.code, "message": exc.message}}
+        except Exception as exc:  # noqa: BLE001 - a failed request must not kill the session
+            log.exception("request %s failed", body["cmd"])
+            reply = {"id": req_id, "ok": False, "error": {"code": INTERNAL, "message": str(exc)}}
+        self.replies.put(protocol.encode(protocol.REPLY, reply))
+        self._wake()
+
+    def dispatch(self, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+        if cmd == "pair_code":
+            return {"code": self.backend.pair_code(normalize_phone(args.get("phone")))}
+        if cmd == "logout":
+            self.backend.logout()
+            # Backends report it too; the first exit report wins, so this only covers one that did not.
+            self.emit("exit", {"reason": "logged_out", "message": "logged out on request"})
+            return {"logged_out": True}
+        if cmd == "ping":
+            return {"pong": True, "state": self.state}
+        raise WaportError(BAD_REQUEST, f"unknown worker command {cmd!r}")
+
+    def send(self, type_: str, body: dict[str, Any]) -> None:
+        self.send_raw(protocol.encode(type_, body))
+
+    def send_raw(self, frames: list[bytes]) -> None:
+        if self.standalone:
+            return
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("supervisor socket full; dropped a %s frame", frames[1].decode())
+
+    def shutdown(self) -> int:
+        """Stop the backend, tell the supervisor why, and pick the exit code."""
+        info = self.exit or {"reason": "stopped", "message": f"signal {self.stop_signal}"}
+        code = exitcodes.REASON_TO_CODE.get(info.get("reason", "crash"), exitcodes.CRASH)
+        self.sender.stop()
+        try:
+            self.backend.stop()
+        except Exception:  # noqa: BLE001
+            log.exception("backend stop failed")
+        # A request that caused the exit (logout) answers after it: let it, briefly, so the caller hears.
+        wait_futures(list(self.in_flight), timeout=IN_FLIGHT_GRACE)
+        self.flush_reports()
+        self.send(protocol.EVENT, {"type": "exit", "ts": time.time(), "data": {**info, "code": code}})
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.sock.close(linger=1000)
+        return code
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="waport-worker", description="one waport worker (spawned by waportd)")
+    p.add_argument("--company", required=True)
+    p.add_argument("--generation", type=int, default=1)
+    p.add_argument("--endpoint", required=True, help="the supervisor's workers.sock endpoint, or `none`")
+    p.add_argument("--session-dir", required=True)
+    p.add_argument("--backend", default="sim")
+    p.add_argument("--lock-fd", type=int, default=None)
+    p.add_argument("--parent-pid", type=int, default=0)
+    p.add_argument("--heartbeat-interval", type=float, default=5.0)
+    p.add_argument("--options", default="{}", help="backend options as JSON")
+    p.add_argument("--log-level", default="info")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logforward.setup(args.company, args.log_level)  # stderr until the worker loop can forward
+    die_with_parent(args.parent_pid)
+    # Terminal Ctrl-C is the supervisor's to handle; it stops us in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        os.makedirs(args.session_dir, mode=0o700, exist_ok=True)
+        hold_session_lock(args.lock_fd, args.session_dir)
+        worker = Worker(args)
+    except (ValueError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        sys.exit(exitcodes.USAGE)
+    signal.signal(signal.SIGTERM, worker.on_signal)
+    # Log records become LOG frames that the loop sends (replies are flushed even at shutdown).
+    logforward.attach(lambda frames: (worker.replies.put(frames), worker._wake()))
+    code = worker.run()
+    logforward.detach()
+    sys.exit(code)

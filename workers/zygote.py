@@ -1,0 +1,145 @@
+"""The fork server: a preloaded, neonize-free Python that forks workers on request.
+
+A cold interpreter per worker costs ~20 MB and ~0.15 s of CPU; a fork of this process shares
+the interpreter and the imported modules copy-on-write. The supervisor (a child subreaper)
+asks over a SOCK_SEQPACKET socket: one JSON datagram `{"argv": [...]}` with the session lock
+descriptor attached (SCM_RIGHTS); the answer is `{"pid": N}` or `{"error": "..."}`.
+
+Each worker is double-forked so it is re-parented to the supervisor, which reaps it and is
+the parent its PR_SET_PDEATHSIG refers to. This process starts no thread and creates no
+ZeroMQ context before it forks: only the children do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import json
+import os
+import signal
+import socket
+
+# Preload what every worker imports; never neonize (its Go runtime does not survive fork).
+import sqlite3  # noqa: F401
+import sys
+import time
+
+import setproctitle
+import zmq  # noqa: F401
+
+import workers.outbox  # noqa: F401
+import workers.sim_backend  # noqa: F401
+import workers.worker
+
+MAX_REQUEST = 1 << 16
+
+
+def recv_request(sock: socket.socket) -> tuple[dict, list[int]] | None:
+    fds = array.array("i")
+    msg, ancdata, _flags, _addr = sock.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(4 * fds.itemsize))
+    if not msg:
+        return None
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
+    return json.loads(msg), list(fds)
+
+
+def start_worker(argv: list[str], lock_fd: int | None, server: socket.socket, supervisor: int) -> int:
+    """Double-fork a worker; return its pid (a grandchild that the supervisor inherits)."""
+    r, w = os.pipe()
+    middle = os.fork()
+    if middle == 0:  # the middle child: fork the worker, report its pid, vanish
+        try:
+            os.close(r)
+            pid = os.fork()
+            if pid == 0:
+                os.close(w)
+                run_worker(argv, lock_fd, server, supervisor)  # never returns
+            os.write(w, str(pid).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(middle, 0)
+    data = os.read(r, 32)
+    os.close(r)
+    if lock_fd is not None:
+        os.close(lock_fd)  # the worker has it now; the fork server never holds a session
+    if not data:
+        raise OSError("the worker fork failed")
+    return int(data)
+
+
+def run_worker(argv: list[str], lock_fd: int | None, server: socket.socket, supervisor: int) -> None:
+    try:
+        server.close()
+        # Wait to be re-parented to the supervisor (the middle child exits at once): the worker's
+        # PR_SET_PDEATHSIG must refer to the supervisor, not to the vanishing middle child.
+        deadline = time.monotonic() + 5
+        while os.getppid() != supervisor and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        os.setpgid(0, 0)  # its own process group, as an exec'd worker has
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        if lock_fd is not None:
+            argv = [*argv, "--lock-fd", str(lock_fd)]
+        # Look like an exec'd worker in ps, psutil and the stray scan: `python -m workers --company ...`.
+        setproctitle.setproctitle(" ".join([sys.executable, "-m", "workers", *argv]))
+        workers.worker.main(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    except BaseException:  # noqa: BLE001 - report, and never return into the fork server's loop
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    os._exit(0)
+
+
+def serve(fd: int, supervisor: int) -> None:
+    server = socket.socket(fileno=fd)
+    while True:
+        try:
+            got = recv_request(server)
+        except (OSError, ValueError) as exc:
+            print(f"waport-zygote: bad request: {exc}", file=sys.stderr)
+            continue
+        if got is None:
+            return  # the supervisor closed its end
+        request, fds = got
+        lock_fd = fds[0] if fds else None
+        for extra in fds[1:]:
+            os.close(extra)
+        try:
+            argv = request["argv"]
+            if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+                raise ValueError("argv must be a list of strings")
+            reply = {"pid": start_worker(argv, lock_fd, server, supervisor)}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            reply = {"error": str(exc)}
+            if lock_fd is not None:
+                try:
+                    os.close(lock_fd)
+                except OSError:
+                    pass
+        server.send(json.dumps(reply).encode())
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="waport-zygote")
+    p.add_argument("--fd", type=int, required=True, help="the SOCK_SEQPACKET socket to the supervisor")
+    p.add_argument("--supervisor", type=int, required=True)
+    args = p.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    serve(args.fd, args.supervisor)
+
+
+if __name__ == "__main__":
+    main()
