@@ -97,19 +97,27 @@ def message_id_for(company: str, idempotency_key: str | None) -> str:
     return "3EB0" + digest[:16].upper()
 
 
+class Busy(Exception):
+    """The other writer (worker or supervisor) holds the journal's write lock: try again shortly."""
+
+
 class Journal:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, lock_wait: float = 10.0, checkpoints: bool = True) -> None:
+        """`lock_wait`: seconds to wait for the other writer; `checkpoints=False` leaves WAL checkpoints
+        to the other connection (the supervisor's loop must not stall on one)."""
         if not os.path.exists(path):
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
         self.path = path
-        self.db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
+        self.db = sqlite3.connect(path, timeout=lock_wait, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
+        if not checkpoints:
+            self.db.execute("PRAGMA wal_autocheckpoint=0")
         self.db.executescript(_SCHEMA)
 
     @classmethod
-    def in_session(cls, session_dir: str) -> Journal:
-        return cls(os.path.join(session_dir, FILENAME))
+    def in_session(cls, session_dir: str, lock_wait: float = 10.0, checkpoints: bool = True) -> Journal:
+        return cls(os.path.join(session_dir, FILENAME), lock_wait, checkpoints)
 
     def close(self) -> None:
         self.db.close()
@@ -146,8 +154,16 @@ class Journal:
     def enqueue_many(
         self, company: str, items: list[tuple[str, str, str | None, str]]
     ) -> list[tuple[Outgoing, bool]]:
-        """`enqueue` for (recipient, text, key, source) items in one transaction: one commit for many sends."""
-        self.db.execute("BEGIN IMMEDIATE")
+        """`enqueue` for (recipient, text, key, source) items in one transaction: one commit for many sends.
+
+        Raises `Busy` (nothing written) when the write lock was not free within `lock_wait`.
+        """
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise Busy(str(exc)) from None
+            raise
         try:
             out = [self.enqueue(company, recipient, text, key, source) for recipient, text, key, source in items]
         except BaseException:
@@ -163,12 +179,25 @@ class Journal:
         return [Outgoing(*r) for r in rows]
 
     def mark(self, message_id: str, status: str, error: str | None = None, sent_ts: float | None = None) -> None:
-        attempt = 1 if status == SENDING else 0
-        self.db.execute(
-            "UPDATE outbox SET status = ?, error = ?, sent_ts = COALESCE(?, sent_ts), updated = ?,"
-            " attempts = attempts + ? WHERE message_id = ?",
-            (status, error, sent_ts, time.time(), attempt, message_id),
-        )
+        self.mark_many([(message_id, status, error, sent_ts)])
+
+    def mark_many(self, marks: list[tuple[str, str, str | None, float | None]]) -> None:
+        """(message_id, status, error, sent_ts) for each message, in one transaction."""
+        now = time.time()
+        rows = [(status, error, sent_ts, now, 1 if status == SENDING else 0, message_id)
+                for message_id, status, error, sent_ts in marks]
+        sql = ("UPDATE outbox SET status = ?, error = ?, sent_ts = COALESCE(?, sent_ts), updated = ?,"
+               " attempts = attempts + ? WHERE message_id = ?")
+        if len(rows) == 1:
+            self.db.execute(sql, rows[0])
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.executemany(sql, rows)
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
     def interrupted(self) -> list[Outgoing]:
         """After a crash: sends that began but whose outcome is unknown become `uncertain`."""

@@ -39,6 +39,8 @@ def test_starts_one_worker_per_company(daemon_factory, simnet):
     assert int(open(lock).read()) == sessions["acme"]["pid"]
     assert os.stat(os.path.join(d.state_dir, "sessions", "acme")).st_mode & 0o777 == 0o700
     assert simnet.stats()["replaced"] == 0
+    # Workers run `worker_nice` (default 5) nicer than the supervisor, whose loop must not starve.
+    assert {psutil.Process(p).nice() for p in pids} == {psutil.Process(d.proc.pid).nice() + 5}
 
 
 def test_killed_worker_restarts_after_the_computed_delay(daemon_factory, simnet):

@@ -42,6 +42,8 @@ def test_file_then_env_then_flags(tmp_path):
         ("restart_jitter = 1.5\n", "restart_jitter"),
         ("max_restarts = -1\n", "max_restarts"),
         ("heartbeat_interval = 0\n", "heartbeat_interval"),
+        ("worker_nice = 20\n", "worker_nice: must be between 0 and 19"),
+        ('worker_nice = "low"\n', "worker_nice"),
         ("this is not toml", "not valid TOML"),
     ],
 )

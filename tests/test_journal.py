@@ -2,6 +2,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from ipc import journal as J
 
 
@@ -69,3 +71,18 @@ def test_survives_kill_9_between_commits(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, path], cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == -9
     assert J.Journal(path).pending() == 200
+
+
+def test_a_busy_journal_refuses_the_batch_whole_instead_of_blocking(tmp_path):
+    path = str(tmp_path / "journal.db")
+    worker = J.Journal(path)
+    supervisor = J.Journal(path, lock_wait=0.002, checkpoints=False)
+    worker.db.execute("BEGIN IMMEDIATE")  # the worker is in the middle of a write
+    try:
+        with pytest.raises(J.Busy):
+            supervisor.enqueue_many("acme", [("15550109999", t, None, "control") for t in "ab"])
+    finally:
+        worker.db.execute("COMMIT")
+    assert supervisor.counts() == {}  # nothing half-written
+    assert [new for _, new in supervisor.enqueue_many("acme", [("15550109999", "a", None, "control")])] == [True]
+    assert supervisor.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0

@@ -236,6 +236,8 @@ class Arbiter:
         soon.append(self.ops.next_wakeup(now))  # watchdog ping, resource samples
         if self.requests:
             soon.append(now + 0.1)
+        if self.messages.batch:  # a journal was busy: its sends wait for the next turn
+            soon.append(now + 0.005)
         if self.boot_queue:
             soon.append(now)
         return max(0, int((min(soon) - now) * 1000)) + 1
@@ -357,7 +359,7 @@ class Arbiter:
             options.update(self.cfg.sim_options)  # test knobs of the sim backend (e.g. grow_bytes_per_s)
         args = process.worker_args(
             s.company, self.generation, paths.endpoint(self.cfg.run_dir, paths.WORKERS_SOCK), session_dir,
-            self.cfg.backend, self.cfg.heartbeat_interval, options, self.cfg.log_level,
+            self.cfg.backend, self.cfg.heartbeat_interval, options, self.cfg.log_level, self.cfg.worker_nice,
         )  # fmt: skip
         try:
             child = self.spawner.spawn_worker(args, lock.fd)

@@ -51,6 +51,7 @@ class Config:
     connect_timeout: float = 60.0  # neonize: a dial that gets no answer ends then (a black-holed network)
     log_level: str = "info"
     worker_spawn: str = "auto"  # zygote (fork server) | exec (fresh interpreter) | auto: zygote for sim
+    worker_nice: int = 5  # added to the supervisor's nice value for workers: busy workers never starve it
     source: str = field(default="", compare=False)  # the file it came from, for messages
 
 
@@ -109,13 +110,15 @@ def _coerce(key: str, value: Any) -> Any:
         return parse_duration(key, value)
     if key == "memory_limit":
         return parse_bytes(key, value)
-    if key in ("max_restarts", "rate_limit_max", "rate_limit_company_max", "stream_maxlen"):
+    if key in ("max_restarts", "rate_limit_max", "rate_limit_company_max", "stream_maxlen", "worker_nice"):
         try:
             n = int(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: {value!r} is not a whole number") from None
         if n < 0 or isinstance(value, bool):
             raise ConfigError(f"{key}: must be a whole number >= 0")
+        if key == "worker_nice" and n > 19:
+            raise ConfigError("worker_nice: must be between 0 and 19")
         return n
     if key in ("restart_factor", "restart_jitter"):
         try:

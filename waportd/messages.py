@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ipc import events, protocol
 from ipc.errors import BAD_REQUEST, NOT_CONNECTED, RATE_LIMITED, UNKNOWN_COMPANY, WaportError
-from ipc.journal import Journal
+from ipc.journal import Busy, Journal
 from ipc.states import FAILED, LOGGED_OUT, OUTDATED, REPLACED
 from ipc.validation import mask_phone, normalize_phone, validate_company, validate_text
 from waportd.ratelimit import FallbackLimiter, Limits
@@ -30,6 +30,7 @@ log = logging.getLogger("waport.messages")
 
 Done = Callable[[dict[str, Any]], None]
 OPEN_JOURNALS = 256
+LOCK_WAIT = 0.002  # seconds the loop waits for a journal's write lock before it tries again next turn
 SEEN_INBOUND = 100_000
 NO_SEND_STATES = (FAILED, LOGGED_OUT, REPLACED, OUTDATED)
 
@@ -72,7 +73,8 @@ class MessageDesk:
         if journal is None:
             session_dir = os.path.join(self.arbiter.cfg.state_dir, "sessions", company)
             os.makedirs(session_dir, mode=0o700, exist_ok=True)
-            journal = self.journals[company] = Journal.in_session(session_dir)
+            # The loop never sleeps on the worker's write lock (a busy batch waits a turn) nor checkpoints.
+            journal = self.journals[company] = Journal.in_session(session_dir, LOCK_WAIT, checkpoints=False)
             while len(self.journals) > OPEN_JOURNALS:
                 self.journals.popitem(last=False)[1].close()
         self.journals.move_to_end(company)
@@ -122,7 +124,11 @@ class MessageDesk:
         a = self.arbiter
         batch, self.batch = self.batch, {}
         for company, items in batch.items():
-            results = self.journal(company).enqueue_many(company, [item[:4] for item in items])
+            try:
+                results = self.journal(company).enqueue_many(company, [item[:4] for item in items])
+            except Busy:
+                self.batch.setdefault(company, [])[:0] = items  # the worker is writing: next turn, in order
+                continue
             s = a.sessions.get(company)
             created = sum(1 for _, new in results if new)
             a.counters[("accepted", company)] += created

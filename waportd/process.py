@@ -31,6 +31,7 @@ def worker_args(
     heartbeat_interval: float,
     options: dict[str, Any],
     log_level: str,
+    nice: int = 0,
 ) -> list[str]:
     """The worker's arguments after `python -m workers` (the lock descriptor is added by the spawner)."""
     return [
@@ -43,6 +44,7 @@ def worker_args(
         "--heartbeat-interval", repr(heartbeat_interval),
         "--options", json.dumps(options, separators=(",", ":")),
         "--log-level", log_level,
+        "--nice", str(nice),
     ]  # fmt: skip
 
 

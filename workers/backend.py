@@ -64,6 +64,20 @@ class Backend(abc.ABC):
         Blocking; called from a thread pool, never from the backend's own callbacks.
         """
 
+    # Sends the backend can have in flight at once. The sender marks a whole window `sending` before
+    # it goes out, so a crash makes up to this many `uncertain`: 1 unless the backend pipelines.
+    send_window = 1
+
+    def send_texts(self, items: list[tuple[str, str, str | None]]) -> list[dict[str, Any] | Exception]:
+        """Send (to, text, message_id) items; one outcome each, in order: a `send_text` result or the error."""
+        out: list[dict[str, Any] | Exception] = []
+        for to, text, message_id in items:
+            try:
+                out.append(self.send_text(to, text, message_id))
+            except Exception as exc:  # noqa: BLE001 - the sender decides what each failure means
+                out.append(exc)
+        return out
+
     @abc.abstractmethod
     def logout(self) -> None:
         """Unlink the device and delete the stored credentials."""

@@ -1,8 +1,10 @@
 """The worker's sender: drains the journal's queued messages while the session is connected.
 
-It runs on its own thread so a slow send never stalls heartbeats. Every send is marked
-`sending` before the backend is called: a crash in between leaves that mark, and the next
-start turns it into `uncertain` instead of sending blindly again.
+It runs on its own thread so a slow send never stalls heartbeats. It sends a window of
+messages at a time (the backend's `send_window`: 32 pipelined requests for sim, 1 for
+neonize), marked `sending` in one transaction before the backend is called: a crash in
+between leaves that mark, and the next start turns it into `uncertain` instead of sending
+blindly again. Outcomes are journaled in one transaction per window.
 """
 
 from __future__ import annotations
@@ -61,39 +63,42 @@ class Sender(threading.Thread):
             journal.close()
 
     def drain(self, journal: J.Journal) -> None:
+        window = max(1, int(self.backend.send_window))
         while self.connected and not self.stopping:
-            batch = journal.queued(50)
-            if not batch:
+            batch = journal.queued(window)
+            if not batch or not self.send_window(journal, batch):
                 return
-            for m in batch:
-                if not self.connected or self.stopping:
-                    return
-                if not self.send_one(journal, m):
-                    break
 
-    def send_one(self, journal: J.Journal, m: J.Outgoing) -> bool:
-        """False when the backend was not connected after all (the message is queued again)."""
-        journal.mark(m.message_id, J.SENDING)
-        try:
-            sent = self.backend.send_text(m.recipient, m.text, m.message_id)
-        except BackendError as exc:
-            if exc.code == NOT_CONNECTED:  # nothing went out: it stays queued for the next connection
-                journal.mark(m.message_id, J.QUEUED, exc.message)
-                # The state report may lag the backend (a drop while we sent): pause, then look again.
-                self.wakeup.wait(RETRY_PAUSE)
-                return False
-            status = J.UNCERTAIN if exc.code == TIMEOUT else J.SEND_FAILED
-            journal.mark(m.message_id, status, f"{exc.code}: {exc.message}")
-            self.emit("send_failed", failure_event(m, status if status == J.UNCERTAIN else exc.code, exc.message))
-            return True
-        except Exception as exc:  # noqa: BLE001 - unknown outcome: never resend blindly
-            log.exception("send of %s failed unexpectedly", m.message_id)
-            journal.mark(m.message_id, J.UNCERTAIN, str(exc))
-            self.emit("send_failed", failure_event(m, J.UNCERTAIN, str(exc)))
-            return True
-        ts = sent.get("ts") or time.time()
-        journal.mark(m.message_id, J.SENT, None, ts)
-        self.emit("sent", {"message_id": m.message_id, "wa_id": sent.get("message_id"),
-                           "idempotency_key": m.idempotency_key, "to": m.recipient, "ts": ts,
-                           "latency": max(0.0, time.time() - m.created)})
-        return True
+    def send_window(self, journal: J.Journal, batch: list[J.Outgoing]) -> bool:
+        """Send a window of messages; False when the backend was not connected after all (they queue again)."""
+        journal.mark_many([(m.message_id, J.SENDING, None, None) for m in batch])
+        outcomes = self.backend.send_texts([(m.recipient, m.text, m.message_id) for m in batch])
+        marks: list[tuple[str, str, str | None, float | None]] = []
+        reports: list[tuple[str, dict[str, Any]]] = []
+        requeued = False
+        for m, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, BackendError) and outcome.code == NOT_CONNECTED:
+                marks.append((m.message_id, J.QUEUED, outcome.message, None))  # nothing went out
+                requeued = True
+            elif isinstance(outcome, BackendError):
+                status = J.UNCERTAIN if outcome.code == TIMEOUT else J.SEND_FAILED
+                marks.append((m.message_id, status, f"{outcome.code}: {outcome.message}", None))
+                reason = status if status == J.UNCERTAIN else outcome.code
+                reports.append(("send_failed", failure_event(m, reason, outcome.message)))
+            elif isinstance(outcome, Exception):  # unknown outcome: never resend blindly
+                log.error("send of %s failed unexpectedly: %r", m.message_id, outcome)
+                marks.append((m.message_id, J.UNCERTAIN, str(outcome), None))
+                reports.append(("send_failed", failure_event(m, J.UNCERTAIN, str(outcome))))
+            else:
+                ts = outcome.get("ts") or time.time()
+                marks.append((m.message_id, J.SENT, None, ts))
+                reports.append(("sent", {"message_id": m.message_id, "wa_id": outcome.get("message_id"),
+                                         "idempotency_key": m.idempotency_key, "to": m.recipient, "ts": ts,
+                                         "latency": max(0.0, time.time() - m.created)}))
+        journal.mark_many(marks)
+        for type_, data in reports:
+            self.emit(type_, data)
+        if requeued:
+            # The state report may lag the backend (a drop while we sent): pause, then look again.
+            self.wakeup.wait(RETRY_PAUSE)
+        return not requeued

@@ -9,6 +9,7 @@ new one and the network sees each attempt as a new peer.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -71,6 +72,7 @@ class SimBackend(Backend):
         self._calls_lock = threading.Lock()
         self._accepting = False
         self._wake_r = self._wake_w = -1  # a pipe, from start(): wakes the thread for queued calls
+        self._woken = False
         # Owned by the connection thread from here on.
         self._zctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
@@ -111,14 +113,45 @@ class SimBackend(Backend):
         if thread is not None and not thread.is_alive():
             self._close_wake_pipe()
 
+    send_window = 32  # requests are pipelined on the one connection, as whatsmeow's are
+
     def send_text(self, to: str, text: str, message_id: str | None = None) -> dict[str, Any]:
+        outcome = self.send_texts([(to, text, message_id)])[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def send_texts(self, items: list[tuple[str, str, str | None]]) -> list[dict[str, Any] | Exception]:
+        """All requests go out in one wake-up of the connection thread; the answers come back together."""
+        replies: list[Reply | None] = [None] * len(items)
         if self.phase != CONNECTED:
-            raise BackendError(NOT_CONNECTED, f"not connected (state {self.phase})")
-        args: dict[str, Any] = {"to": to, "text": text}
-        if message_id:
-            args["id"] = message_id
-        result = self._call("send", args, need=CONNECTED)
-        return {"message_id": result["id"], "ts": result["ts"]}
+            return [BackendError(NOT_CONNECTED, f"not connected (state {self.phase})")] * len(items)
+
+        def run(fut: Future[Any]) -> None:
+            if self.phase != CONNECTED:
+                fut.set_exception(BackendError(NOT_CONNECTED, f"not connected (state {self.phase})"))
+                return
+            left = [len(items)]
+
+            def settle(i: int, reply: Reply) -> None:
+                replies[i] = reply
+                left[0] -= 1
+                if not left[0] and not fut.done():
+                    fut.set_result(None)
+
+            for i, (to, text, message_id) in enumerate(items):
+                args: dict[str, Any] = {"to": to, "text": text}
+                if message_id:
+                    args["id"] = message_id
+                self._request("send", args, functools.partial(settle, i), caller=True)
+
+        try:
+            self._submit(run).result(REQUEST_TIMEOUT)
+        except BackendError as exc:
+            return [exc] * len(items)
+        except FutureTimeout:
+            pass  # the unanswered ones are reported as timeouts below
+        return [_send_outcome(reply) for reply in list(replies)]
 
     def logout(self) -> None:
         """Unlink on the network when connected; the credentials go in any case, then exit logged_out."""
@@ -174,6 +207,9 @@ class SimBackend(Backend):
         return fut
 
     def _wake(self) -> None:
+        if self._woken:
+            return  # a poke is pending: the thread drains every queued call when it wakes
+        self._woken = True
         try:
             os.write(self._wake_w, b"x")
         except (BlockingIOError, OSError):
@@ -213,6 +249,7 @@ class SimBackend(Backend):
     def _poll_once(self) -> None:
         events = dict(self._poller.poll(self._poll_timeout_ms()))
         if self._wake_r in events:
+            self._woken = False  # before the calls are drained: a call queued from now on pokes again
             try:
                 while os.read(self._wake_r, 512):
                     pass
@@ -464,6 +501,16 @@ def _settle(fut: Future[Any], reply: Reply) -> None:
     else:
         error = reply.get("error") or {}
         fut.set_exception(BackendError(str(error.get("code", INTERNAL)), str(error.get("message", ""))))
+
+
+def _send_outcome(reply: Reply | None) -> dict[str, Any] | Exception:
+    if reply is None:
+        return BackendError(TIMEOUT, f"the network did not answer send within {REQUEST_TIMEOUT:g} s")
+    if reply.get("ok"):
+        result = reply.get("result") or {}
+        return {"message_id": result.get("id"), "ts": result.get("ts")}
+    error = reply.get("error") or {}
+    return BackendError(str(error.get("code", INTERNAL)), str(error.get("message", "")))
 
 
 def _ignore(_reply: Reply) -> None:

@@ -80,6 +80,7 @@ class Worker:
         self.standalone = args.endpoint == "none"
         self.sock.connect("inproc://waport-standalone" if self.standalone else args.endpoint)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.woken = False
         self.reports: queue.SimpleQueue[tuple[str, dict[str, Any]]] = queue.SimpleQueue()
         self.replies: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="request")
@@ -102,6 +103,9 @@ class Worker:
         self._wake()
 
     def _wake(self) -> None:
+        if self.woken:
+            return  # the loop has not drained since the last poke: it will see this report too
+        self.woken = True
         try:
             os.write(self.wake_w, b"x")
         except BlockingIOError:
@@ -174,6 +178,7 @@ class Worker:
                 self.journal.delivered([i for i in msg.body["ids"] if isinstance(i, str)])
 
     def drain_wake(self) -> None:
+        self.woken = False  # before the queues are read, so a report enqueued from now on pokes again
         try:
             while os.read(self.wake_r, 4096):
                 pass
@@ -274,6 +279,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heartbeat-interval", type=float, default=5.0)
     p.add_argument("--options", default="{}", help="backend options as JSON")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--nice", type=int, default=0, help="added to the inherited nice value")
     return p.parse_args(argv)
 
 
@@ -281,6 +287,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logforward.setup(args.company, args.log_level)  # stderr until the worker loop can forward
     die_with_parent(args.parent_pid)
+    if args.nice:
+        os.nice(args.nice)  # the supervisor's loop (heartbeats, accepts) runs before a busy worker
     # Terminal Ctrl-C is the supervisor's to handle; it stops us in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:

@@ -74,7 +74,7 @@ def paced(run_dir: str, companies: list[str], rate: float, seconds: float) -> di
             next_send += interval
             continue
         wait = max(0.0, min(next_send, end) - time.monotonic()) if now < end else 5.0
-        if sock.poll(int(wait * 1000)):
+        if sock.poll(max(1, round(wait * 1000))):  # never a busy loop: its CPU is the daemon's loss
             reply = json.loads(sock.recv())
             latencies.append((time.monotonic() - sent_at.pop(reply["id"])) * 1000)
         elif now >= end:

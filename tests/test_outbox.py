@@ -1,0 +1,108 @@
+"""The worker's sender (workers/outbox.py) against a scripted backend: no process, a real journal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from ipc import journal as J
+from ipc.errors import BAD_REQUEST, NOT_CONNECTED, TIMEOUT
+from workers.backend import Backend, BackendError, WorkerContext
+from workers.outbox import Sender
+
+
+class Scripted(Backend):
+    """Answers each send from `script` (text -> outcome); records the windows it was handed."""
+
+    def __init__(self, window: int, script: dict[str, Any] | None = None) -> None:
+        super().__init__(WorkerContext("acme", "/nonexistent"), lambda *_: None)
+        self.send_window = window
+        self.script = script or {}
+        self.windows: list[list[str]] = []
+        self.statuses_seen: list[set[str]] = []
+        self.journal: J.Journal | None = None
+
+    def send_texts(self, items: list[tuple[str, str, str | None]]) -> list[dict[str, Any] | Exception]:
+        self.windows.append([text for _, text, _ in items])
+        if self.journal is not None:  # what a crash right now would leave behind
+            self.statuses_seen.append({m.status for m in self.journal.recent_outbound(100)
+                                       if m.text in self.windows[-1]})
+        return super().send_texts(items)
+
+    def send_text(self, to: str, text: str, message_id: str | None = None) -> dict[str, Any]:
+        outcome = self.script.get(text, {"message_id": message_id, "ts": 1000.0})
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def logout(self) -> None: ...
+    def pair_code(self, phone: str) -> str:
+        return ""
+
+
+@pytest.fixture
+def journal(tmp_path: Any) -> J.Journal:
+    return J.Journal(str(tmp_path / "journal.db"))
+
+
+def queue(journal: J.Journal, *texts: str) -> None:
+    journal.enqueue_many("acme", [("15557654321", t, None, "control") for t in texts])
+
+
+def sender_for(journal: J.Journal, backend: Scripted) -> tuple[Sender, list[tuple[str, dict[str, Any]]]]:
+    reports: list[tuple[str, dict[str, Any]]] = []
+    sender = Sender(journal.path, backend, lambda t, d: reports.append((t, d)))
+    sender.connected = True
+    backend.journal = journal
+    return sender, reports
+
+
+def statuses(journal: J.Journal) -> dict[str, str]:
+    return {m.text: m.status for m in journal.recent_outbound(100)}
+
+
+def test_windows_are_marked_sending_before_they_go_out_and_sent_after(journal: J.Journal) -> None:
+    backend = Scripted(window=3)
+    queue(journal, *[f"m{i}" for i in range(7)])
+    sender, reports = sender_for(journal, backend)
+    sender.drain(journal)
+    assert backend.windows == [["m0", "m1", "m2"], ["m3", "m4", "m5"], ["m6"]]
+    assert backend.statuses_seen == [{J.SENDING}] * 3
+    assert set(statuses(journal).values()) == {J.SENT}
+    assert [t for t, _ in reports] == ["sent"] * 7
+    assert all(d["latency"] >= 0 and d["ts"] == 1000.0 for _, d in reports)
+
+
+def test_each_outcome_of_a_window_is_its_own(journal: J.Journal) -> None:
+    backend = Scripted(window=4, script={
+        "lost": BackendError(TIMEOUT, "connection lost before the answer"),
+        "bad": BackendError(BAD_REQUEST, "invalid recipient"),
+        "bug": RuntimeError("boom"),
+    })
+    queue(journal, "ok", "lost", "bad", "bug")
+    sender, reports = sender_for(journal, backend)
+    sender.drain(journal)
+    assert statuses(journal) == {"ok": J.SENT, "lost": J.UNCERTAIN, "bad": J.SEND_FAILED, "bug": J.UNCERTAIN}
+    assert [(t, d.get("reason")) for t, d in reports] == [
+        ("sent", None), ("send_failed", J.UNCERTAIN), ("send_failed", BAD_REQUEST), ("send_failed", J.UNCERTAIN)]
+
+
+def test_not_connected_queues_the_message_again_and_stops_the_drain(journal: J.Journal) -> None:
+    backend = Scripted(window=2, script={"b": BackendError(NOT_CONNECTED, "not connected")})
+    queue(journal, "a", "b", "c")
+    sender, reports = sender_for(journal, backend)
+    sender.wakeup.set()  # no pause in the test: the retry pause waits on this event
+    sender.drain(journal)
+    assert backend.windows == [["a", "b"]]  # stopped after the window that found no connection
+    assert statuses(journal) == {"a": J.SENT, "b": J.QUEUED, "c": J.QUEUED}
+    assert [t for t, _ in reports] == ["sent"]
+
+
+def test_a_window_left_sending_by_a_crash_becomes_uncertain_at_the_next_start(journal: J.Journal) -> None:
+    queue(journal, "a", "b", "c")
+    journal.mark_many([(m.message_id, J.SENDING, None, None) for m in journal.queued(2)])
+    assert [m.text for m in journal.interrupted()] == ["a", "b"]
+    assert statuses(journal) == {"a": J.UNCERTAIN, "b": J.UNCERTAIN, "c": J.QUEUED}
