@@ -37,3 +37,16 @@ def test_malformed_frames_raise_protocol_error(frames):
 
 def test_routing_id_is_unique_per_generation():
     assert protocol.routing_id("acme", 1) != protocol.routing_id("acme", 2)
+
+
+@pytest.mark.parametrize("now", [1000.0, 1000.03, 1000.0999, 1234.5678])
+def test_periodic_frames_land_on_the_shared_grid(now):
+    delay = protocol.aligned_delay(5.0, now_wall=now)
+    assert 5.0 <= delay < 5.0 + protocol.HEARTBEAT_GRID
+    due = now + delay
+    assert abs(due / protocol.HEARTBEAT_GRID - round(due / protocol.HEARTBEAT_GRID)) < 1e-6
+
+
+def test_workers_started_apart_beat_together():
+    slots = {round(t + protocol.aligned_delay(5.0, now_wall=t), 6) for t in [100.01 + i / 1000 for i in range(80)]}
+    assert slots == {105.1}

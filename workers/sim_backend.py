@@ -25,6 +25,7 @@ from typing import Any
 import zmq
 
 from ipc.errors import BAD_REQUEST, INTERNAL, NOT_CONNECTED, TIMEOUT
+from ipc.protocol import aligned_delay
 from workers.backend import Backend, BackendError, Emit, WorkerContext
 from workers.inbound import normalize_message
 
@@ -295,7 +296,7 @@ class SimBackend(Backend):
             if now - self._last_heard > SILENCE_TIMEOUT:
                 self._lost("connection lost: no answer from the network")
             elif now >= self._next_heartbeat:
-                self._next_heartbeat = now + HEARTBEAT_INTERVAL
+                self._next_heartbeat = now + aligned_delay(HEARTBEAT_INTERVAL)
                 self._request("heartbeat", {}, self._on_heartbeat)
         if self._pairing_deadline is not None and now >= self._pairing_deadline and self.phase != EXITED:
             self._exit("pairing_timeout", message=f"not paired within {self.pairing_timeout:g} s")

@@ -129,7 +129,7 @@ class Worker:
             if now >= next_beat:
                 self.heartbeat(now)
                 self.redeliver()
-                next_beat = now + self.heartbeat_interval
+                next_beat = now + protocol.aligned_delay(self.heartbeat_interval)
             for item, _ in poller.poll(max(0, int((next_beat - time.monotonic()) * 1000)) + 1):
                 if item is self.sock:
                     self.read_supervisor()
