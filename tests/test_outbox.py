@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from ipc import journal as J
 from ipc.errors import BAD_REQUEST, NOT_CONNECTED, TIMEOUT
 from workers.backend import Backend, BackendError, WorkerContext
-from workers.outbox import Sender
+from workers.outbox import InlineSender, Sender
 
 
 class Scripted(Backend):
@@ -106,3 +107,58 @@ def test_a_window_left_sending_by_a_crash_becomes_uncertain_at_the_next_start(jo
     journal.mark_many([(m.message_id, J.SENDING, None, None) for m in journal.queued(2)])
     assert [m.text for m in journal.interrupted()] == ["a", "b"]
     assert statuses(journal) == {"a": J.UNCERTAIN, "b": J.UNCERTAIN, "c": J.QUEUED}
+
+
+class Inline(Scripted):
+    """An inline backend: `send_async` keeps the window until the test answers it."""
+
+    runs_inline = True
+
+    def __init__(self, window: int, script: dict[str, Any] | None = None) -> None:
+        super().__init__(window, script)
+        self.pending: list[tuple[list[tuple[str, str, str | None]], Any]] = []
+
+    def send_async(self, items: list[tuple[str, str, str | None]], done: Any) -> None:
+        self.windows.append([text for _, text, _ in items])
+        self.pending.append((items, done))
+
+    def answer(self) -> None:
+        items, done = self.pending.pop(0)
+        done(Backend.send_texts(self, items))
+
+
+def inline_sender(journal: J.Journal, backend: Inline) -> tuple[InlineSender, list[tuple[str, dict[str, Any]]]]:
+    reports: list[tuple[str, dict[str, Any]]] = []
+    sender = InlineSender(journal, backend, lambda t, d: reports.append((t, d)))
+    sender.start()
+    return sender, reports
+
+
+def test_inline_sender_keeps_one_window_in_flight_and_moves_on_when_it_is_answered(journal: J.Journal) -> None:
+    backend = Inline(window=2)
+    queue(journal, "a", "b", "c")
+    sender, reports = inline_sender(journal, backend)
+    sender.nudge(connected=True)
+    sender.nudge()  # more nudges while a window is out send nothing more
+    assert backend.windows == [["a", "b"]] and statuses(journal)["a"] == J.SENDING
+    backend.answer()
+    assert backend.windows == [["a", "b"], ["c"]]
+    assert statuses(journal) == {"a": J.SENT, "b": J.SENT, "c": J.SENDING}
+    backend.answer()
+    assert set(statuses(journal).values()) == {J.SENT} and [t for t, _ in reports] == ["sent"] * 3
+    assert not backend.pending
+
+
+def test_inline_sender_pauses_after_not_connected_then_looks_again(journal: J.Journal) -> None:
+    backend = Inline(window=4, script={"a": BackendError(NOT_CONNECTED, "not connected")})
+    queue(journal, "a")
+    sender, _ = inline_sender(journal, backend)
+    sender.nudge(connected=True)
+    backend.answer()
+    assert statuses(journal) == {"a": J.QUEUED}
+    wait = sender.tick(time.monotonic())
+    assert wait is not None and 0 < wait <= 0.5 and len(backend.windows) == 1  # not before the pause
+    backend.script.clear()
+    sender.tick(time.monotonic() + 0.5)
+    backend.answer()
+    assert statuses(journal) == {"a": J.SENT} and len(backend.windows) == 2

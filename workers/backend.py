@@ -78,6 +78,24 @@ class Backend(abc.ABC):
                 out.append(exc)
         return out
 
+    # A backend that can run inside the worker's loop (no thread of its own) says so; the worker
+    # then polls `loop_sockets()`, calls `loop_step` every turn and sends with `send_async`.
+    runs_inline = False
+
+    def start_inline(self) -> None:
+        raise NotImplementedError
+
+    def loop_sockets(self) -> list[Any]:
+        return []
+
+    def loop_step(self, ready: Any) -> float | None:
+        """One turn after the loop's poll (`ready`: what it found readable); seconds until the next."""
+        return None
+
+    def send_async(self, items: list[tuple[str, str, str | None]],
+                   done: Callable[[list[dict[str, Any] | Exception]], None]) -> None:
+        raise NotImplementedError
+
     @abc.abstractmethod
     def logout(self) -> None:
         """Unlink the device and delete the stored credentials."""

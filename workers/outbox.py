@@ -1,10 +1,13 @@
 """The worker's sender: drains the journal's queued messages while the session is connected.
 
-It runs on its own thread so a slow send never stalls heartbeats. It sends a window of
-messages at a time (the backend's `send_window`: 32 pipelined requests for sim, 1 for
-neonize), marked `sending` in one transaction before the backend is called: a crash in
-between leaves that mark, and the next start turns it into `uncertain` instead of sending
-blindly again. Outcomes are journaled in one transaction per window.
+It sends a window of messages at a time (the backend's `send_window`: 32 pipelined requests
+for sim, 1 for neonize), marked `sending` in one transaction before the backend is called: a
+crash in between leaves that mark, and the next start turns it into `uncertain` instead of
+sending blindly again. Outcomes are journaled in one transaction per window.
+
+Two shells around that one policy: `Sender`, a thread for backends whose send blocks (neonize;
+a slow send never stalls heartbeats), and `InlineSender`, driven by the worker's loop for
+backends that run inside it (sim): no thread hand-off per message.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import logging
 import threading
 import time
 from typing import Any
+
+import zmq
 
 from ipc import journal as J
 from ipc.errors import NOT_CONNECTED, TIMEOUT
@@ -27,7 +32,60 @@ def failure_event(m: J.Outgoing, reason: str, message: str) -> dict[str, Any]:
             "reason": reason, "message": message}
 
 
+Marks = list[tuple[str, str, str | None, float | None]]
+Reports = list[tuple[str, dict[str, Any]]]
+
+
+def announce_interrupted(journal: J.Journal, emit: Emit) -> None:
+    """After a crash: sends that began but whose outcome is unknown become `uncertain`, and are said so."""
+    for m in journal.interrupted():
+        log.warning("message %s was being sent when the worker ended; marked uncertain", m.message_id)
+        emit("send_failed", failure_event(m, J.UNCERTAIN, "worker ended during the send; not resent"))
+
+
+def begin_window(journal: J.Journal, window: int) -> list[J.Outgoing]:
+    """The next queued messages, marked `sending` in one transaction before any goes out."""
+    batch = journal.queued(max(1, window))
+    if batch:
+        journal.mark_many([(m.message_id, J.SENDING, None, None) for m in batch])
+    return batch
+
+
+def items_of(batch: list[J.Outgoing]) -> list[tuple[str, str, str | None]]:
+    return [(m.recipient, m.text, m.message_id) for m in batch]
+
+
+def settle_window(journal: J.Journal, batch: list[J.Outgoing], outcomes: list[Any]) -> tuple[Reports, bool]:
+    """Journal each message's outcome (one transaction); the events to report, and whether any queue again."""
+    marks: Marks = []
+    reports: Reports = []
+    requeued = False
+    for m, outcome in zip(batch, outcomes, strict=True):
+        if isinstance(outcome, BackendError) and outcome.code == NOT_CONNECTED:
+            marks.append((m.message_id, J.QUEUED, outcome.message, None))  # nothing went out
+            requeued = True
+        elif isinstance(outcome, BackendError):
+            status = J.UNCERTAIN if outcome.code == TIMEOUT else J.SEND_FAILED
+            marks.append((m.message_id, status, f"{outcome.code}: {outcome.message}", None))
+            reason = status if status == J.UNCERTAIN else outcome.code
+            reports.append(("send_failed", failure_event(m, reason, outcome.message)))
+        elif isinstance(outcome, Exception):  # unknown outcome: never resend blindly
+            log.error("send of %s failed unexpectedly: %r", m.message_id, outcome)
+            marks.append((m.message_id, J.UNCERTAIN, str(outcome), None))
+            reports.append(("send_failed", failure_event(m, J.UNCERTAIN, str(outcome))))
+        else:
+            ts = outcome.get("ts") or time.time()
+            marks.append((m.message_id, J.SENT, None, ts))
+            reports.append(("sent", {"message_id": m.message_id, "wa_id": outcome.get("message_id"),
+                                     "idempotency_key": m.idempotency_key, "to": m.recipient, "ts": ts,
+                                     "latency": max(0.0, time.time() - m.created)}))
+    journal.mark_many(marks)
+    return reports, requeued
+
+
 class Sender(threading.Thread):
+    """For backends whose send blocks: a thread, so heartbeats never wait for a send."""
+
     def __init__(self, journal_path: str, backend: Backend, emit: Emit) -> None:
         super().__init__(name="sender", daemon=True)
         self.journal_path = journal_path
@@ -42,6 +100,10 @@ class Sender(threading.Thread):
             self.connected = connected
         self.wakeup.set()
 
+    def tick(self, now: float) -> float | None:
+        """The loop's turn: nothing to do here (the thread has its own clock)."""
+        return None
+
     def stop(self, timeout: float = 5.0) -> None:
         """Let a send in flight finish (bounded), then stop: a clean stop leaves nothing uncertain."""
         self.stopping = True
@@ -52,9 +114,7 @@ class Sender(threading.Thread):
     def run(self) -> None:
         journal = J.Journal(self.journal_path)
         try:
-            for m in journal.interrupted():
-                log.warning("message %s was being sent when the worker ended; marked uncertain", m.message_id)
-                self.emit("send_failed", failure_event(m, J.UNCERTAIN, "worker ended during the send; not resent"))
+            announce_interrupted(journal, self.emit)
             while not self.stopping:
                 self.wakeup.wait(1.0)
                 self.wakeup.clear()
@@ -63,42 +123,79 @@ class Sender(threading.Thread):
             journal.close()
 
     def drain(self, journal: J.Journal) -> None:
-        window = max(1, int(self.backend.send_window))
         while self.connected and not self.stopping:
-            batch = journal.queued(window)
+            batch = begin_window(journal, self.backend.send_window)
             if not batch or not self.send_window(journal, batch):
                 return
 
     def send_window(self, journal: J.Journal, batch: list[J.Outgoing]) -> bool:
-        """Send a window of messages; False when the backend was not connected after all (they queue again)."""
-        journal.mark_many([(m.message_id, J.SENDING, None, None) for m in batch])
-        outcomes = self.backend.send_texts([(m.recipient, m.text, m.message_id) for m in batch])
-        marks: list[tuple[str, str, str | None, float | None]] = []
-        reports: list[tuple[str, dict[str, Any]]] = []
-        requeued = False
-        for m, outcome in zip(batch, outcomes, strict=True):
-            if isinstance(outcome, BackendError) and outcome.code == NOT_CONNECTED:
-                marks.append((m.message_id, J.QUEUED, outcome.message, None))  # nothing went out
-                requeued = True
-            elif isinstance(outcome, BackendError):
-                status = J.UNCERTAIN if outcome.code == TIMEOUT else J.SEND_FAILED
-                marks.append((m.message_id, status, f"{outcome.code}: {outcome.message}", None))
-                reason = status if status == J.UNCERTAIN else outcome.code
-                reports.append(("send_failed", failure_event(m, reason, outcome.message)))
-            elif isinstance(outcome, Exception):  # unknown outcome: never resend blindly
-                log.error("send of %s failed unexpectedly: %r", m.message_id, outcome)
-                marks.append((m.message_id, J.UNCERTAIN, str(outcome), None))
-                reports.append(("send_failed", failure_event(m, J.UNCERTAIN, str(outcome))))
-            else:
-                ts = outcome.get("ts") or time.time()
-                marks.append((m.message_id, J.SENT, None, ts))
-                reports.append(("sent", {"message_id": m.message_id, "wa_id": outcome.get("message_id"),
-                                         "idempotency_key": m.idempotency_key, "to": m.recipient, "ts": ts,
-                                         "latency": max(0.0, time.time() - m.created)}))
-        journal.mark_many(marks)
+        """Send a window already marked `sending`; False when the backend was not connected after all."""
+        reports, requeued = settle_window(journal, batch, self.backend.send_texts(items_of(batch)))
         for type_, data in reports:
             self.emit(type_, data)
         if requeued:
             # The state report may lag the backend (a drop while we sent): pause, then look again.
             self.wakeup.wait(RETRY_PAUSE)
         return not requeued
+
+
+class InlineSender:
+    """For backends the worker's loop drives: a window goes out from the loop, its answers come back in it."""
+
+    def __init__(self, journal: J.Journal, backend: Backend, emit: Emit) -> None:
+        self.journal = journal
+        self.backend = backend
+        self.emit = emit
+        self.connected = False
+        self.stopping = False
+        self.in_flight: list[J.Outgoing] | None = None
+        self.retry_at: float | None = None  # monotonic: look again after a not_connected window
+
+    def start(self) -> None:
+        announce_interrupted(self.journal, self.emit)
+
+    def nudge(self, connected: bool | None = None) -> None:
+        if connected is not None:
+            self.connected = connected
+        self.pump()
+
+    def tick(self, now: float) -> float | None:
+        """The loop's turn: retry after a pause; the seconds until it wants the next turn."""
+        if self.retry_at is not None and now >= self.retry_at:
+            self.retry_at = None
+            self.pump()
+        return None if self.retry_at is None else max(0.0, self.retry_at - now)
+
+    def pump(self) -> None:
+        if self.in_flight is not None or not self.connected or self.stopping or self.retry_at is not None:
+            return
+        batch = begin_window(self.journal, self.backend.send_window)
+        if batch:
+            self.in_flight = batch
+            self.backend.send_async(items_of(batch), self.on_done)
+
+    def on_done(self, outcomes: list[Any]) -> None:
+        batch, self.in_flight = self.in_flight, None
+        if batch is None:
+            return
+        reports, requeued = settle_window(self.journal, batch, outcomes)
+        for type_, data in reports:
+            self.emit(type_, data)
+        if requeued:
+            self.retry_at = time.monotonic() + RETRY_PAUSE  # the state report may lag a drop
+        else:
+            self.pump()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Let the window in flight be answered (bounded): a clean stop leaves nothing uncertain."""
+        self.stopping = True
+        deadline = time.monotonic() + timeout
+        sockets = self.backend.loop_sockets()
+        poller = zmq.Poller()
+        for sock in sockets:
+            poller.register(sock, zmq.POLLIN)
+        while self.in_flight is not None and time.monotonic() < deadline:
+            ready = dict(poller.poll(50))
+            self.backend.loop_step(ready)
+            if self.backend.loop_sockets() != sockets:
+                break  # the connection closed: its requests were answered as lost

@@ -52,6 +52,10 @@ CLOSED_REPLY: Reply = {
     "ok": False,
     "error": {"code": TIMEOUT, "message": "connection lost before the answer"},
 }
+TIMEOUT_REPLY: Reply = {
+    "ok": False,
+    "error": {"code": TIMEOUT, "message": f"the network did not answer within {REQUEST_TIMEOUT:g} s"},
+}
 
 
 class SimBackend(Backend):
@@ -74,6 +78,7 @@ class SimBackend(Backend):
         self._accepting = False
         self._wake_r = self._wake_w = -1  # a pipe, from start(): wakes the thread for queued calls
         self._woken = False
+        self._inline = False  # driven by the worker's loop (start_inline) instead of our own thread
         # Owned by the connection thread from here on.
         self._zctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
@@ -92,21 +97,39 @@ class SimBackend(Backend):
     # ------------------------------------------------------------------ Backend interface
 
     def start(self) -> None:
-        if self._thread is not None:
+        if self._thread is not None or self._inline:
             return
+        self._prepare()
+        self._thread = threading.Thread(target=self._run, name=f"sim-{self.ctx.company}", daemon=True)
+        self._thread.start()
+
+    def start_inline(self) -> None:
+        """Run the connection on the caller's loop: it polls `loop_sockets()` and calls `loop_step`."""
+        if self._thread is not None or self._inline:
+            return
+        self._prepare()
+        self._inline = True
+        self._zctx = zmq.Context.instance()  # the worker's: one I/O thread for both sockets
+        self._guarded(self._begin)
+
+    def _prepare(self) -> None:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         with self._calls_lock:
             self._accepting = True
-        self._thread = threading.Thread(target=self._run, name=f"sim-{self.ctx.company}", daemon=True)
-        self._thread.start()
         grow = int(self.ctx.options.get("grow_bytes_per_s") or 0)
         if grow > 0:  # a test knob: a worker whose memory grows, for the memory_limit restart
             threading.Thread(target=_grow, args=(grow, self._stopping), name="sim-grow", daemon=True).start()
 
     def stop(self) -> None:
         self._stopping.set()
+        if self._inline:
+            if self.phase != EXITED:
+                self._guarded(self._say_bye)
+            self._finish()
+            self._close_wake_pipe()
+            return
         self._wake()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
@@ -114,7 +137,51 @@ class SimBackend(Backend):
         if thread is not None and not thread.is_alive():
             self._close_wake_pipe()
 
+    # ------------------------------------------------------------------ inline: the worker's loop drives
+
+    def loop_sockets(self) -> list[Any]:
+        """What the loop polls for us: the wake pipe (calls from other threads) and the connection."""
+        if not self._inline or self._wake_r < 0:
+            return []
+        return [self._wake_r] if self._sock is None else [self._wake_r, self._sock]
+
+    def loop_step(self, ready: Any) -> float:
+        """One turn of the connection after the loop's poll; the seconds until it needs another."""
+        if self._inline and self.phase != EXITED and not self._stopping.is_set():
+            self._guarded(lambda: self._step(self._wake_r in ready))
+        return self._poll_timeout_ms() / 1000
+
+    def send_async(self, items: list[tuple[str, str, str | None]],
+                   done: Callable[[list[dict[str, Any] | Exception]], None]) -> None:
+        """Inline, on the loop's thread: the requests go out now; `done(outcomes)` once all are answered."""
+        if self.phase != CONNECTED:
+            done([BackendError(NOT_CONNECTED, f"not connected (state {self.phase})")] * len(items))
+            return
+        replies: list[Reply | None] = [None] * len(items)
+        left = [len(items)]
+
+        def settle(i: int, reply: Reply) -> None:
+            replies[i] = reply
+            left[0] -= 1
+            if not left[0]:
+                done([_send_outcome(r) for r in replies])
+
+        for i, (to, text, message_id) in enumerate(items):
+            args: dict[str, Any] = {"to": to, "text": text}
+            if message_id:
+                args["id"] = message_id
+            self._request("send", args, functools.partial(settle, i), caller=True)
+
+    def _guarded(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception as exc:  # a bug: report it the way the worker expects, never hang
+            log.exception("sim backend failed")
+            self.emit("error", {"kind": "crash", "message": repr(exc)})
+            self._exit("crash", message=repr(exc))
+
     send_window = 32  # requests are pipelined on the one connection, as whatsmeow's are
+    runs_inline = True
 
     def send_text(self, to: str, text: str, message_id: str | None = None) -> dict[str, Any]:
         outcome = self.send_texts([(to, text, message_id)])[0]
@@ -230,8 +297,7 @@ class SimBackend(Backend):
         self._zctx = zmq.Context()
         self._poller.register(self._wake_r, zmq.POLLIN)
         try:
-            self.emit("state", {"state": CONNECTING, "reason": ""})
-            self._open()
+            self._begin()
             while self.phase != EXITED and not self._stopping.is_set():
                 self._poll_once()
             if self._stopping.is_set():
@@ -240,16 +306,27 @@ class SimBackend(Backend):
             self.emit("error", {"kind": "crash", "message": repr(exc)})
             self._exit("crash", message=repr(exc))
         finally:
-            with self._calls_lock:
-                self._accepting = False
-            self._drain_calls(run=False)
-            self._close_socket()
-            self._zctx.term()
-            self.phase = EXITED
+            self._finish()
+
+    def _begin(self) -> None:
+        self.emit("state", {"state": CONNECTING, "reason": ""})
+        self._open()
+
+    def _finish(self) -> None:
+        with self._calls_lock:
+            self._accepting = False
+        self._drain_calls(run=False)
+        self._close_socket()
+        if self._zctx is not None and not self._inline:
+            self._zctx.term()  # our own context; the worker's shared one ends with the worker
+        self.phase = EXITED
 
     def _poll_once(self) -> None:
         events = dict(self._poller.poll(self._poll_timeout_ms()))
-        if self._wake_r in events:
+        self._step(self._wake_r in events)
+
+    def _step(self, woken: bool) -> None:
+        if woken:
             self._woken = False  # before the calls are drained: a call queued from now on pokes again
             try:
                 while os.read(self._wake_r, 512):
@@ -271,11 +348,8 @@ class SimBackend(Backend):
         return max(0, min(1000, int((min(deadlines) - time.monotonic()) * 1000) + 1))
 
     def _drain_calls(self, run: bool) -> None:
-        while True:
-            try:
-                fn, fut = self._calls.get_nowait()
-            except queue.Empty:
-                return
+        while not self._calls.empty():  # only this thread takes calls out
+            fn, fut = self._calls.get_nowait()
             if not run:
                 fut.set_exception(BackendError(NOT_CONNECTED, "the sim backend stopped"))
                 continue
@@ -300,9 +374,11 @@ class SimBackend(Backend):
                 self._request("heartbeat", {}, self._on_heartbeat)
         if self._pairing_deadline is not None and now >= self._pairing_deadline and self.phase != EXITED:
             self._exit("pairing_timeout", message=f"not paired within {self.pairing_timeout:g} s")
-        for req_id, (deadline, _, _) in list(self._pending.items()):
-            if now > deadline + 1:
-                del self._pending[req_id]  # its caller gave up already
+        for req_id, (deadline, on_reply, caller) in list(self._pending.items()):
+            if now > deadline:
+                del self._pending[req_id]
+                if caller:  # a blocking caller gave up already; an asynchronous one hears it now
+                    on_reply(TIMEOUT_REPLY)
 
     # ------------------------------------------------------------------ connection attempts
 
@@ -314,7 +390,8 @@ class SimBackend(Backend):
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.endpoint)
         self._sock = sock
-        self._poller.register(sock, zmq.POLLIN)
+        if not self._inline:
+            self._poller.register(sock, zmq.POLLIN)
         self._attempt += 1
         args: dict[str, Any] = {"company": self.ctx.company}
         token = self._load_creds().get("token")
@@ -402,7 +479,8 @@ class SimBackend(Backend):
 
     def _close_socket(self) -> None:
         if self._sock is not None:
-            self._poller.unregister(self._sock)
+            if not self._inline:
+                self._poller.unregister(self._sock)
             self._sock.close(0)
             self._sock = None
         pending, self._pending = self._pending, {}

@@ -18,6 +18,7 @@ import os
 import queue
 import signal
 import sys
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -31,7 +32,7 @@ from ipc.journal import Journal
 from ipc.validation import normalize_phone
 from workers import logforward
 from workers.backend import Backend, BackendError, WorkerContext, load
-from workers.outbox import Sender
+from workers.outbox import InlineSender, Sender
 
 log = logging.getLogger("waport.worker")
 
@@ -81,6 +82,7 @@ class Worker:
         self.sock.connect("inproc://waport-standalone" if self.standalone else args.endpoint)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.woken = False
+        self.loop_thread = threading.get_ident()
         self.reports: queue.SimpleQueue[tuple[str, dict[str, Any]]] = queue.SimpleQueue()
         self.replies: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="request")
@@ -94,13 +96,17 @@ class Worker:
         context = WorkerContext(self.company, args.session_dir, options)
         self.backend: Backend = load(args.backend)(context, self.emit)
         self.journal = Journal.in_session(args.session_dir)
-        self.sender = Sender(self.journal.path, self.backend, self.emit)
+        self.inline = self.backend.runs_inline  # its connection runs in this loop: no thread hand-offs
+        self.sender: Sender | InlineSender = (
+            InlineSender(self.journal, self.backend, self.emit) if self.inline
+            else Sender(self.journal.path, self.backend, self.emit))
         self.duplicates = 0
 
     # Thread-safe entry points: they only enqueue and wake the loop.
     def emit(self, type_: str, data: dict[str, Any]) -> None:
         self.reports.put((type_, data))
-        self._wake()
+        if threading.get_ident() != self.loop_thread:
+            self._wake()  # on the loop's own thread the turn ends with flush_reports anyway
 
     def _wake(self) -> None:
         if self.woken:
@@ -119,24 +125,49 @@ class Worker:
         self.send(protocol.READY, {"company": self.company, "pid": os.getpid(),
                                    "generation": self.generation, "version": protocol.VERSION})
         self.sender.start()
-        self.backend.start()
+        if self.inline:
+            self.backend.start_inline()
+        else:
+            self.backend.start()
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.wake_r, zmq.POLLIN)
+        polled: list[Any] = []  # the backend's sockets in the poller (its connection changes on reconnects)
         next_beat = 0.0
+        wait = 0.0
         while self.exit is None and self.stop_signal is None:
             now = time.monotonic()
             if now >= next_beat:
                 self.heartbeat(now)
                 self.redeliver()
                 next_beat = now + protocol.aligned_delay(self.heartbeat_interval)
-            for item, _ in poller.poll(max(0, int((next_beat - time.monotonic()) * 1000)) + 1):
-                if item is self.sock:
-                    self.read_supervisor()
-                else:
-                    self.drain_wake()
+                self.sender.nudge()  # a fallback look at the queue
+            polled = self.repoll(poller, polled)
+            timeout = min(next_beat - time.monotonic(), wait)
+            ready = dict(poller.poll(max(0, int(timeout * 1000)) + 1))
+            if self.sock in ready:
+                self.read_supervisor()
+            if self.wake_r in ready:
+                self.drain_wake()
+            wait = self.step_backend(ready, time.monotonic())
             self.flush_reports()
         return self.shutdown()
+
+    def repoll(self, poller: zmq.Poller, polled: list[Any]) -> list[Any]:
+        current = self.backend.loop_sockets()
+        if current != polled:
+            for item in polled:
+                poller.unregister(item)
+            for item in current:
+                poller.register(item, zmq.POLLIN)
+        return current
+
+    def step_backend(self, ready: dict[Any, int], now: float) -> float:
+        """The inline backend's turn and the sender's; the seconds until either needs the next one."""
+        if not self.inline:
+            return 3600.0
+        waits = [self.backend.loop_step(ready), self.sender.tick(now)]
+        return min([w for w in waits if w is not None] or [3600.0])
 
     def heartbeat(self, now: float) -> None:
         if self.parent_pid and os.getppid() != self.parent_pid:
@@ -154,11 +185,9 @@ class Worker:
             self.send(protocol.EVENT, {"type": "message", "ts": time.time(), "data": msg})
 
     def read_supervisor(self) -> None:
-        while True:
-            try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        # Asking is cheaper than the exception a NOBLOCK read raises when nothing is left.
+        while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            frames = self.sock.recv_multipart(zmq.NOBLOCK)
             try:
                 msg = protocol.decode(frames)
             except protocol.ProtocolError as exc:
@@ -186,16 +215,10 @@ class Worker:
             pass
 
     def flush_reports(self) -> None:
-        while True:
-            try:
-                self.send_raw(self.replies.get_nowait())
-            except queue.Empty:
-                break
-        while self.exit is None:
-            try:
-                type_, data = self.reports.get_nowait()
-            except queue.Empty:
-                return
+        while not self.replies.empty():
+            self.send_raw(self.replies.get_nowait())  # only this thread takes from the queues
+        while self.exit is None and not self.reports.empty():
+            type_, data = self.reports.get_nowait()
             if type_ == "exit":
                 self.exit = data
                 return
@@ -263,7 +286,10 @@ class Worker:
         self.flush_reports()
         self.send(protocol.EVENT, {"type": "exit", "ts": time.time(), "data": {**info, "code": code}})
         self.pool.shutdown(wait=False, cancel_futures=True)
+        # Frames still queued (the reply, the exit event) go out before we do: a worker forked from
+        # the fork server leaves through os._exit, which would drop them.
         self.sock.close(linger=1000)
+        self.ctx.destroy(linger=1000)
         return code
 
 
