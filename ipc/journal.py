@@ -103,11 +103,12 @@ class Busy(Exception):
 
 class Journal:
     def __init__(self, path: str, lock_wait: float = 10.0, checkpoints: bool = True) -> None:
-        """`lock_wait`: seconds to wait for the other writer; `checkpoints=False` leaves WAL checkpoints
-        to the other connection (the supervisor's loop must not stall on one)."""
+        """`lock_wait`: seconds to wait for a lock; `checkpoints=False` leaves WAL checkpoints to the
+        other connection (the supervisor's loop must not stall on one)."""
         if not os.path.exists(path):
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
         self.path = path
+        self.lock_wait_ms = int(lock_wait * 1000)
         self.db = sqlite3.connect(path, timeout=lock_wait, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
@@ -152,18 +153,23 @@ class Journal:
         return Outgoing(message_id, key, recipient, text, QUEUED, None, None, now, now, 0, source), True
 
     def enqueue_many(
-        self, company: str, items: list[tuple[str, str, str | None, str]]
+        self, company: str, items: list[tuple[str, str, str | None, str]], wait: bool = True
     ) -> list[tuple[Outgoing, bool]]:
         """`enqueue` for (recipient, text, key, source) items in one transaction: one commit for many sends.
 
-        Raises `Busy` (nothing written) when the write lock was not free within `lock_wait`.
+        `wait=False`: raise `Busy` (nothing written) at once when the other writer holds the lock.
         """
+        if not wait:
+            self.db.execute("PRAGMA busy_timeout = 0")
         try:
             self.db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
             if "locked" in str(exc) or "busy" in str(exc):
                 raise Busy(str(exc)) from None
             raise
+        finally:
+            if not wait:
+                self.db.execute(f"PRAGMA busy_timeout = {self.lock_wait_ms}")
         try:
             out = [self.enqueue(company, recipient, text, key, source) for recipient, text, key, source in items]
         except BaseException:

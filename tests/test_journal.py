@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -76,13 +77,17 @@ def test_survives_kill_9_between_commits(tmp_path):
 def test_a_busy_journal_refuses_the_batch_whole_instead_of_blocking(tmp_path):
     path = str(tmp_path / "journal.db")
     worker = J.Journal(path)
-    supervisor = J.Journal(path, lock_wait=0.002, checkpoints=False)
+    supervisor = J.Journal(path, lock_wait=5, checkpoints=False)
     worker.db.execute("BEGIN IMMEDIATE")  # the worker is in the middle of a write
     try:
+        started = time.monotonic()
         with pytest.raises(J.Busy):
-            supervisor.enqueue_many("acme", [("15550109999", t, None, "control") for t in "ab"])
+            supervisor.enqueue_many("acme", [("15550109999", t, None, "control") for t in "ab"], wait=False)
+        assert time.monotonic() - started < 1  # not the 5 s reads may wait
+        assert supervisor.counts() == {}  # reads go on meanwhile
     finally:
         worker.db.execute("COMMIT")
     assert supervisor.counts() == {}  # nothing half-written
+    assert supervisor.db.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
     assert [new for _, new in supervisor.enqueue_many("acme", [("15550109999", "a", None, "control")])] == [True]
     assert supervisor.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0

@@ -30,7 +30,7 @@ log = logging.getLogger("waport.messages")
 
 Done = Callable[[dict[str, Any]], None]
 OPEN_JOURNALS = 256
-LOCK_WAIT = 0.002  # seconds the loop waits for a journal's write lock before it tries again next turn
+LOCK_WAIT = 0.5  # seconds a read of the journal may wait (a write never waits: it tries again next turn)
 SEEN_INBOUND = 100_000
 NO_SEND_STATES = (FAILED, LOGGED_OUT, REPLACED, OUTDATED)
 
@@ -73,7 +73,7 @@ class MessageDesk:
         if journal is None:
             session_dir = os.path.join(self.arbiter.cfg.state_dir, "sessions", company)
             os.makedirs(session_dir, mode=0o700, exist_ok=True)
-            # The loop never sleeps on the worker's write lock (a busy batch waits a turn) nor checkpoints.
+            # The loop never checkpoints, and never sleeps on the worker's write lock (see `flush`).
             journal = self.journals[company] = Journal.in_session(session_dir, LOCK_WAIT, checkpoints=False)
             while len(self.journals) > OPEN_JOURNALS:
                 self.journals.popitem(last=False)[1].close()
@@ -125,7 +125,7 @@ class MessageDesk:
         batch, self.batch = self.batch, {}
         for company, items in batch.items():
             try:
-                results = self.journal(company).enqueue_many(company, [item[:4] for item in items])
+                results = self.journal(company).enqueue_many(company, [item[:4] for item in items], wait=False)
             except Busy:
                 self.batch.setdefault(company, [])[:0] = items  # the worker is writing: next turn, in order
                 continue
