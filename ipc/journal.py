@@ -27,12 +27,13 @@ SENT = "sent"
 SEND_FAILED = "send_failed"
 UNCERTAIN = "uncertain"
 PENDING = (QUEUED, SENDING)
+_PENDING_SQL = "status IN ('queued', 'sending')"  # literally the outbox_pending index's condition
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER PRIMARY KEY,  -- rows are never deleted, so no AUTOINCREMENT (a page write per insert)
     message_id TEXT NOT NULL UNIQUE,
-    idempotency_key TEXT UNIQUE,
+    idempotency_key TEXT,
     recipient TEXT NOT NULL,
     text TEXT NOT NULL,
     status TEXT NOT NULL,
@@ -43,7 +44,10 @@ CREATE TABLE IF NOT EXISTS outbox (
     created REAL NOT NULL,
     updated REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS outbox_status ON outbox(status, seq);
+CREATE UNIQUE INDEX IF NOT EXISTS outbox_key ON outbox(idempotency_key) WHERE idempotency_key IS NOT NULL;
+-- Only the pending rows: small, so a send's status changes write few pages (no index of every status).
+DROP INDEX IF EXISTS outbox_status;
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(seq) WHERE status IN ('queued', 'sending');
 CREATE TABLE IF NOT EXISTS inbox (
     id TEXT PRIMARY KEY,
     chat TEXT, sender TEXT, push_name TEXT, type TEXT, text TEXT, ts REAL, is_group INTEGER,
@@ -180,7 +184,8 @@ class Journal:
 
     def queued(self, limit: int = 100) -> list[Outgoing]:
         rows = self.db.execute(
-            f"SELECT {_OUT_COLUMNS} FROM outbox WHERE status = ? ORDER BY seq LIMIT ?", (QUEUED, limit)
+            f"SELECT {_OUT_COLUMNS} FROM outbox WHERE {_PENDING_SQL} AND status = ? ORDER BY seq LIMIT ?",
+            (QUEUED, limit)
         ).fetchall()
         return [Outgoing(*r) for r in rows]
 
@@ -208,15 +213,16 @@ class Journal:
     def interrupted(self) -> list[Outgoing]:
         """After a crash: sends that began but whose outcome is unknown become `uncertain`."""
         rows = [Outgoing(*r) for r in self.db.execute(
-            f"SELECT {_OUT_COLUMNS} FROM outbox WHERE status = ? ORDER BY seq", (SENDING,)).fetchall()]
+            f"SELECT {_OUT_COLUMNS} FROM outbox WHERE {_PENDING_SQL} AND status = ? ORDER BY seq",
+            (SENDING,)).fetchall()]
         if rows:
-            self.db.execute("UPDATE outbox SET status = ?, error = ?, updated = ? WHERE status = ?",
+            self.db.execute(f"UPDATE outbox SET status = ?, error = ?, updated = ? WHERE {_PENDING_SQL} AND status = ?",
                             (UNCERTAIN, "worker ended during the send; not resent", time.time(), SENDING))
         return rows
 
     def pending(self) -> int:
         return self.db.execute(
-            "SELECT COUNT(*) FROM outbox WHERE status IN (?, ?)", PENDING).fetchone()[0]
+            f"SELECT COUNT(*) FROM outbox WHERE {_PENDING_SQL}").fetchone()[0]
 
     def counts(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT status, COUNT(*) FROM outbox GROUP BY status").fetchall())
