@@ -126,6 +126,7 @@ def main() -> None:
             delivery = delivery_latencies(d.state_dir, companies, since)
             figures[name]["delivery_latency_ms"] = {k: round(v, 2) for k, v in summary(delivery).items()}
 
+        time.sleep(5)  # let start-up work settle (as bench_scale does); a window, not synchronization
         steady("steady")
         figures["burst"] = burst(d.run_dir, companies, args.burst)
         sent += args.burst
