@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sqlite3
 import tempfile
@@ -104,6 +105,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=1000)
     ap.add_argument("--seconds", type=float, default=10)
     args = ap.parse_args()
+    os.sync()  # the previous benchmark's dirty pages are written back before this one measures
     base = tempfile.mkdtemp(prefix="wps-", dir="/tmp")
     net = SimNetProcess(base)
     companies = [f"s{i:03d}" for i in range(args.companies)]
