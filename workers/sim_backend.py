@@ -1,8 +1,10 @@
 """The `sim` backend: a worker's session on the simulated WhatsApp network (workers/simnet.py).
 
-One background thread owns the ZeroMQ DEALER socket (zmq sockets are not thread-safe). Calls
-from other threads (send_text, pair_code, logout) are queued as closures that run on that
-thread, woken through a pipe; their results come back through `concurrent.futures.Future`.
+One thread owns the ZeroMQ DEALER socket (zmq sockets are not thread-safe): the worker's loop
+(`start_inline`: the loop polls `loop_sockets()`, calls `loop_step` and sends with `send_async`,
+so a message costs no thread hand-off), or a thread of its own (`start`). Calls from other
+threads (send_text, pair_code, logout) are queued as closures that run on that thread, woken
+through a pipe; their results come back through `concurrent.futures.Future`.
 Every connection attempt uses a fresh socket, so a stale reply can never be mistaken for a
 new one and the network sees each attempt as a new peer.
 """
@@ -60,6 +62,9 @@ TIMEOUT_REPLY: Reply = {
 
 class SimBackend(Backend):
     """A session on the simulated network: pairing, reconnects with backoff, faults as exits."""
+
+    send_window = 32  # requests are pipelined on the one connection, as whatsmeow's are
+    runs_inline = True  # the worker runs it in its loop; tests and tools may still start() a thread
 
     def __init__(self, ctx: WorkerContext, emit: Emit) -> None:
         super().__init__(ctx, emit)
@@ -180,9 +185,6 @@ class SimBackend(Backend):
             self.emit("error", {"kind": "crash", "message": repr(exc)})
             self._exit("crash", message=repr(exc))
 
-    send_window = 32  # requests are pipelined on the one connection, as whatsmeow's are
-    runs_inline = True
-
     def send_text(self, to: str, text: str, message_id: str | None = None) -> dict[str, Any]:
         outcome = self.send_texts([(to, text, message_id)])[0]
         if isinstance(outcome, Exception):
@@ -190,36 +192,26 @@ class SimBackend(Backend):
         return outcome
 
     def send_texts(self, items: list[tuple[str, str, str | None]]) -> list[dict[str, Any] | Exception]:
-        """All requests go out in one wake-up of the connection thread; the answers come back together."""
-        replies: list[Reply | None] = [None] * len(items)
+        """From another thread: `send_async` on the connection's thread, waiting for all the answers."""
         if self.phase != CONNECTED:
             return [BackendError(NOT_CONNECTED, f"not connected (state {self.phase})")] * len(items)
+        outcomes: list[dict[str, Any] | Exception] = []
 
         def run(fut: Future[Any]) -> None:
-            if self.phase != CONNECTED:
-                fut.set_exception(BackendError(NOT_CONNECTED, f"not connected (state {self.phase})"))
-                return
-            left = [len(items)]
-
-            def settle(i: int, reply: Reply) -> None:
-                replies[i] = reply
-                left[0] -= 1
-                if not left[0] and not fut.done():
+            def done(results: list[dict[str, Any] | Exception]) -> None:
+                outcomes.extend(results)
+                if not fut.done():
                     fut.set_result(None)
 
-            for i, (to, text, message_id) in enumerate(items):
-                args: dict[str, Any] = {"to": to, "text": text}
-                if message_id:
-                    args["id"] = message_id
-                self._request("send", args, functools.partial(settle, i), caller=True)
+            self.send_async(items, done)
 
         try:
-            self._submit(run).result(REQUEST_TIMEOUT)
+            self._submit(run).result(REQUEST_TIMEOUT + 1)  # every request is answered by its deadline
         except BackendError as exc:
             return [exc] * len(items)
         except FutureTimeout:
-            pass  # the unanswered ones are reported as timeouts below
-        return [_send_outcome(reply) for reply in list(replies)]
+            return [BackendError(TIMEOUT, f"the network did not answer send within {REQUEST_TIMEOUT:g} s")] * len(items)
+        return outcomes
 
     def logout(self) -> None:
         """Unlink on the network when connected; the credentials go in any case, then exit logged_out."""
