@@ -27,7 +27,7 @@ SENT = "sent"
 SEND_FAILED = "send_failed"
 UNCERTAIN = "uncertain"
 PENDING = (QUEUED, SENDING)
-_PENDING_SQL = "status IN ('queued', 'sending')"  # literally the outbox_pending index's condition
+_OPEN_SQL = "status != 'sent'"  # literally the outbox_open index's condition
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -45,9 +45,11 @@ CREATE TABLE IF NOT EXISTS outbox (
     updated REAL NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS outbox_key ON outbox(idempotency_key) WHERE idempotency_key IS NOT NULL;
--- Only the pending rows: small, so a send's status changes write few pages (no index of every status).
+-- Only the rows not sent (queued, sending, failed, uncertain): small, so a send's status changes write
+-- few pages, and the queue and the counts are read from it.
 DROP INDEX IF EXISTS outbox_status;
-CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(seq) WHERE status IN ('queued', 'sending');
+DROP INDEX IF EXISTS outbox_pending;
+CREATE INDEX IF NOT EXISTS outbox_open ON outbox(status, seq) WHERE status != 'sent';
 CREATE TABLE IF NOT EXISTS inbox (
     id TEXT PRIMARY KEY,
     chat TEXT, sender TEXT, push_name TEXT, type TEXT, text TEXT, ts REAL, is_group INTEGER,
@@ -184,7 +186,7 @@ class Journal:
 
     def queued(self, limit: int = 100) -> list[Outgoing]:
         rows = self.db.execute(
-            f"SELECT {_OUT_COLUMNS} FROM outbox WHERE {_PENDING_SQL} AND status = ? ORDER BY seq LIMIT ?",
+            f"SELECT {_OUT_COLUMNS} FROM outbox WHERE {_OPEN_SQL} AND status = ? ORDER BY seq LIMIT ?",
             (QUEUED, limit)
         ).fetchall()
         return [Outgoing(*r) for r in rows]
@@ -213,19 +215,25 @@ class Journal:
     def interrupted(self) -> list[Outgoing]:
         """After a crash: sends that began but whose outcome is unknown become `uncertain`."""
         rows = [Outgoing(*r) for r in self.db.execute(
-            f"SELECT {_OUT_COLUMNS} FROM outbox WHERE {_PENDING_SQL} AND status = ? ORDER BY seq",
+            f"SELECT {_OUT_COLUMNS} FROM outbox WHERE {_OPEN_SQL} AND status = ? ORDER BY seq",
             (SENDING,)).fetchall()]
         if rows:
-            self.db.execute(f"UPDATE outbox SET status = ?, error = ?, updated = ? WHERE {_PENDING_SQL} AND status = ?",
+            self.db.execute(f"UPDATE outbox SET status = ?, error = ?, updated = ? WHERE {_OPEN_SQL} AND status = ?",
                             (UNCERTAIN, "worker ended during the send; not resent", time.time(), SENDING))
         return rows
 
     def pending(self) -> int:
         return self.db.execute(
-            f"SELECT COUNT(*) FROM outbox WHERE {_PENDING_SQL}").fetchone()[0]
+            f"SELECT COUNT(*) FROM outbox WHERE {_OPEN_SQL} AND status IN (?, ?)", PENDING).fetchone()[0]
 
     def counts(self) -> dict[str, int]:
-        return dict(self.db.execute("SELECT status, COUNT(*) FROM outbox GROUP BY status").fetchall())
+        """Messages per status; the sent ones are the rest of the total (the open index leaves them out)."""
+        out = dict(self.db.execute(
+            f"SELECT status, COUNT(*) FROM outbox WHERE {_OPEN_SQL} GROUP BY status").fetchall())
+        sent = self.db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] - sum(out.values())
+        if sent:
+            out[SENT] = sent
+        return out
 
     def recent_outbound(self, limit: int = 20) -> list[Outgoing]:
         rows = self.db.execute(f"SELECT {_OUT_COLUMNS} FROM outbox ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
