@@ -100,10 +100,6 @@ class Sender(threading.Thread):
             self.connected = connected
         self.wakeup.set()
 
-    def tick(self, now: float) -> float | None:
-        """The loop's turn: nothing to do here (the thread has its own clock)."""
-        return None
-
     def stop(self, timeout: float = 5.0) -> None:
         """Let a send in flight finish (bounded), then stop: a clean stop leaves nothing uncertain."""
         self.stopping = True

@@ -30,6 +30,7 @@ from ipc.errors import BAD_REQUEST, INTERNAL, NOT_CONNECTED, TIMEOUT
 from ipc.protocol import aligned_delay
 from workers.backend import Backend, BackendError, Emit, WorkerContext
 from workers.inbound import normalize_message
+from workers.wakeup import Wakeup
 
 log = logging.getLogger("waport.sim")
 
@@ -81,8 +82,7 @@ class SimBackend(Backend):
         self._calls: queue.SimpleQueue[tuple[Callable[[Future[Any]], None], Future[Any]]] = queue.SimpleQueue()
         self._calls_lock = threading.Lock()
         self._accepting = False
-        self._wake_r = self._wake_w = -1  # a pipe, from start(): wakes the thread for queued calls
-        self._woken = False
+        self._wakeup: Wakeup | None = None  # from start(): wakes the connection's thread for queued calls
         self._inline = False  # driven by the worker's loop (start_inline) instead of our own thread
         # Owned by the connection thread from here on.
         self._zctx: zmq.Context | None = None
@@ -118,9 +118,7 @@ class SimBackend(Backend):
         self._guarded(self._begin)
 
     def _prepare(self) -> None:
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._wakeup = Wakeup()
         with self._calls_lock:
             self._accepting = True
         grow = int(self.ctx.options.get("grow_bytes_per_s") or 0)
@@ -146,14 +144,14 @@ class SimBackend(Backend):
 
     def loop_sockets(self) -> list[Any]:
         """What the loop polls for us: the wake pipe (calls from other threads) and the connection."""
-        if not self._inline or self._wake_r < 0:
+        if not self._inline or self._wakeup is None or self._wakeup.r < 0:
             return []
-        return [self._wake_r] if self._sock is None else [self._wake_r, self._sock]
+        return [self._wakeup.r] if self._sock is None else [self._wakeup.r, self._sock]
 
     def loop_step(self, ready: Any) -> float:
         """One turn of the connection after the loop's poll; the seconds until it needs another."""
         if self._inline and self.phase != EXITED and not self._stopping.is_set():
-            self._guarded(lambda: self._step(self._wake_r in ready))
+            self._guarded(lambda: self._step(self._wakeup is not None and self._wakeup.r in ready))
         return self._poll_timeout_ms() / 1000
 
     def send_async(self, items: list[tuple[str, str, str | None]],
@@ -162,14 +160,12 @@ class SimBackend(Backend):
         if self.phase != CONNECTED:
             done([BackendError(NOT_CONNECTED, f"not connected (state {self.phase})")] * len(items))
             return
-        replies: list[Reply | None] = [None] * len(items)
-        left = [len(items)]
+        replies: dict[int, Reply] = {}  # every request is answered once: by the network, a close or its deadline
 
         def settle(i: int, reply: Reply) -> None:
             replies[i] = reply
-            left[0] -= 1
-            if not left[0]:
-                done([_send_outcome(r) for r in replies])
+            if len(replies) == len(items):
+                done([_send_outcome(replies[k]) for k in range(len(items))])
 
         for i, (to, text, message_id) in enumerate(items):
             args: dict[str, Any] = {"to": to, "text": text}
@@ -267,27 +263,19 @@ class SimBackend(Backend):
         return fut
 
     def _wake(self) -> None:
-        if self._woken:
-            return  # a poke is pending: the thread drains every queued call when it wakes
-        self._woken = True
-        try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass  # already awake, or closed
+        if self._wakeup is not None:
+            self._wakeup.poke()
 
     def _close_wake_pipe(self) -> None:
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._wake_r = self._wake_w = -1
+        if self._wakeup is not None:
+            self._wakeup.close()
 
     # ------------------------------------------------------------------ the connection thread
 
     def _run(self) -> None:
         self._zctx = zmq.Context()
-        self._poller.register(self._wake_r, zmq.POLLIN)
+        assert self._wakeup is not None
+        self._poller.register(self._wakeup.r, zmq.POLLIN)
         try:
             self._begin()
             while self.phase != EXITED and not self._stopping.is_set():
@@ -315,16 +303,11 @@ class SimBackend(Backend):
 
     def _poll_once(self) -> None:
         events = dict(self._poller.poll(self._poll_timeout_ms()))
-        self._step(self._wake_r in events)
+        self._step(self._wakeup is not None and self._wakeup.r in events)
 
     def _step(self, woken: bool) -> None:
-        if woken:
-            self._woken = False  # before the calls are drained: a call queued from now on pokes again
-            try:
-                while os.read(self._wake_r, 512):
-                    pass
-            except BlockingIOError:
-                pass
+        if woken and self._wakeup is not None:
+            self._wakeup.drain()  # before the calls are drained: a call queued from now on pokes again
         self._drain_calls(run=True)
         sock = self._sock
         # Asking the socket is cheaper than a zero-timeout poll of it.
@@ -571,16 +554,17 @@ def _settle(fut: Future[Any], reply: Reply) -> None:
     if reply.get("ok"):
         fut.set_result(reply.get("result") or {})
     else:
-        error = reply.get("error") or {}
-        fut.set_exception(BackendError(str(error.get("code", INTERNAL)), str(error.get("message", ""))))
+        fut.set_exception(_reply_error(reply))
 
 
-def _send_outcome(reply: Reply | None) -> dict[str, Any] | Exception:
-    if reply is None:
-        return BackendError(TIMEOUT, f"the network did not answer send within {REQUEST_TIMEOUT:g} s")
+def _send_outcome(reply: Reply) -> dict[str, Any] | Exception:
     if reply.get("ok"):
         result = reply.get("result") or {}
         return {"message_id": result.get("id"), "ts": result.get("ts")}
+    return _reply_error(reply)
+
+
+def _reply_error(reply: Reply) -> BackendError:
     error = reply.get("error") or {}
     return BackendError(str(error.get("code", INTERNAL)), str(error.get("message", "")))
 

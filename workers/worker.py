@@ -33,6 +33,7 @@ from ipc.validation import normalize_phone
 from workers import logforward
 from workers.backend import Backend, BackendError, WorkerContext, load
 from workers.outbox import InlineSender, Sender
+from workers.wakeup import Wakeup
 
 log = logging.getLogger("waport.worker")
 
@@ -80,8 +81,7 @@ class Worker:
         # `--endpoint none`: run without a supervisor (another process manager, or a benchmark).
         self.standalone = args.endpoint == "none"
         self.sock.connect("inproc://waport-standalone" if self.standalone else args.endpoint)
-        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.woken = False
+        self.wakeup = Wakeup()
         self.loop_thread = threading.get_ident()
         self.reports: queue.SimpleQueue[tuple[str, dict[str, Any]]] = queue.SimpleQueue()
         self.replies: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
@@ -106,20 +106,11 @@ class Worker:
     def emit(self, type_: str, data: dict[str, Any]) -> None:
         self.reports.put((type_, data))
         if threading.get_ident() != self.loop_thread:
-            self._wake()  # on the loop's own thread the turn ends with flush_reports anyway
-
-    def _wake(self) -> None:
-        if self.woken:
-            return  # the loop has not drained since the last poke: it will see this report too
-        self.woken = True
-        try:
-            os.write(self.wake_w, b"x")
-        except BlockingIOError:
-            pass  # the pipe is full: the loop is already due to wake
+            self.wakeup.poke()  # on the loop's own thread the turn ends with flush_reports anyway
 
     def on_signal(self, signum: int, _frame: object) -> None:
         self.stop_signal = signum
-        self._wake()
+        self.wakeup.poke()
 
     def run(self) -> int:
         self.send(protocol.READY, {"company": self.company, "pid": os.getpid(),
@@ -131,7 +122,7 @@ class Worker:
             self.backend.start()
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        poller.register(self.wake_r, zmq.POLLIN)
+        poller.register(self.wakeup.r, zmq.POLLIN)
         polled: list[Any] = []  # the backend's sockets in the poller (its connection changes on reconnects)
         next_beat = 0.0
         wait = 0.0
@@ -147,8 +138,8 @@ class Worker:
             ready = dict(poller.poll(max(0, int(timeout * 1000)) + 1))
             if self.sock in ready:
                 self.read_supervisor()
-            if self.wake_r in ready:
-                self.drain_wake()
+            if self.wakeup.r in ready:
+                self.wakeup.drain()
             wait = self.step_backend(ready, time.monotonic())
             self.flush_reports()
         return self.shutdown()
@@ -164,7 +155,7 @@ class Worker:
 
     def step_backend(self, ready: dict[Any, int], now: float) -> float:
         """The inline backend's turn and the sender's; the seconds until either needs the next one."""
-        if not self.inline:
+        if not isinstance(self.sender, InlineSender):  # a threaded backend and sender keep their own time
             return 3600.0
         waits = [self.backend.loop_step(ready), self.sender.tick(now)]
         return min([w for w in waits if w is not None] or [3600.0])
@@ -206,14 +197,6 @@ class Worker:
             elif msg.type == protocol.ACK:
                 self.journal.delivered([i for i in msg.body["ids"] if isinstance(i, str)])
 
-    def drain_wake(self) -> None:
-        self.woken = False  # before the queues are read, so a report enqueued from now on pokes again
-        try:
-            while os.read(self.wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
-
     def flush_reports(self) -> None:
         while not self.replies.empty():
             self.send_raw(self.replies.get_nowait())  # only this thread takes from the queues
@@ -247,7 +230,7 @@ class Worker:
             log.exception("request %s failed", body["cmd"])
             reply = {"id": req_id, "ok": False, "error": {"code": INTERNAL, "message": str(exc)}}
         self.replies.put(protocol.encode(protocol.REPLY, reply))
-        self._wake()
+        self.wakeup.poke()
 
     def dispatch(self, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
         if cmd == "pair_code":
@@ -326,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exitcodes.USAGE)
     signal.signal(signal.SIGTERM, worker.on_signal)
     # Log records become LOG frames that the loop sends (replies are flushed even at shutdown).
-    logforward.attach(lambda frames: (worker.replies.put(frames), worker._wake()))
+    logforward.attach(lambda frames: (worker.replies.put(frames), worker.wakeup.poke()))
     code = worker.run()
     logforward.detach()
     sys.exit(code)
