@@ -34,15 +34,25 @@ def test_outcomes_and_interrupted_sends(tmp_path):
     a, _ = j.enqueue("acme", "1555010001", "a", None)
     b, _ = j.enqueue("acme", "1555010002", "b", None)
     c, _ = j.enqueue("acme", "1555010003", "c", None)
-    assert [m.message_id for m in j.queued()] == [a.message_id, b.message_id, c.message_id]
-    j.mark(a.message_id, J.SENDING)
-    j.mark(a.message_id, J.SENT, sent_ts=123.0)
-    j.mark(b.message_id, J.SENDING)  # ... and then the worker is killed
+    taken = j.take_queued(2)  # the oldest first, marked sending by the same statement
+    assert [(m.message_id, m.status, m.attempts) for m in taken] == [(a.message_id, J.SENDING, 1),
+                                                                     (b.message_id, J.SENDING, 1)]
+    assert j.by_id(a.message_id).status == J.SENDING and j.by_id(c.message_id).status == J.QUEUED
+    j.mark(a.message_id, J.SENT, sent_ts=123.0)  # ... and b's outcome never comes: the worker is killed
     interrupted = j.interrupted()
     assert [m.message_id for m in interrupted] == [b.message_id]
     assert j.by_id(b.message_id).status == J.UNCERTAIN and j.by_id(a.message_id).sent_ts == 123.0
-    assert [m.message_id for m in j.queued()] == [c.message_id]
     assert j.counts() == {"sent": 1, "uncertain": 1, "queued": 1}
+    assert [m.message_id for m in j.take_queued(10)] == [c.message_id]  # uncertain is never taken again
+    assert j.take_queued(10) == []
+
+
+def test_take_queued_keeps_the_queue_order_over_many_rows(tmp_path):
+    j = J.Journal(str(tmp_path / "journal.db"))
+    texts = [f"m{i}" for i in range(300)]
+    j.enqueue_many("acme", [("1555010001", t, None, "control") for t in texts])
+    taken = [m.text for _ in range(10) for m in j.take_queued(32)]
+    assert taken == texts[:300] and j.pending() == 300  # queued or sending: all still pending
 
 
 def test_inbox_deduplicates_and_tracks_delivery(tmp_path):

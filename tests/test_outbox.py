@@ -10,7 +10,7 @@ import pytest
 from ipc import journal as J
 from ipc.errors import BAD_REQUEST, NOT_CONNECTED, TIMEOUT
 from workers.backend import Backend, BackendError, WorkerContext
-from workers.outbox import InlineSender, Sender
+from workers.outbox import InlineSender, Sender, begin_window
 
 
 class Scripted(Backend):
@@ -104,7 +104,7 @@ def test_not_connected_queues_the_message_again_and_stops_the_drain(journal: J.J
 
 def test_a_window_left_sending_by_a_crash_becomes_uncertain_at_the_next_start(journal: J.Journal) -> None:
     queue(journal, "a", "b", "c")
-    journal.mark_many([(m.message_id, J.SENDING, None, None) for m in journal.queued(2)])
+    begin_window(journal, 2)
     assert [m.text for m in journal.interrupted()] == ["a", "b"]
     assert statuses(journal) == {"a": J.UNCERTAIN, "b": J.UNCERTAIN, "c": J.QUEUED}
 
@@ -147,6 +147,23 @@ def test_inline_sender_keeps_one_window_in_flight_and_moves_on_when_it_is_answer
     backend.answer()
     assert set(statuses(journal).values()) == {J.SENT} and [t for t, _ in reports] == ["sent"] * 3
     assert not backend.pending
+
+
+def test_inline_sender_sends_what_was_queued_while_a_window_was_out(journal: J.Journal) -> None:
+    backend = Inline(window=4)
+    queue(journal, "a")
+    sender, reports = inline_sender(journal, backend)
+    sender.nudge(connected=True)
+    queue(journal, "b")  # committed by the supervisor while "a" is out; its nudge comes now
+    sender.nudge()
+    backend.answer()
+    assert backend.windows == [["a"], ["b"]]
+    backend.answer()
+    queue(journal, "c")  # no nudge: the sender does not look (the supervisor nudges after each commit)
+    assert backend.windows == [["a"], ["b"]] and not backend.pending
+    sender.nudge()
+    backend.answer()
+    assert set(statuses(journal).values()) == {J.SENT} and [t for t, _ in reports] == ["sent"] * 3
 
 
 def test_inline_sender_pauses_after_not_connected_then_looks_again(journal: J.Journal) -> None:

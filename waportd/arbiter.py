@@ -37,6 +37,7 @@ from ipc.states import (
     STOPPING,
     WORKER_REPORTED,
 )
+from ipc.zsocket import NOBLOCK, NOBLOCK_MORE, recv_ready
 from waportd import desired as desired_store
 from waportd import process
 from waportd.backoff import RestartPolicy
@@ -52,12 +53,7 @@ STARTUP_GRACE = 10.0  # extra seconds a fresh worker gets for its first READY
 LOCK_RETRY = 0.5
 BOOT_BATCH = 20  # sessions started per loop turn at boot
 KILL_SCAN = 0.1  # how often overdue SIGKILLs are looked for
-# Plain ints: zmq's enum flags cost more than the send itself at 1,000 workers.
-_NOBLOCK = int(zmq.NOBLOCK)
-_NOBLOCK_MORE = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
-_HEARTBEAT = protocol.encode(protocol.HEARTBEAT, {})
+_BODILESS = {t: protocol.encode(t, {}) for t in (protocol.HEARTBEAT, protocol.OUTBOX)}  # encoded once
 ABORT_GRACE = 2.0  # SIGABRT -> SIGKILL for a hung worker
 RESTART_ONLY = ("state_dir", "run_dir", "backend", "sim_endpoint", "metrics_listen")  # not changed by a reload
 Reply = Callable[[dict[str, Any]], None]
@@ -519,10 +515,9 @@ class Arbiter:
     def read_workers(self) -> None:
         sock = self.workers_sock
         for _ in range(1000):
-            # Asking is cheaper than the exception a NOBLOCK read raises when nothing is left.
-            if not sock.getsockopt(_EVENTS) & _POLLIN:
+            frames = recv_ready(sock)
+            if frames is None:
                 return
-            frames = sock.recv_multipart(_NOBLOCK)
             ident, rest = frames[0], frames[1:]
             try:
                 msg = protocol.decode(rest)
@@ -602,13 +597,13 @@ class Arbiter:
         return self.send_ident(protocol.routing_id(s.company, s.generation), type_, body)
 
     def send_ident(self, ident: bytes, type_: str, body: dict[str, Any]) -> bool:
-        frames = _HEARTBEAT if type_ == protocol.HEARTBEAT and not body else protocol.encode(type_, body)
+        frames = protocol.encode(type_, body) if body else _BODILESS.get(type_) or protocol.encode(type_, body)
         sock = self.workers_sock
         try:
-            sock.send(ident, _NOBLOCK_MORE)
+            sock.send(ident, NOBLOCK_MORE)
             for frame in frames[:-1]:
-                sock.send(frame, _NOBLOCK_MORE)
-            sock.send(frames[-1], _NOBLOCK)
+                sock.send(frame, NOBLOCK_MORE)
+            sock.send(frames[-1], NOBLOCK)
             return True
         except (zmq.Again, zmq.ZMQError):
             return False  # not connected (yet) or gone: heartbeats and reaping sort it out
@@ -640,9 +635,9 @@ class Arbiter:
     def read_control(self) -> None:
         sock = self.control
         for _ in range(1000):
-            if not sock.getsockopt(_EVENTS) & _POLLIN:
+            frames = recv_ready(sock)
+            if frames is None:
                 return
-            frames = sock.recv_multipart(_NOBLOCK)
             envelope, body = frames[:-1], frames[-1]
             if len(frames) < 2:
                 self.counters[("malformed", "control")] += 1
@@ -651,8 +646,8 @@ class Arbiter:
             def respond(reply: bytes, envelope: list[bytes] = envelope) -> None:
                 try:
                     for frame in envelope:
-                        sock.send(frame, _NOBLOCK_MORE)
-                    sock.send(reply, _NOBLOCK)
+                        sock.send(frame, NOBLOCK_MORE)
+                    sock.send(reply, NOBLOCK)
                 except zmq.ZMQError:
                     pass  # the client went away
 
@@ -664,8 +659,8 @@ class Arbiter:
         event = events.make(company, type_, data, ts)
         topic, body = events.frames(event)
         try:  # PUB drops for slow subscribers itself; it never blocks us
-            self.events.send(topic, _NOBLOCK_MORE)
-            self.events.send(body, _NOBLOCK)
+            self.events.send(topic, NOBLOCK_MORE)
+            self.events.send(body, NOBLOCK)
         except zmq.ZMQError:
             self.counters[("events_dropped",)] += 1
         self.messages.event_to_stream(event)

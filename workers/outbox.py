@@ -44,11 +44,8 @@ def announce_interrupted(journal: J.Journal, emit: Emit) -> None:
 
 
 def begin_window(journal: J.Journal, window: int) -> list[J.Outgoing]:
-    """The next queued messages, marked `sending` in one transaction before any goes out."""
-    batch = journal.queued(max(1, window))
-    if batch:
-        journal.mark_many([(m.message_id, J.SENDING, None, None) for m in batch])
-    return batch
+    """The next queued messages, marked `sending` in one statement before any goes out."""
+    return journal.take_queued(max(1, window))
 
 
 def items_of(batch: list[J.Outgoing]) -> list[tuple[str, str, str | None]]:
@@ -146,6 +143,9 @@ class InlineSender:
         self.stopping = False
         self.in_flight: list[J.Outgoing] | None = None
         self.retry_at: float | None = None  # monotonic: look again after a not_connected window
+        # Rows may be queued that no window took: set by every nudge (the supervisor nudges after each
+        # commit), so a window that ends with nothing new costs no look at the journal.
+        self.dirty = True
 
     def start(self) -> None:
         announce_interrupted(self.journal, self.emit)
@@ -153,6 +153,7 @@ class InlineSender:
     def nudge(self, connected: bool | None = None) -> None:
         if connected is not None:
             self.connected = connected
+        self.dirty = True
         self.pump()
 
     def tick(self, now: float) -> float | None:
@@ -163,9 +164,12 @@ class InlineSender:
         return None if self.retry_at is None else max(0.0, self.retry_at - now)
 
     def pump(self) -> None:
-        if self.in_flight is not None or not self.connected or self.stopping or self.retry_at is not None:
+        if (not self.dirty or self.in_flight is not None or not self.connected or self.stopping
+                or self.retry_at is not None):
             return
-        batch = begin_window(self.journal, self.backend.send_window)
+        window = self.backend.send_window
+        batch = begin_window(self.journal, window)
+        self.dirty = len(batch) >= window  # a full window: more may wait
         if batch:
             self.in_flight = batch
             self.backend.send_async(items_of(batch), self.on_done)
@@ -178,6 +182,7 @@ class InlineSender:
         for type_, data in reports:
             self.emit(type_, data)
         if requeued:
+            self.dirty = True
             self.retry_at = time.monotonic() + RETRY_PAUSE  # the state report may lag a drop
         else:
             self.pump()

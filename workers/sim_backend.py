@@ -28,6 +28,7 @@ import zmq
 
 from ipc.errors import BAD_REQUEST, INTERNAL, NOT_CONNECTED, TIMEOUT
 from ipc.protocol import aligned_delay
+from ipc.zsocket import readable
 from workers.backend import Backend, BackendError, Emit, WorkerContext
 from workers.inbound import normalize_message
 from workers.wakeup import Wakeup
@@ -310,8 +311,7 @@ class SimBackend(Backend):
             self._wakeup.drain()  # before the calls are drained: a call queued from now on pokes again
         self._drain_calls(run=True)
         sock = self._sock
-        # Asking the socket is cheaper than a zero-timeout poll of it.
-        while sock is not None and sock is self._sock and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while sock is not None and sock is self._sock and readable(sock):
             self._on_frame(sock.recv())
         self._check_timers(time.monotonic())
 

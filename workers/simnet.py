@@ -64,6 +64,7 @@ from ipc import paths
 from ipc.control import error_reply, ok_reply, parse_request, request_id_of
 from ipc.errors import BAD_REQUEST, INTERNAL, NOT_CONNECTED, UNKNOWN_COMPANY, WaportError
 from ipc.validation import normalize_phone, validate_company, validate_text
+from ipc.zsocket import NOBLOCK, readable, send_frames
 
 log = logging.getLogger("waport.simnet")
 
@@ -75,6 +76,7 @@ MAX_POLL_MS = 200  # how often the loop looks at the stop event
 MAX_SENT = 100_000
 MAX_MESSAGE_BYTES = 4 << 20
 BATCH = 256  # router messages handled before timers get a turn
+_SRCFD = int(zmq.SRCFD)  # a plain int: the enum costs more than the lookup
 
 PAIRING = "pairing"
 CONNECTED = "connected"
@@ -266,7 +268,7 @@ class SimNet:
     def _drain_monitor(self) -> None:
         """Track descriptor generations; a DISCONNECTED event ends the connection bound to it."""
         assert self._monitor is not None
-        while self._monitor.poll(0):
+        while readable(self._monitor):
             event = recv_monitor_message(self._monitor)
             fd = int(event["value"])
             if event["event"] == zmq.EVENT_ACCEPTED:
@@ -282,9 +284,10 @@ class SimNet:
     def _drain_router(self) -> None:
         assert self._router is not None
         for _ in range(BATCH):
-            if not self._router.poll(0):
+            try:
+                frames = self._router.recv_multipart(NOBLOCK, copy=False)
+            except zmq.Again:
                 return
-            frames = self._router.recv_multipart(copy=False)
             # Any DISCONNECTED/ACCEPTED that happened before this frame arrived is seen first.
             self._drain_monitor()
             self._handle(frames)
@@ -307,7 +310,7 @@ class SimNet:
             return
         body = frames[-1].bytes
         try:
-            fd = int(frames[-1].get(zmq.SRCFD))
+            fd = int(frames[-1].get(_SRCFD))
         except (zmq.ZMQError, TypeError, ValueError):
             fd = -1
         peer = Peer(frames[0].bytes, [f.bytes for f in frames[:-1]], fd, "")
@@ -348,7 +351,7 @@ class SimNet:
     def _send_frames(self, frames: list[bytes]) -> None:
         assert self._router is not None
         try:
-            self._router.send_multipart(frames, zmq.NOBLOCK)
+            send_frames(self._router, frames)
         except zmq.Again:  # a peer that stopped reading: drop, like a real network
             log.warning("dropped a frame for a peer that does not read")
 

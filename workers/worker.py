@@ -30,6 +30,7 @@ from ipc import exitcodes, protocol, states
 from ipc.errors import BAD_REQUEST, INTERNAL, TIMEOUT, WaportError
 from ipc.journal import Journal
 from ipc.validation import normalize_phone
+from ipc.zsocket import readable, recv_frames, send_frames
 from workers import logforward
 from workers.backend import Backend, BackendError, WorkerContext, load
 from workers.outbox import InlineSender, Sender
@@ -176,9 +177,8 @@ class Worker:
             self.send(protocol.EVENT, {"type": "message", "ts": time.time(), "data": msg})
 
     def read_supervisor(self) -> None:
-        # Asking is cheaper than the exception a NOBLOCK read raises when nothing is left.
-        while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            frames = self.sock.recv_multipart(zmq.NOBLOCK)
+        while readable(self.sock):  # one message a turn is usual here: asking beats a failed read
+            frames = recv_frames(self.sock)
             try:
                 msg = protocol.decode(frames)
             except protocol.ProtocolError as exc:
@@ -251,7 +251,7 @@ class Worker:
         if self.standalone:
             return
         try:
-            self.sock.send_multipart(frames, zmq.NOBLOCK)
+            send_frames(self.sock, frames)
         except zmq.Again:
             log.warning("supervisor socket full; dropped a %s frame", frames[1].decode())
 

@@ -37,12 +37,13 @@ def write_markdown() -> str:
              "Figures printed by `tests/bench/*.py` (`make bench` runs them all and rewrites this file).",
              "Measured with the `sim` backend and a standalone simulated network on the same machine, so the",
              "network's own CPU competes with waport's.", "",
-             "`send_100`: `steady` is 10 s at 1,000 sends/s on a fresh daemon, `burst` 20,000 sends with 1,000 in",
-             "flight, `steady_after_burst` the same 10 s right after it, when the 100 journals' WAL checkpoints (and",
-             "their fsyncs) land together. Accept latency is the control-socket round trip; delivery latency is",
-             "accepted -> the network's send time, read from the journals afterwards. At 1,000 sends/s the two",
-             "cores are saturated by the whole pipeline (load client, supervisor, 100 workers, simulated network):",
-             "the tail is CPU and disk contention, and runs vary (see the closing notes of issue 6).", ""]
+             "`send_100`: `steady` is 30 s at 1,000 sends/s on a fresh daemon, `burst` 20,000 sends with 1,000 in",
+             "flight, `steady_after_burst` the same 30 s right after it, when the burst's WAL checkpoints (and",
+             "their fsyncs) land. The load client encodes its requests before the clock starts. Accept latency is",
+             "the control-socket round trip; delivery latency is accepted -> the network's send time, read from",
+             "the journals afterwards. At 1,000 sends/s the whole pipeline (load client, supervisor, 100 workers,",
+             "simulated network) keeps the two cores about 92% busy (/proc/stat), so the tail is queueing behind",
+             "CPU contention and varies from run to run (see the closing notes of issue 6).", ""]
     for name in sorted(os.listdir(RESULTS)) if os.path.isdir(RESULTS) else []:
         if not name.endswith(".json"):
             continue
