@@ -115,7 +115,8 @@ class Journal:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
         self.path = path
         self.lock_wait_ms = int(lock_wait * 1000)
-        self.db = sqlite3.connect(path, timeout=lock_wait, isolation_level=None, check_same_thread=False)
+        self._db = sqlite3.connect(path, timeout=lock_wait, isolation_level=None, check_same_thread=False)
+        self._busy_ms = self.lock_wait_ms  # the connection's busy timeout now
         # Small pages for a new journal: a send's three transactions each rewrite a few pages, so the
         # WAL (and the disk writes behind its checkpoints) shrink about fourfold. An existing journal
         # keeps its page size (changing it would rewrite the file).
@@ -126,12 +127,25 @@ class Journal:
             self.db.execute("PRAGMA wal_autocheckpoint=0")
         self.db.executescript(_SCHEMA)
 
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The connection, waiting up to `lock_wait` for locks. After a no-wait write the wait comes
+        back only when something else uses the connection: a supervisor that only appends never pays
+        two PRAGMAs per batch."""
+        if self._busy_ms != self.lock_wait_ms:
+            self._set_busy(self.lock_wait_ms)
+        return self._db
+
+    def _set_busy(self, ms: int) -> None:
+        self._db.execute(f"PRAGMA busy_timeout = {ms}")
+        self._busy_ms = ms
+
     @classmethod
     def in_session(cls, session_dir: str, lock_wait: float = 10.0, checkpoints: bool = True) -> Journal:
         return cls(os.path.join(session_dir, FILENAME), lock_wait, checkpoints)
 
     def close(self) -> None:
-        self.db.close()
+        self._db.close()
 
     # ------------------------------------------------------------ outbox
 
@@ -147,10 +161,15 @@ class Journal:
         self, company: str, recipient: str, text: str, key: str | None, source: str = "control"
     ) -> tuple[Outgoing, bool]:
         """Append a send; (the message, True) — or (the first one, False) for a key seen before."""
+        return self._insert(self.db, company, recipient, text, key, source)
+
+    def _insert(
+        self, db: sqlite3.Connection, company: str, recipient: str, text: str, key: str | None, source: str
+    ) -> tuple[Outgoing, bool]:
         now = time.time()
         message_id = message_id_for(company, key)
         try:
-            self.db.execute(
+            db.execute(
                 "INSERT INTO outbox (message_id, idempotency_key, recipient, text, status, created, updated, source)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (message_id, key, recipient, text, QUEUED, now, now, source),
@@ -169,23 +188,21 @@ class Journal:
 
         `wait=False`: raise `Busy` (nothing written) at once when the other writer holds the lock.
         """
-        if not wait:
-            self.db.execute("PRAGMA busy_timeout = 0")
+        db = self.db if wait else self._db
+        if not wait and self._busy_ms:
+            self._set_busy(0)
         try:
-            self.db.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
             if "locked" in str(exc) or "busy" in str(exc):
                 raise Busy(str(exc)) from None
             raise
-        finally:
-            if not wait:
-                self.db.execute(f"PRAGMA busy_timeout = {self.lock_wait_ms}")
         try:
-            out = [self.enqueue(company, recipient, text, key, source) for recipient, text, key, source in items]
+            out = [self._insert(db, company, recipient, text, key, source) for recipient, text, key, source in items]
         except BaseException:
-            self.db.execute("ROLLBACK")
+            db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
+        db.execute("COMMIT")
         return out
 
     def take_queued(self, limit: int) -> list[Outgoing]:

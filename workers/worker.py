@@ -30,7 +30,7 @@ from ipc import exitcodes, protocol, states
 from ipc.errors import BAD_REQUEST, INTERNAL, TIMEOUT, WaportError
 from ipc.journal import Journal
 from ipc.validation import normalize_phone
-from ipc.zsocket import readable, recv_frames, send_frames
+from ipc.zsocket import NOBLOCK, readable, send_frames
 from workers import logforward
 from workers.backend import Backend, BackendError, WorkerContext, load
 from workers.outbox import InlineSender, Sender
@@ -178,7 +178,7 @@ class Worker:
 
     def read_supervisor(self) -> None:
         while readable(self.sock):  # one message a turn is usual here: asking beats a failed read
-            frames = recv_frames(self.sock)
+            frames = self.sock.recv_multipart(NOBLOCK)
             try:
                 msg = protocol.decode(frames)
             except protocol.ProtocolError as exc:
