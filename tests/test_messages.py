@@ -64,12 +64,18 @@ def test_duplicate_inbound_deliveries_make_one_inbox_entry(daemon_factory, simne
     simnet.call("inbound", company="acme", **{"from": "15550100001"}, text="is 10:00 free?", id="WA-1")
     simnet.call("inbound", company="acme", **{"from": "15550100001"}, text="thanks", id="WA-3")
     tap.wait(lambda e: e["data"]["id"] == "WA-3", what="the third message")
+
+    def all_delivered() -> dict:
+        # An ACK the killed worker never read is made good by its successor's redelivery (≤ 5 s + a beat).
+        found = {m["id"]: m for m in d.ctl("messages", company="acme")["inbound"]}
+        return found if len(found) == 3 and all(m["delivered"] for m in found.values()) else {}
+
+    inbound = wait_for(all_delivered, timeout=30, what="every inbound message acknowledged")
     tap.pump(200)
     tap.close()
     assert Counter(e["data"]["id"] for e in tap.seen) == {"WA-1": 1, "WA-2": 1, "WA-3": 1}
-    inbound = {m["id"]: m for m in d.ctl("messages", company="acme")["inbound"]}
     assert set(inbound) == {"WA-1", "WA-2", "WA-3"}
-    assert inbound["WA-1"]["copies"] >= 3 and inbound["WA-1"]["delivered"] is True
+    assert inbound["WA-1"]["copies"] >= 3
     assert inbound["WA-1"]["text"] == "is 10:00 free?" and inbound["WA-1"]["from"] == "15550100001"
 
 
