@@ -37,7 +37,7 @@ from ipc.states import (
     STOPPING,
     WORKER_REPORTED,
 )
-from ipc.zsocket import NOBLOCK, NOBLOCK_MORE, recv_ready
+from ipc.zsocket import recv_ready, send_frames
 from waportd import desired as desired_store
 from waportd import process
 from waportd.backoff import RestartPolicy
@@ -597,13 +597,9 @@ class Arbiter:
         return self.send_ident(protocol.routing_id(s.company, s.generation), type_, body)
 
     def send_ident(self, ident: bytes, type_: str, body: dict[str, Any]) -> bool:
-        frames = protocol.encode(type_, body) if body else _BODILESS.get(type_) or protocol.encode(type_, body)
-        sock = self.workers_sock
+        frames = (None if body else _BODILESS.get(type_)) or protocol.encode(type_, body)
         try:
-            sock.send(ident, NOBLOCK_MORE)
-            for frame in frames[:-1]:
-                sock.send(frame, NOBLOCK_MORE)
-            sock.send(frames[-1], NOBLOCK)
+            send_frames(self.workers_sock, [ident, *frames])
             return True
         except (zmq.Again, zmq.ZMQError):
             return False  # not connected (yet) or gone: heartbeats and reaping sort it out
@@ -645,9 +641,7 @@ class Arbiter:
 
             def respond(reply: bytes, envelope: list[bytes] = envelope) -> None:
                 try:
-                    for frame in envelope:
-                        sock.send(frame, NOBLOCK_MORE)
-                    sock.send(reply, NOBLOCK)
+                    send_frames(sock, [*envelope, reply])
                 except zmq.ZMQError:
                     pass  # the client went away
 
@@ -659,8 +653,7 @@ class Arbiter:
         event = events.make(company, type_, data, ts)
         topic, body = events.frames(event)
         try:  # PUB drops for slow subscribers itself; it never blocks us
-            self.events.send(topic, NOBLOCK_MORE)
-            self.events.send(body, NOBLOCK)
+            send_frames(self.events, [topic, body])
         except zmq.ZMQError:
             self.counters[("events_dropped",)] += 1
         self.messages.event_to_stream(event)

@@ -159,7 +159,7 @@ class SimBackend(Backend):
                    done: Callable[[list[dict[str, Any] | Exception]], None]) -> None:
         """Inline, on the loop's thread: the requests go out now; `done(outcomes)` once all are answered."""
         if self.phase != CONNECTED:
-            done([BackendError(NOT_CONNECTED, f"not connected (state {self.phase})")] * len(items))
+            done(self._not_connected(len(items)))
             return
         replies: dict[int, Reply] = {}  # every request is answered once: by the network, a close or its deadline
 
@@ -173,6 +173,9 @@ class SimBackend(Backend):
             if message_id:
                 args["id"] = message_id
             self._request("send", args, functools.partial(settle, i), caller=True)
+
+    def _not_connected(self, count: int) -> list[dict[str, Any] | Exception]:
+        return [BackendError(NOT_CONNECTED, f"not connected (state {self.phase})")] * count
 
     def _guarded(self, fn: Callable[[], None]) -> None:
         try:
@@ -191,7 +194,7 @@ class SimBackend(Backend):
     def send_texts(self, items: list[tuple[str, str, str | None]]) -> list[dict[str, Any] | Exception]:
         """From another thread: `send_async` on the connection's thread, waiting for all the answers."""
         if self.phase != CONNECTED:
-            return [BackendError(NOT_CONNECTED, f"not connected (state {self.phase})")] * len(items)
+            return self._not_connected(len(items))
         outcomes: list[dict[str, Any] | Exception] = []
 
         def run(fut: Future[Any]) -> None:
