@@ -22,12 +22,13 @@ HEARTBEAT = "HEARTBEAT"  # both ways: {} (worker adds {state, queued})
 REQUEST = "REQUEST"  # supervisor -> worker: {id, cmd, args, deadline}
 REPLY = "REPLY"  # worker -> supervisor: {id, ok, result | error}
 EVENT = "EVENT"  # worker -> supervisor: {type, ts, data}
+EVENTS = "EVENTS"  # worker -> supervisor: {events: [EVENT body, ...]}; a loop turn's events in one frame
 STOP = "STOP"  # supervisor -> worker: {reason}; the worker stops and exits 0
 OUTBOX = "OUTBOX"  # supervisor -> worker: {}; the journal has new queued messages
 ACK = "ACK"  # supervisor -> worker: {ids}; these inbound messages reached every sink
 LOG = "LOG"  # worker -> supervisor: {level, name, msg, ts}; re-emitted by the supervisor's handlers
 
-TYPES = frozenset({READY, HEARTBEAT, REQUEST, REPLY, EVENT, STOP, OUTBOX, ACK, LOG})
+TYPES = frozenset({READY, HEARTBEAT, REQUEST, REPLY, EVENT, EVENTS, STOP, OUTBOX, ACK, LOG})
 
 # Required body fields and their types, per message type.
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -36,6 +37,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     REQUEST: {"id": str, "cmd": str, "args": dict, "deadline": (int, float)},
     REPLY: {"id": str, "ok": bool},
     EVENT: {"type": str, "ts": (int, float), "data": dict},
+    EVENTS: {"events": list},
     STOP: {"reason": str},
     OUTBOX: {},
     ACK: {"ids": list},
@@ -43,6 +45,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
 }
 
 MAX_FRAME_BYTES = 1 << 20
+BATCH_BYTES = MAX_FRAME_BYTES // 2  # an EVENTS frame larger than this is split in two
 
 
 class ProtocolError(ValueError):
@@ -59,6 +62,17 @@ def encode(type_: str, body: dict[str, Any] | None = None) -> list[bytes]:
     if type_ not in TYPES:
         raise ValueError(f"unknown message type {type_!r}")
     return [HEADER, type_.encode(), json.dumps(body or {}, separators=(",", ":")).encode()]
+
+
+def encode_events(bodies: list[dict[str, Any]], limit: int = BATCH_BYTES) -> list[list[bytes]]:
+    """A turn's events in as few frames as fit: each frame costs a send, a wakeup and a read on both sides."""
+    if len(bodies) <= 1:
+        return [encode(EVENT, body) for body in bodies]
+    frames = encode(EVENTS, {"events": bodies})
+    if len(frames[2]) <= limit:
+        return [frames]
+    half = len(bodies) // 2
+    return encode_events(bodies[:half], limit) + encode_events(bodies[half:], limit)
 
 
 def decode(frames: list[bytes]) -> Message:
@@ -82,11 +96,27 @@ def decode(frames: list[bytes]) -> Message:
         raise ProtocolError(f"body is not JSON: {exc}") from exc
     if not isinstance(body, dict):
         raise ProtocolError("body is not a JSON object")
+    _check(type_, body)
+    if type_ == EVENTS:
+        for item in body["events"]:  # all or nothing: a batch is one frame from one worker
+            if not isinstance(item, dict):
+                raise ProtocolError("EVENTS: an item is not a JSON object")
+            _check(EVENT, item)
+    return Message(type_, body)
+
+
+def _check(type_: str, body: dict[str, Any]) -> None:
     for name, kind in _SCHEMA[type_].items():
         value = body.get(name)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise ProtocolError(f"{type_}: field {name!r} missing or of the wrong type")
-    return Message(type_, body)
+
+
+def unbatch(msg: Message) -> list[Message]:
+    """An EVENTS frame as the EVENT messages it carries; any other message as itself."""
+    if msg.type == EVENTS:
+        return [Message(EVENT, item) for item in msg.body["events"]]
+    return [msg]
 
 
 HEARTBEAT_GRID = 0.1  # seconds: periodic frames leave on a shared wall-clock grid

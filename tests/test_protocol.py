@@ -27,12 +27,40 @@ def test_round_trip():
         [b"WAP1", b"REQUEST", b'{"id": "1", "cmd": "send", "args": [], "deadline": 1}'],
         [b"WAP1", b"EVENT", b'{"type": "qr", "ts": "now", "data": {}}'],
         [b"WAP1", b"HEARTBEAT", b"{}", b"extra"],
+        [b"WAP1", b"EVENTS", b'{"events": {}}'],
+        [b"WAP1", b"EVENTS", b'{"events": [{"type": "sent", "ts": 1, "data": {}}, 7]}'],
+        [b"WAP1", b"EVENTS", b'{"events": [{"type": "sent", "ts": 1, "data": {}}, {"type": "sent", "ts": 1}]}'],
         [b"WAP1", b"HEARTBEAT", b"{" + b" " * protocol.MAX_FRAME_BYTES + b"}"],
     ],
 )
 def test_malformed_frames_raise_protocol_error(frames):
     with pytest.raises(protocol.ProtocolError):
         protocol.decode(frames)
+
+
+def event(n: int, text: str = "") -> dict:
+    return {"type": "sent", "ts": 1.5, "data": {"message_id": f"m{n}", "text": text}}
+
+
+def test_a_turns_events_travel_in_one_frame_and_read_back_in_order():
+    bodies = [event(n) for n in range(32)]
+    batches = protocol.encode_events(bodies)
+    assert len(batches) == 1 and batches[0][1] == b"EVENTS"
+    assert protocol.unbatch(protocol.decode(batches[0])) == [protocol.Message(protocol.EVENT, b) for b in bodies]
+
+
+def test_a_lone_event_is_a_plain_event_frame():
+    assert protocol.encode_events([]) == []
+    (frames,) = protocol.encode_events([event(1)])
+    assert protocol.unbatch(protocol.decode(frames)) == [protocol.Message(protocol.EVENT, event(1))]
+
+
+def test_a_batch_too_large_for_one_frame_is_split_in_order():
+    bodies = [event(n, "x" * 1000) for n in range(50)]
+    batches = protocol.encode_events(bodies, limit=8000)
+    assert len(batches) > 1 and all(len(frames[2]) <= 8000 for frames in batches)
+    read = [m.body for frames in batches for m in protocol.unbatch(protocol.decode(frames))]
+    assert read == bodies
 
 
 def test_routing_id_is_unique_per_generation():

@@ -31,7 +31,7 @@ class FakeSupervisor:
         while self.sock.poll(wait_ms):
             ident, *frames = self.sock.recv_multipart()
             self.ident = ident
-            self.got.append(protocol.decode(frames))
+            self.got += protocol.unbatch(protocol.decode(frames))  # as the supervisor reads them
             wait_ms = 0
 
     def wait(self, type_: str, pred=lambda body: True, timeout: float = 10) -> protocol.Message:

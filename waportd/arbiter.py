@@ -532,7 +532,8 @@ class Arbiter:
                 self.send_ident(ident, protocol.STOP, {"reason": "unknown worker"})
                 continue
             s.last_heartbeat = time.monotonic()
-            self.on_worker_message(s, msg)
+            for one in protocol.unbatch(msg):
+                self.on_worker_message(s, one)
 
     def session_of(self, ident: bytes) -> Session | None:
         company, _, gen = ident.decode(errors="replace").partition("/")

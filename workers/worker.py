@@ -173,8 +173,9 @@ class Worker:
     def redeliver(self) -> None:
         """Inbound messages no sink has acknowledged go out again (after a crash, or a Redis outage)."""
         horizon = time.time() - REDELIVER_AFTER
-        for msg in self.journal.undelivered(received_before=horizon):
-            self.send(protocol.EVENT, {"type": "message", "ts": time.time(), "data": msg})
+        now = time.time()
+        self.send_events([{"type": "message", "ts": now, "data": msg}
+                          for msg in self.journal.undelivered(received_before=horizon)])
 
     def read_supervisor(self) -> None:
         while readable(self.sock):  # one message a turn is usual here: asking beats a failed read
@@ -200,11 +201,12 @@ class Worker:
     def flush_reports(self) -> None:
         while not self.replies.empty():
             self.send_raw(self.replies.get_nowait())  # only this thread takes from the queues
+        batch: list[dict[str, Any]] = []
         while self.exit is None and not self.reports.empty():
             type_, data = self.reports.get_nowait()
             if type_ == "exit":
                 self.exit = data
-                return
+                break
             if type_ == "state":
                 self.state = data.get("state", self.state)
                 self.sender.nudge(connected=self.state == states.CONNECTED)
@@ -212,7 +214,8 @@ class Worker:
                 self.duplicates += 1  # a redelivery by the network: journaled once, delivered once
                 log.debug("dropped a duplicate of inbound message %s", data.get("id"))
                 continue
-            self.send(protocol.EVENT, {"type": type_, "ts": time.time(), "data": data})
+            batch.append({"type": type_, "ts": time.time(), "data": data})
+        self.send_events(batch)
 
     def serve(self, body: dict[str, Any]) -> None:
         """Run one supervisor request on a pool thread; the reply goes back through the loop."""
@@ -246,6 +249,10 @@ class Worker:
 
     def send(self, type_: str, body: dict[str, Any]) -> None:
         self.send_raw(protocol.encode(type_, body))
+
+    def send_events(self, bodies: list[dict[str, Any]]) -> None:
+        for frames in protocol.encode_events(bodies):  # in order, batched: a window's 32 outcomes in one frame
+            self.send_raw(frames)
 
     def send_raw(self, frames: list[bytes]) -> None:
         if self.standalone:

@@ -52,9 +52,9 @@ class Supervisor:
         while self.sock.poll(wait_ms):
             ident, *frames = self.sock.recv_multipart()
             self.ident = ident
-            msg = protocol.decode(frames)
-            if msg.type == protocol.EVENT:
-                self.events.append(msg.body)
+            for msg in protocol.unbatch(protocol.decode(frames)):
+                if msg.type == protocol.EVENT:
+                    self.events.append(msg.body)
             wait_ms = 0
         now = time.monotonic()
         if self.ident is not None and now >= self.next_beat:  # the worker leaves after 3 silent intervals
