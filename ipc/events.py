@@ -49,9 +49,12 @@ def make(company: str, type_: str, data: dict[str, Any], ts: float | None = None
     return {"type": type_, "company": company, "ts": time.time() if ts is None else ts, "data": data}
 
 
+def topic(company: str, type_: str) -> bytes:
+    return f"{company}.{type_}".encode()
+
+
 def frames(event: dict[str, Any]) -> list[bytes]:
-    topic = f"{event['company']}.{event['type']}"
-    return [topic.encode(), json.dumps(event, separators=(",", ":")).encode()]
+    return [topic(event["company"], event["type"]), json.dumps(event, separators=(",", ":")).encode()]
 
 
 def topic_prefix(company: str | None, type_: str | None) -> bytes:

@@ -37,7 +37,7 @@ from ipc.states import (
     STOPPING,
     WORKER_REPORTED,
 )
-from ipc.zsocket import recv_ready, send_frames
+from ipc.zsocket import readable, recv_ready, send_frames
 from waportd import desired as desired_store
 from waportd import process
 from waportd.backoff import RestartPolicy
@@ -45,6 +45,7 @@ from waportd.config import Config, ConfigError
 from waportd.locks import FileLock, LockBusy
 from waportd.messages import MessageDesk
 from waportd.session import Session, exit_outcome
+from waportd.subscriptions import Subscriptions
 
 log = logging.getLogger("waport.arbiter")
 
@@ -123,6 +124,7 @@ class Arbiter:
         self.next_beat_out = 0.0
         self.child_exited = True
         self.next_kill_scan = 0.0
+        self.subscriptions = Subscriptions()
         self.boot_queue: deque[str] = deque()  # started a batch per turn: the sockets answer meanwhile
         from waportd.ops import Ops
 
@@ -140,7 +142,7 @@ class Arbiter:
         self.control = self.bind(zmq.ROUTER, paths.CONTROL_SOCK)
         self.workers_sock = self.bind(zmq.ROUTER, paths.WORKERS_SOCK)
         self.workers_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.events = self.bind(zmq.PUB, paths.EVENTS_SOCK)
+        self.events = self.bind(zmq.XPUB, paths.EVENTS_SOCK)  # XPUB: it tells us who subscribes to what
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
@@ -163,7 +165,7 @@ class Arbiter:
     def bind(self, kind: int, name: str) -> zmq.Socket:
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
-        if kind == zmq.PUB:
+        if kind == zmq.XPUB:
             sock.setsockopt(zmq.SNDHWM, 100_000)
         else:
             sock.setsockopt(zmq.RCVHWM, 100_000)
@@ -191,6 +193,7 @@ class Arbiter:
         poller.register(self.control, zmq.POLLIN)
         poller.register(self.workers_sock, zmq.POLLIN)
         poller.register(self.wake_r, zmq.POLLIN)
+        poller.register(self.events, zmq.POLLIN)  # subscriptions come and go
         next_beat = 0.0
         while not self.finished():
             try:
@@ -209,6 +212,8 @@ class Arbiter:
                 self.read_control()
             elif sock is self.workers_sock:
                 self.read_workers()
+            elif sock is self.events:
+                self.read_subscriptions()
             else:
                 drain(self.wake_r)
         self.handle_signals()
@@ -652,12 +657,25 @@ class Arbiter:
 
     def publish(self, company: str, type_: str, data: dict[str, Any], ts: float | None = None) -> None:
         event = events.make(company, type_, data, ts)
-        topic, body = events.frames(event)
-        try:  # PUB drops for slow subscribers itself; it never blocks us
-            send_frames(self.events, [topic, body])
-        except zmq.ZMQError:
-            self.counters[("events_dropped",)] += 1
+        if self.listened(events.topic(company, type_)):
+            try:  # XPUB drops for slow subscribers itself; it never blocks us
+                send_frames(self.events, events.frames(event))
+            except zmq.ZMQError:
+                self.counters[("events_dropped",)] += 1
         self.messages.event_to_stream(event)
+
+    def listened(self, topic: bytes) -> bool:
+        """Whether a subscriber wants `topic`: an event nobody listens to is not even encoded."""
+        if self.subscriptions.wants(topic):
+            return True
+        if readable(self.events):  # a subscription the socket has seen and we have not read yet
+            self.read_subscriptions()
+            return self.subscriptions.wants(topic)
+        return False
+
+    def read_subscriptions(self) -> None:
+        while (frames := recv_ready(self.events)) is not None:
+            self.subscriptions.feed(frames[0])
 
     # ---------------------------------------------------------------- desired state
 
