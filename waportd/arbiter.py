@@ -219,6 +219,7 @@ class Arbiter:
         self.handle_signals()
         self.messages.take_bridge_results()
         self.messages.flush()  # durable before any send is answered
+        self.messages.flush_acks()
         self.reap_children()
         for _ in range(min(BOOT_BATCH, len(self.boot_queue))):
             self.start_session(self.boot_queue.popleft())

@@ -47,6 +47,7 @@ class MessageDesk:
         self.seen: OrderedDict[tuple[str, str], None] = OrderedDict()  # inbound already published
         self.bridge: RedisBridge | None = None
         self.batch: dict[str, list[tuple[str, str, str | None, str, Done]]] = {}
+        self.acks: dict[str, list[str]] = {}  # inbound ids every sink has, sent at the end of the turn
         client = client_for(cfg.redis_url, timeout=0.2) if cfg.redis_url else None
         self.limiter = FallbackLimiter(limits_of(cfg), client)
         if cfg.redis_url:
@@ -173,12 +174,18 @@ class MessageDesk:
             self.bridge.put_stream(INBOX, {"company": company, **{k: data.get(k) for k in (
                 "id", "chat", "from", "push_name", "type", "text", "ts", "is_group")}}, token=key)
         else:
-            self.ack(company, [msg_id])
+            self.ack(company, msg_id)
 
-    def ack(self, company: str, ids: list[str]) -> None:
-        s = self.arbiter.sessions.get(company)
-        if s is not None and s.ready:
-            self.arbiter.send_worker(s, protocol.ACK, {"ids": ids})
+    def ack(self, company: str, msg_id: str) -> None:
+        self.acks.setdefault(company, []).append(msg_id)
+
+    def flush_acks(self) -> None:
+        """One ACK per worker per turn: a redelivered backlog of 100 messages is acknowledged in one frame."""
+        acks, self.acks = self.acks, {}
+        for company, ids in acks.items():
+            s = self.arbiter.sessions.get(company)
+            if s is not None and s.ready:  # else the successor redelivers, and hears the ACK then
+                self.arbiter.send_worker(s, protocol.ACK, {"ids": ids})
 
     def take_bridge_results(self) -> None:
         """Inbox entries Redis took are acknowledged; outbox entries from producers are sent."""
@@ -187,7 +194,7 @@ class MessageDesk:
         for kind, item in self.bridge.take_results():
             if kind == "added":
                 company, msg_id = item
-                self.ack(company, [msg_id])
+                self.ack(company, msg_id)
             elif kind == "outbox":
                 self.from_stream(*item)
             elif kind == "up":
