@@ -44,10 +44,27 @@ def machine() -> str:
             f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}")
 
 
+def host_speed(seconds: float = 0.5) -> int:
+    """Thousands of JSON round trips of one event per second on one core, measured after the run.
+
+    The same VM type has run every benchmark 15-20% slower on one day than on another (issue 6):
+    this fixed workload says which kind of day a run had.
+    """
+    body = {"type": "sent", "company": "s001", "ts": 1763930000.123,
+            "data": {"message_id": "abc123def456", "to": "15550001234", "latency": 0.0123}}
+    count = 0
+    start = time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        for _ in range(1000):
+            json.loads(json.dumps(body))
+        count += 1000
+    return round(count / elapsed / 1000)
+
+
 def record(name: str, figures: dict[str, Any]) -> None:
     """Keep the figures as JSON beside the scripts; run.py turns them into BENCHMARKS.md."""
     os.makedirs(RESULTS, exist_ok=True)
-    figures = {"machine": machine(), **figures}
+    figures = {"machine": machine(), "host_speed_kops": host_speed(), **figures}
     with open(os.path.join(RESULTS, f"{name}.json"), "w") as fh:
         json.dump(figures, fh, indent=2, sort_keys=True)
     print(json.dumps(figures, indent=2, sort_keys=True))

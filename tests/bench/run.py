@@ -43,7 +43,10 @@ def write_markdown() -> str:
              "the control-socket round trip; delivery latency is accepted -> the network's send time, read from",
              "the journals afterwards. At 1,000 sends/s the whole pipeline (load client, supervisor, 100 workers,",
              "simulated network) keeps the two cores about 92% busy (/proc/stat), so the tail is queueing behind",
-             "CPU contention and varies from run to run (see the closing notes of issue 6).", ""]
+             "CPU contention and varies from run to run (see the closing notes of issue 6).", "",
+             "`host_speed_kops` (every benchmark): thousands of JSON round trips per second on one core, timed",
+             "right after the run. The same VM type is 15-20% slower on some days than on others; compare",
+             "figures from different days through it.", ""]
     for name in sorted(os.listdir(RESULTS)) if os.path.isdir(RESULTS) else []:
         if not name.endswith(".json"):
             continue
