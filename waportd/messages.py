@@ -33,6 +33,7 @@ OPEN_JOURNALS = 256
 LOCK_WAIT = 0.5  # seconds a read of the journal may wait (a write never waits: it tries again next turn)
 SEEN_INBOUND = 100_000
 NO_SEND_STATES = (FAILED, LOGGED_OUT, REPLACED, OUTDATED)
+ACK_IDS = 1000  # ids per ACK frame: far below the 1 MiB frame limit whatever a turn brought in
 
 
 def limits_of(cfg: Any) -> Limits:
@@ -185,7 +186,8 @@ class MessageDesk:
         for company, ids in acks.items():
             s = self.arbiter.sessions.get(company)
             if s is not None and s.ready:  # else the successor redelivers, and hears the ACK then
-                self.arbiter.send_worker(s, protocol.ACK, {"ids": ids})
+                for start in range(0, len(ids), ACK_IDS):
+                    self.arbiter.send_worker(s, protocol.ACK, {"ids": ids[start:start + ACK_IDS]})
 
     def take_bridge_results(self) -> None:
         """Inbox entries Redis took are acknowledged; outbox entries from producers are sent."""
