@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 HEADER = b"WAP1"
-VERSION = 1
+VERSION = 2  # 2: EVENTS; the supervisor restarts a worker that speaks another version
 
 READY = "READY"  # worker -> supervisor: {company, pid, generation, version}
 HEARTBEAT = "HEARTBEAT"  # both ways: {} (worker adds {state, queued})
@@ -56,6 +56,7 @@ class ProtocolError(ValueError):
 class Message:
     type: str
     body: dict[str, Any] = field(default_factory=dict)
+    dropped: int = 0  # EVENTS: malformed items left out (the others still count)
 
 
 def encode(type_: str, body: dict[str, Any] | None = None) -> list[bytes]:
@@ -97,12 +98,19 @@ def decode(frames: list[bytes]) -> Message:
     if not isinstance(body, dict):
         raise ProtocolError("body is not a JSON object")
     _check(type_, body)
-    if type_ == EVENTS:
-        for item in body["events"]:  # all or nothing: a batch is one frame from one worker
-            if not isinstance(item, dict):
-                raise ProtocolError("EVENTS: an item is not a JSON object")
-            _check(EVENT, item)
+    if type_ == EVENTS:  # one bad item costs that item only, as it did when each event had its own frame
+        items = [item for item in body["events"] if _valid_event(item)]
+        dropped = len(body["events"]) - len(items)
+        return Message(type_, {**body, "events": items}, dropped)
     return Message(type_, body)
+
+
+def _valid_event(item: Any) -> bool:
+    try:
+        _check(EVENT, item)
+    except (ProtocolError, AttributeError):
+        return False
+    return True
 
 
 def _check(type_: str, body: dict[str, Any]) -> None:

@@ -125,6 +125,32 @@ def test_hung_worker_is_aborted_killed_and_restarted(daemon_factory, simnet):
     assert simnet.stats()["replaced"] == 0
 
 
+def test_a_worker_of_another_protocol_version_is_restarted_with_the_reason(daemon_factory, simnet, short_tmp,
+                                                                        monkeypatch):
+    # As after an upgrade on disk under a running daemon: exec'd workers load the new code.
+    upgraded = os.path.join(short_tmp, "upgraded")
+    os.makedirs(upgraded)
+    with open(os.path.join(upgraded, "sitecustomize.py"), "w") as fh:
+        fh.write("with open('/proc/self/cmdline', 'rb') as f:\n"
+                 "    if b'-m\\x00workers\\x00' in f.read():\n"
+                 "        import ipc.protocol\n"
+                 "        ipc.protocol.VERSION += 1\n")
+    monkeypatch.setenv("PYTHONPATH", upgraded)
+    d = daemon_factory(sim_endpoint=simnet.endpoint, companies=[], worker_spawn="exec").start()
+    tap = EventTap(d.run_dir, b"acme.")
+    d.ctl("start", company="acme")
+    backoff = tap.wait(lambda e: e["type"] == "state" and e["data"]["state"] == "backoff", timeout=30,
+                       what="backoff")
+    assert backoff["data"]["reason"].startswith("protocol_mismatch: the worker speaks protocol version")
+    record = d.status("acme")
+    assert record["last_error"].endswith("restart waportd after an upgrade")
+    assert record["state"] != "connected"
+    tap.pump()
+    assert not [e for e in tap.seen if e["type"] == "connected"]  # nothing it said was believed
+    tap.close()
+    assert d.proc.poll() is None
+
+
 def test_worker_reported_exits_map_to_states(daemon_factory, simnet):
     d = daemon_factory(sim_endpoint=simnet.endpoint, companies=["out", "rep", "ban"]).start()
     wait_for(lambda: all_in(d, ["out", "rep", "ban"], "connected"), timeout=30, what="connected")

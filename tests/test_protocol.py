@@ -28,8 +28,6 @@ def test_round_trip():
         [b"WAP1", b"EVENT", b'{"type": "qr", "ts": "now", "data": {}}'],
         [b"WAP1", b"HEARTBEAT", b"{}", b"extra"],
         [b"WAP1", b"EVENTS", b'{"events": {}}'],
-        [b"WAP1", b"EVENTS", b'{"events": [{"type": "sent", "ts": 1, "data": {}}, 7]}'],
-        [b"WAP1", b"EVENTS", b'{"events": [{"type": "sent", "ts": 1, "data": {}}, {"type": "sent", "ts": 1}]}'],
         [b"WAP1", b"HEARTBEAT", b"{" + b" " * protocol.MAX_FRAME_BYTES + b"}"],
     ],
 )
@@ -47,6 +45,14 @@ def test_a_turns_events_travel_in_one_frame_and_read_back_in_order():
     batches = protocol.encode_events(bodies)
     assert len(batches) == 1 and batches[0][1] == b"EVENTS"
     assert protocol.unbatch(protocol.decode(batches[0])) == [protocol.Message(protocol.EVENT, b) for b in bodies]
+
+
+def test_a_malformed_item_is_dropped_and_counted_and_the_rest_kept():
+    good = event(1)
+    body = {"events": [good, 7, {"type": "sent", "ts": 1}, {"type": "sent", "ts": "x", "data": {}}, event(2)]}
+    msg = protocol.decode([b"WAP1", b"EVENTS", json.dumps(body).encode()])
+    assert msg.dropped == 3
+    assert [m.body for m in protocol.unbatch(msg)] == [good, event(2)]
 
 
 def test_a_lone_event_is_a_plain_event_frame():

@@ -78,6 +78,7 @@ class Worker:
     kill_due: float | None = None  # monotonic: SIGKILL if still alive then
     killed_reason: str | None = None  # we killed it (hung, health check)
     exit_info: dict[str, Any] | None = None
+    mismatched: bool = False  # speaks another protocol version: nothing it says is read
 
 
 def policy_of(cfg: Config) -> RestartPolicy:
@@ -537,7 +538,12 @@ class Arbiter:
                 log.warning("frame from unknown worker %r: told it to stop", ident[:64])
                 self.send_ident(ident, protocol.STOP, {"reason": "unknown worker"})
                 continue
+            if self.workers[s.company].mismatched:
+                continue
             s.last_heartbeat = time.monotonic()
+            if msg.dropped:
+                self.counters[("malformed", "worker")] += msg.dropped
+                log.warning("%s: dropped %d malformed events of a batch", s.company, msg.dropped)
             for one in protocol.unbatch(msg):
                 self.on_worker_message(s, one)
 
@@ -554,6 +560,9 @@ class Arbiter:
             if body["company"] != s.company or body["pid"] != s.pid:
                 log.error("%s: READY names %s pid %s", s.company, body["company"], body["pid"])
                 self.counters[("malformed", "worker")] += 1
+                return
+            if body["version"] != protocol.VERSION:
+                self.restart_mismatched(s, body["version"])
                 return
             s.ready = True
             self.send_worker(s, protocol.OUTBOX, {})  # whatever was queued meanwhile
@@ -599,6 +608,19 @@ class Arbiter:
             self.ops.worker_error(s, data)
         self.counters[("event", s.company, type_)] += 1
         self.publish(s.company, type_, data, ts)
+
+    def restart_mismatched(self, s: Session, version: int) -> None:
+        """A worker from other code than ours (upgraded on disk, daemon not restarted): its frames would be
+        misread, so it is stopped and restarted with backoff, saying why."""
+        w = self.workers[s.company]
+        why = (f"protocol_mismatch: the worker speaks protocol version {version}, this waportd "
+               f"{protocol.VERSION}; restart waportd after an upgrade")
+        log.error("%s: %s", s.company, why)
+        w.mismatched = True
+        if w.killed_reason is None and not w.stop_requested:
+            w.killed_reason = why  # the restart reason; its label is the part before the colon
+            w.kill_due = time.monotonic() + self.cfg.stop_timeout
+            process.kill(w.proc.pid, signal.SIGTERM)
 
     def send_worker(self, s: Session, type_: str, body: dict[str, Any]) -> bool:
         return self.send_ident(protocol.routing_id(s.company, s.generation), type_, body)
