@@ -20,9 +20,17 @@ def test_a_catch_all_subscription_wants_everything_until_it_leaves():
     assert not subs.wants(b"zeta.receipt")
 
 
-def test_leaving_one_prefix_keeps_the_others_and_junk_is_ignored():
+def test_leaving_one_prefix_keeps_the_others():
     subs = Subscriptions()
-    for frame in (b"\x01acme.", b"\x01zeta.sent", b"", b"\x02acme.", b"\x00acme."):
+    for frame in (b"\x01acme.", b"\x01zeta.sent", b"\x00acme."):
         subs.feed(frame)
     assert not subs.wants(b"acme.sent")
     assert subs.wants(b"zeta.sent")
+
+
+def test_frames_that_are_neither_subscribe_nor_leave_change_nothing():
+    subs = Subscriptions()
+    subs.feed(b"\x01acme.")
+    for junk in (b"", b"\x02acme.", b"\x02"):
+        subs.feed(junk)
+    assert subs.prefixes == {b"acme."}
