@@ -47,7 +47,7 @@ def machine() -> str:
 def host_speed(seconds: float = 0.5) -> int:
     """Thousands of JSON round trips of one event per second on one core, measured after the run.
 
-    The same VM type has run every benchmark 15-20% slower on one day than on another (issue 6):
+    The same VM type has run every benchmark 10-20% slower on one day than on another (issue 6):
     this fixed workload says which kind of day a run had.
     """
     body = {"type": "sent", "company": "s001", "ts": 1763930000.123,

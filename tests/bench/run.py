@@ -45,7 +45,7 @@ def write_markdown() -> str:
              "simulated network) keeps the two cores about 92% busy (/proc/stat), so the tail is queueing behind",
              "CPU contention and varies from run to run (see the closing notes of issue 6).", "",
              "`host_speed_kops` (every benchmark): thousands of JSON round trips per second on one core, timed",
-             "right after the run. The same VM type is 15-20% slower on some days than on others; compare",
+             "right after the run. The same VM type is 10-20% slower on some days than on others; compare",
              "figures from different days through it.", ""]
     for name in sorted(os.listdir(RESULTS)) if os.path.isdir(RESULTS) else []:
         if not name.endswith(".json"):
