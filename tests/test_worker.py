@@ -92,6 +92,37 @@ def test_ready_heartbeats_and_requests(short_tmp, sup, simnet):
         proc.kill()
 
 
+def test_reports_behind_the_exit_report_keep_inbound_and_outcomes(short_tmp, sup):
+    """A backend may report more after its exit report (neonize's callbacks run on Go's threads): an
+    inbound message was acknowledged to the network already, and a send outcome is true."""
+    from workers.worker import Worker, parse_args
+
+    os.makedirs(os.path.join(short_tmp, "sess"))  # main() makes it before it builds the Worker
+    w = Worker(parse_args(["--company", "acme", "--endpoint", sup.endpoint, "--session-dir",
+                           os.path.join(short_tmp, "sess"), "--backend", "sim",
+                           "--options", json.dumps({"sim_endpoint": f"ipc://{short_tmp}/nobody.sock"})]))
+    try:
+        def message(n):
+            return {"id": f"in{n}", "chat": "15550001", "from": "15550001", "type": "text", "text": "hi", "ts": 1}
+
+        w.emit("message", message(1))
+        w.emit("exit", {"reason": "logged_out", "message": ""})
+        w.emit("message", message(2))
+        w.emit("exit", {"reason": "crash", "message": "later"})
+        w.emit("state", {"state": "disconnected"})
+        w.emit("sent", {"message_id": "m1", "to": "15550002", "ts": 1})
+        w.flush_reports()
+        assert w.exit["reason"] == "logged_out"
+        sup.wait(protocol.EVENT, lambda b: b["type"] == "sent")
+        assert [(m.body["type"], m.body["data"].get("id")) for m in sup.got if m.type == protocol.EVENT] \
+            == [("message", "in1"), ("sent", None)]
+        assert {m["id"] for m in w.journal.undelivered()} == {"in1", "in2"}  # in2 waits for the successor
+    finally:
+        w.sock.close(0)
+        w.pool.shutdown()
+        w.journal.close()
+
+
 def test_worker_exits_when_the_supervisor_falls_silent(short_tmp, sup, simnet):
     proc = spawn_worker(short_tmp, sup, simnet.endpoint)
     try:

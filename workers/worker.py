@@ -42,6 +42,7 @@ PR_SET_PDEATHSIG = 1
 MISSED_HEARTBEATS = 3
 REDELIVER_AFTER = 5.0  # seconds an inbound message may wait for its ACK before it is sent again
 IN_FLIGHT_GRACE = 3.0  # seconds shutdown waits for requests still running, so their replies go out
+OUTCOMES = ("sent", "send_failed")  # still reported after the exit report: they are true, and callers wait
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -202,11 +203,15 @@ class Worker:
         while not self.replies.empty():
             self.send_raw(self.replies.get_nowait())  # only this thread takes from the queues
         batch: list[dict[str, Any]] = []
-        while self.exit is None and not self.reports.empty():
+        while not self.reports.empty():
             type_, data = self.reports.get_nowait()
             if type_ == "exit":
-                self.exit = data
-                break
+                self.exit = self.exit or data  # the first exit report wins
+                continue
+            if self.exit is not None and type_ not in OUTCOMES:
+                if type_ == "message":  # acknowledged to the network already: journaled, the successor delivers it
+                    self.journal.inbox_add(data)
+                continue
             if type_ == "state":
                 self.state = data.get("state", self.state)
                 self.sender.nudge(connected=self.state == states.CONNECTED)
