@@ -53,8 +53,12 @@ def topic(company: str, type_: str) -> bytes:
     return f"{company}.{type_}".encode()
 
 
+def body(event: dict[str, Any]) -> bytes:
+    return json.dumps(event, separators=(",", ":")).encode()
+
+
 def frames(event: dict[str, Any]) -> list[bytes]:
-    return [topic(event["company"], event["type"]), json.dumps(event, separators=(",", ":")).encode()]
+    return [topic(event["company"], event["type"]), body(event)]
 
 
 def topic_prefix(company: str | None, type_: str | None) -> bytes:

@@ -106,9 +106,11 @@ def decode(frames: list[bytes]) -> Message:
 
 
 def _valid_event(item: Any) -> bool:
+    if not isinstance(item, dict):
+        return False
     try:
         _check(EVENT, item)
-    except (ProtocolError, AttributeError):
+    except ProtocolError:
         return False
     return True
 

@@ -513,9 +513,14 @@ class Arbiter:
                 log.warning("%s: disconnected for over %.0f s; restarting the worker",
                             company, self.cfg.reconnect_timeout)
                 self.publish(company, events.HEALTH_CHECK_FAILED, {"check": "reconnect_timeout"})
-                w.killed_reason = "reconnect_timeout"
-                w.kill_due = now + self.cfg.stop_timeout
-                process.kill(w.proc.pid, signal.SIGTERM)
+                self.restart_worker(w, "reconnect_timeout", now)
+
+    def restart_worker(self, w: Worker, reason: str, now: float) -> None:
+        """Our own restart of a live worker: SIGTERM (it stops in order), SIGKILL after stop_timeout,
+        then the normal restart path with `reason` (its metrics label is the part before a colon)."""
+        w.killed_reason = reason
+        w.kill_due = now + self.cfg.stop_timeout
+        process.kill(w.proc.pid, signal.SIGTERM)
 
     # ---------------------------------------------------------------- worker socket
 
@@ -618,9 +623,7 @@ class Arbiter:
         log.error("%s: %s", s.company, why)
         w.mismatched = True
         if w.killed_reason is None and not w.stop_requested:
-            w.killed_reason = why  # the restart reason; its label is the part before the colon
-            w.kill_due = time.monotonic() + self.cfg.stop_timeout
-            process.kill(w.proc.pid, signal.SIGTERM)
+            self.restart_worker(w, why, time.monotonic())
 
     def send_worker(self, s: Session, type_: str, body: dict[str, Any]) -> bool:
         return self.send_ident(protocol.routing_id(s.company, s.generation), type_, body)
@@ -680,9 +683,10 @@ class Arbiter:
 
     def publish(self, company: str, type_: str, data: dict[str, Any], ts: float | None = None) -> None:
         event = events.make(company, type_, data, ts)
-        if self.listened(events.topic(company, type_)):
+        topic = events.topic(company, type_)
+        if self.listened(topic):
             try:  # XPUB drops for slow subscribers itself; it never blocks us
-                send_frames(self.events, events.frames(event))
+                send_frames(self.events, [topic, events.body(event)])
             except zmq.ZMQError:
                 self.counters[("events_dropped",)] += 1
         self.messages.event_to_stream(event)

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from ipc import __version__, events, paths
 from waportd import diagnose as diagnosis
-from waportd import process, strays
+from waportd import strays
 from waportd.metrics import Metrics, MetricsServer, SessionView, Snapshot
 from waportd.resources import ResourceMonitor, Sample, human_bytes, over_limit
 from waportd.sdnotify import Notifier, status_text
@@ -225,9 +224,7 @@ class Ops:
                     company, w.proc.pid, human_bytes(sample.rss_bytes), human_bytes(limit))
         a.publish(company, events.HEALTH_CHECK_FAILED,
                   {"check": "memory_limit", "rss_bytes": sample.rss_bytes, "limit": limit})
-        w.killed_reason = "memory_limit"
-        w.kill_due = now + a.cfg.stop_timeout
-        process.kill(w.proc.pid, signal.SIGTERM)
+        a.restart_worker(w, "memory_limit", now)
 
     def resource_fields(self, company: str) -> dict[str, Any]:
         """Figures `status` adds to the record: the last sample of a live worker."""

@@ -173,10 +173,9 @@ class Worker:
 
     def redeliver(self) -> None:
         """Inbound messages no sink has acknowledged go out again (after a crash, or a Redis outage)."""
-        horizon = time.time() - REDELIVER_AFTER
         now = time.time()
         self.send_events([{"type": "message", "ts": now, "data": msg}
-                          for msg in self.journal.undelivered(received_before=horizon)])
+                          for msg in self.journal.undelivered(received_before=now - REDELIVER_AFTER)])
 
     def read_supervisor(self) -> None:
         while readable(self.sock):  # one message a turn is usual here: asking beats a failed read
