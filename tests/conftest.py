@@ -1,8 +1,20 @@
-"""Fixtures that run the real thing: waportd, its workers and the simulated network as processes."""
+"""Fixtures that run the real thing: waportd, its workers and the simulated network as processes.
+
+The suite has two parts. A test that starts a process (directly, through a fixture, or through a helper of
+tests/) is end-to-end and gets the `e2e` marker here, at collection; the rest are unit tests, run alone by
+`make test-fast` (`pytest -m "not e2e"`) in seconds. The marking is checked, not trusted: a test without
+the marker that starts a process anyway fails (see `_unit_tests_start_no_process`).
+"""
 
 from __future__ import annotations
 
+import _posixsubprocess
+import asyncio
+import builtins
 import contextlib
+import dis
+import inspect
+import multiprocessing
 import os
 import shutil
 import signal
@@ -10,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,6 +34,136 @@ from ipc.control import ControlClient
 from ipc.errors import WaportError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+# --- The split: which tests are end-to-end -----------------------------------------------------------------
+
+# Module -> the attributes of it that start a process. A name and an attribute both in one function's code
+# (`subprocess.run(...)`, or a local `import subprocess` then `.Popen`) count as a start.
+_SPAWNING_ATTRS = {
+    "subprocess": {"Popen", "run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"},
+    "os": {"fork", "forkpty", "posix_spawn", "posix_spawnp", "system", "popen", "spawnv", "spawnvp", "spawnl",
+           "spawnlp", "spawnve", "spawnvpe", "spawnle", "spawnlpe"},
+    "multiprocessing": {"Process", "Pool", "get_context"},
+    "asyncio": {"create_subprocess_exec", "create_subprocess_shell"},
+}
+# The same, imported by name (`from subprocess import Popen`).
+_SPAWNING_OBJECTS = [getattr(module, attr) for module in (subprocess, os, multiprocessing, asyncio)
+                     for attr in _SPAWNING_ATTRS[module.__name__] if hasattr(module, attr)]
+_starts_cache: dict[int, bool] = {}
+_IMPORT_NAME = dis.opmap["IMPORT_NAME"]
+
+
+def _ours(obj: Any) -> bool:
+    """Defined in a module under tests/ (conftest, the helpers, the test files)."""
+    module = sys.modules.get(getattr(obj, "__module__", None) or "")
+    path = getattr(module, "__file__", None) or ""
+    return os.path.abspath(path).startswith(TESTS + os.sep)
+
+
+def _referenced(func: types.FunctionType) -> Iterator[tuple[str, Any]]:
+    """Every name the code of `func` (nested functions included) uses, with what it resolves to, if known:
+    module globals, builtins, and names imported inside the function (`from simnet_helpers import X as Y`)."""
+    codes = [func.__code__]
+    for code in codes:
+        codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+        if _IMPORT_NAME not in code.co_code[::2]:  # no import inside: skip the (slower) disassembly
+            instructions: Iterator[dis.Instruction] = iter(())
+        else:
+            instructions = dis.get_instructions(code)
+        imported_from = None
+        for ins in instructions:
+            if ins.opname == "IMPORT_NAME":
+                imported_from = sys.modules.get(ins.argval)
+            elif ins.opname == "IMPORT_FROM" and imported_from is not None:
+                yield ins.argval, getattr(imported_from, ins.argval, None)
+        for name in code.co_names:
+            yield name, func.__globals__.get(name, getattr(builtins, name, None))
+
+
+def starts_processes(obj: Any) -> bool:
+    """Whether calling `obj` (a function, or any method of a class) may start a process: it calls a process
+    API itself, or something of tests/ that does. Static and conservative: every branch counts."""
+    obj = inspect.unwrap(obj)
+    inner = getattr(getattr(obj, "hypothesis", None), "inner_test", None)  # a @given test
+    if inner is not None:
+        obj = inspect.unwrap(inner)
+    key = id(obj)
+    if key in _starts_cache:
+        return _starts_cache[key]
+    _starts_cache[key] = False  # a recursion (A calls B calls A) adds nothing
+    if isinstance(obj, type):
+        members = [m.__func__ if isinstance(m, (staticmethod, classmethod)) else m for m in vars(obj).values()]
+        members += [m.fget for m in vars(obj).values() if isinstance(m, property)]
+        result = any(starts_processes(m) for m in members if isinstance(m, (types.FunctionType, type)))
+    elif isinstance(obj, types.FunctionType):
+        result = False
+        names: set[str] = set()
+        for name, value in _referenced(obj):
+            names.add(name)
+            if any(value is spawner for spawner in _SPAWNING_OBJECTS) or (
+                    value is not obj and _ours(value) and starts_processes(value)):
+                result = True
+                break
+        result = result or any(module in names and names & attrs for module, attrs in _SPAWNING_ATTRS.items())
+    else:
+        result = False
+    _starts_cache[key] = result
+    return result
+
+
+def _is_e2e(item: pytest.Item) -> bool:
+    if not isinstance(item, pytest.Function):
+        return True  # not a plain test function: nothing to look at, so assume the worst
+    if starts_processes(item.function):
+        return True
+    fixtures = getattr(item, "_fixtureinfo", None)
+    for defs in (fixtures.name2fixturedefs.values() if fixtures else ()):
+        for fixturedef in defs:
+            if _ours(fixturedef.func) and starts_processes(fixturedef.func):
+                return True
+    return False
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects on the markers
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("e2e") is None and _is_e2e(item):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_process(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A unit test (no `e2e` marker) that starts a process fails: the fast part stays fast, and a marker
+    missed by the detection above shows here rather than as a slow `make test-fast`."""
+    if request.node.get_closest_marker("e2e") is not None:
+        yield
+        return
+    started: list[str] = []
+
+    def spy(module: Any, name: str) -> Callable[..., Any]:
+        real = getattr(module, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            started.append(f"{module.__name__}.{name}")
+            return real(*args, **kwargs)
+
+        return call
+
+    with pytest.MonkeyPatch.context() as mp:
+        # Every way a process starts ends in one of these: subprocess in its own reference to
+        # _posixsubprocess.fork_exec (or in os.posix_spawn), multiprocessing's spawn in fork_exec too,
+        # os.system in libc, the rest in os.fork.
+        for module, name in [(subprocess, "_fork_exec"), (_posixsubprocess, "fork_exec"), (os, "fork"),
+                             (os, "forkpty"), (os, "posix_spawn"), (os, "posix_spawnp"), (os, "system")]:
+            if getattr(module, name, None) is not None:
+                mp.setattr(module, name, spy(module, name))
+        yield
+    if started:
+        pytest.fail(f"{request.node.nodeid} started a process ({', '.join(sorted(set(started)))}) but is not "
+                    "marked e2e: tests/conftest.py did not see it coming; mark it (pytestmark = pytest.mark.e2e "
+                    "for a whole file) or keep the process out of the unit test", pytrace=False)
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,

@@ -1,4 +1,5 @@
-"""Shared helpers for the simulated-network tests: a real simnet process, a control client, event logs.
+"""Shared helpers for the simulated-network tests: a real simnet process, a control client, event logs,
+and a loop that drives the sim backend as the worker does.
 
 Synchronisation is always "poll a condition until a deadline", never a bare sleep.
 """
@@ -17,8 +18,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import zmq
+
 from ipc.control import ControlClient
 from ipc.errors import WaportError
+from workers.backend import Backend, Emit
+from workers.wakeup import Wakeup
 
 START_TIMEOUT = 10.0
 
@@ -202,24 +207,93 @@ class EventLog:
         return wait_until(find, timeout, f"state {state!r} #{nth}; got {self.events}")
 
 
+class InlineLoop:
+    """Drives an inline backend (sim) the way workers/worker.py does, without the rest of a worker.
+
+    Its thread is the worker's loop: it starts the backend, polls `loop_sockets()`, calls `loop_step`
+    every turn, and ends with an `exit` report or `stop()`, then stops the backend. Other threads
+    call `send_text`, `pair_code` and `logout` as the worker's sender and request threads do.
+    """
+
+    def __init__(self, emit: Emit) -> None:
+        self.reports = emit
+        self.backend: Backend | None = None
+        self.exited = False
+        self.stopping = False
+        self.wakeup = Wakeup()  # our own, so stop() ends a poll at once
+        self.started = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def emit(self, type_: str, data: dict[str, Any]) -> None:
+        """The emit to build the backend with: recorded, and an exit ends the loop as in the worker."""
+        self.reports(type_, data)
+        if type_ == "exit":
+            self.exited = True
+            self.wakeup.poke()
+
+    def start(self, backend: Backend) -> None:
+        """Run the loop on a thread of its own; return once the backend has started on it."""
+        self.thread = threading.Thread(target=self.run, args=(backend,), name="inline-loop", daemon=True)
+        self.thread.start()
+        self.started.wait(5)
+
+    def run(self, backend: Backend) -> None:
+        """The loop, on the calling thread, until an exit report or `stop()`; then the backend stops."""
+        self.backend = backend
+        poller = zmq.Poller()
+        poller.register(self.wakeup.r, zmq.POLLIN)
+        polled: list[Any] = []
+        try:
+            backend.start()
+            self.started.set()
+            wait = 0.0
+            while not self.exited and not self.stopping:
+                current = backend.loop_sockets()  # the connection changes on reconnects
+                if current != polled:
+                    for item in polled:
+                        poller.unregister(item)
+                    for item in current:
+                        poller.register(item, zmq.POLLIN)
+                    polled = current
+                ready = dict(poller.poll(max(0, int(wait * 1000)) + 1))
+                if self.wakeup.r in ready:
+                    self.wakeup.drain()
+                step = backend.loop_step(ready)
+                wait = 1.0 if step is None else step
+        finally:
+            self.started.set()
+            backend.stop()
+
+    def stop(self) -> None:
+        """End the loop and wait for it: the backend has stopped (bye said) when this returns."""
+        self.stopping = True
+        self.wakeup.poke()
+        if self.thread is not None:
+            self.thread.join(5)
+            assert not self.thread.is_alive(), "the inline loop did not stop"
+            self.wakeup.close()
+
+
 # A sim backend alone in a process, for tests that kill or stop the process holding a session.
 BACKEND_SCRIPT = r"""
-import json, sys, threading
+import json, sys
+sys.path.insert(0, sys.argv[4])
+from simnet_helpers import InlineLoop
 from workers.backend import WorkerContext
 from workers.sim_backend import SimBackend
 endpoint, company, session_dir = sys.argv[1:4]
 def emit(type_, data):
     print(json.dumps([type_, data]), flush=True)
-backend = SimBackend(WorkerContext(company, session_dir, {"sim_endpoint": endpoint}), emit)
-backend.start()
-threading.Event().wait()
+loop = InlineLoop(emit)
+loop.run(SimBackend(WorkerContext(company, session_dir, {"sim_endpoint": endpoint}), loop.emit))
 """
 
 
 def spawn_backend(endpoint: str, company: str, session_dir: str) -> subprocess.Popen[bytes]:
-    """Run a SimBackend in a child process (its emits go to stdout as JSON lines)."""
+    """Run a SimBackend in a child process, on its main thread's loop (its emits go to stdout as JSON lines)."""
+    here = os.path.dirname(os.path.abspath(__file__))
     return subprocess.Popen(
-        [sys.executable, "-c", BACKEND_SCRIPT, endpoint, company, session_dir],
+        [sys.executable, "-c", BACKEND_SCRIPT, endpoint, company, session_dir, here],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -1,7 +1,10 @@
-"""End to end: a real waportd, real workers, the simulated network as a separate process."""
+"""The main loop: its rules in-process on fakes (boot, reload, routing, shutdown), then end to end
+with a real waportd, real workers and the simulated network as a separate process."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +13,12 @@ import sys
 import psutil
 import pytest
 from conftest import ROOT, EventTap, processes_using, wait_for
+from fakes import rig
+
+from ipc import protocol
+from ipc import states as S
+from waportd.arbiter import BOOT_BATCH
+from waportd.config import ConfigError
 
 COMPANIES = ["acme", "bistro", "salon_1", "dental-2", "gym"]
 
@@ -24,6 +33,93 @@ def alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+# ---------------------------------------------------------------- the loop's rules, in-process
+
+
+def test_boot_starts_config_and_started_companies_a_batch_per_turn(tmp_path):
+    names = [f"c{i:03d}" for i in range(BOOT_BATCH * 2 + 5)]
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "desired.json").write_text(json.dumps({"started": ["extra"], "stopped": ["c001"]}))
+    r = rig(tmp_path, companies=tuple(names))
+    r.arbiter.boot()
+    assert {c.name: c.session.reason for c in r.arbiter.roster}["c000"] == "queued for start"
+    now = r.clock.monotonic()
+    r.arbiter.fire_timers(now)
+    assert len(r.spawner.children) == BOOT_BATCH  # the sockets get their turn between batches
+    r.advance(0)
+    spawned = [ch.args[ch.args.index("--company") + 1] for ch in r.spawner.children]
+    assert spawned == [n for n in names if n != "c001"] + ["extra"]  # config order first; stopped stays stopped
+
+
+def test_a_reload_keeps_restart_only_keys_and_acts_on_changed_wishes(tmp_path):
+    configs = iter([])
+    r = rig(tmp_path, companies=("a", "b"), reload_config=lambda: next(configs))
+    r.arbiter.boot()
+    r.advance(0)
+    cfg = r.arbiter.cfg
+    configs = iter([dataclasses.replace(cfg, companies=("b", "c"), state_dir="/elsewhere", max_restarts=1)])
+    assert r.arbiter.reload() == {"started": ["c"], "stopped": ["a"]}
+    assert r.company("a").state == S.STOPPING and r.company("b").state == S.STARTING
+    assert r.arbiter.cfg.state_dir == cfg.state_dir  # only a restart changes it
+    assert r.services.policy.max_restarts == 1
+
+    def broken():
+        raise ConfigError("line 3: bad value")
+
+    r.arbiter.reload_config = broken
+    with pytest.raises(Exception, match="config not reloaded: line 3"):
+        r.arbiter.reload()
+
+
+def test_a_sighup_reloads_and_a_sigterm_stops_every_worker(tmp_path):
+    r = rig(tmp_path, companies=("a", "b"), reload_config=lambda: r.arbiter.cfg)
+    r.arbiter.boot()
+    r.advance(0)
+    r.arbiter.record_signal(signal.SIGHUP, None)
+    r.arbiter.handle_signals()
+    assert r.system.signals == []
+    r.arbiter.record_signal(signal.SIGTERM, None)
+    r.arbiter.handle_signals()
+    assert sorted(sig for _, sig in r.system.signals) == [signal.SIGTERM] * 2
+    assert not r.arbiter.finished()
+    r.exit("a", 0)
+    r.exit("b", -9)
+    assert r.arbiter.finished()
+    assert r.company("b").state == S.STOPPED and r.company("b").lock is None
+    r.advance(3600)
+    assert len(r.spawner.children) == 2  # nothing restarts while shutting down
+
+
+def test_frames_of_an_unknown_or_old_worker_are_counted_and_told_to_stop(tmp_path):
+    r = rig(tmp_path)
+    company = r.arbiter.roster.want("acme")
+    company.start()
+    old = company.worker.routing_id
+    r.exit("acme", 1)
+    r.advance(2)
+    r.arbiter.on_worker_frame(old, protocol.Message(protocol.HEARTBEAT, {}))
+    r.arbiter.on_worker_frame(b"nobody/1", protocol.Message(protocol.HEARTBEAT, {}))
+    assert r.services.counters[("unknown_worker",)] == 2
+    assert [ident for ident, _ in r.system.sent(protocol.STOP)] == [old, b"nobody/1"]
+
+
+def test_worker_events_go_to_their_owners(tmp_path):
+    r = rig(tmp_path)
+    r.arbiter.roster.want("acme").start()
+    r.ready()
+    batch = [{"type": "qr", "data": {"code": "SIMQR:1"}, "ts": 1.0},
+             {"type": "error", "data": {"kind": "pairing", "message": "no phone"}, "ts": 1.0},
+             {"type": "no_such_type", "data": {}, "ts": 1.0}]
+    r.hear("acme", protocol.EVENTS, {"events": batch})
+    c = r.services.counters
+    assert r.company().session.qr == "SIMQR:1" and r.company().session.last_error == "no phone"
+    assert c[("qr", "acme")] == 1 and c[("error", "acme", "pairing")] == 1 and c[("malformed", "event")] == 1
+    assert r.types()[-2:] == ["qr", "error"]
+
+
+# ---------------------------------------------------------------- end to end
 
 
 def test_starts_one_worker_per_company(daemon_factory, simnet):

@@ -1,4 +1,5 @@
-"""Control commands against a real daemon: what a user of waportctl sees."""
+"""Control commands: their rules in-process on fakes (answered once, and only when done), then
+against a real daemon: what a user of waportctl sees."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import sys
 import pytest
 import zmq
 from conftest import EventTap, SimNetProcess, wait_for
+from fakes import rig
 
+from ipc import protocol
+from ipc import states as S
 from ipc.errors import WaportError
 
 WAPORTCTL = os.path.join(os.path.dirname(sys.executable), "waportctl")
@@ -20,6 +24,64 @@ def error_of(call, *args, **kwargs) -> WaportError:
     with pytest.raises(WaportError) as exc:
         call(*args, **kwargs)
     return exc.value
+
+
+# ---------------------------------------------------------------- in-process, on fakes
+
+
+def command(r, cmd: str, **args) -> list[dict]:
+    """Send one request to the controller; the replies it has given so far (decoded)."""
+    replies: list[dict] = []
+    r.arbiter.controller.handle(json.dumps({"id": "1", "cmd": cmd, "args": args}).encode(),
+                                lambda raw: replies.append(json.loads(raw)))
+    return replies
+
+
+def test_stop_answers_only_once_the_worker_has_gone(tmp_path):
+    r = rig(tmp_path)
+    assert command(r, "start", company="acme")[0]["result"]["state"] == S.STARTING
+    replies = command(r, "stop", company="acme")
+    assert replies == []  # not yet: the worker is still stopping
+    r.exit("acme", 0)
+    assert [x["result"]["state"] for x in replies] == [S.STOPPED]
+    assert not r.arbiter.roster.is_wanted("acme")
+
+
+def test_restart_answers_with_the_new_worker(tmp_path):
+    r = rig(tmp_path)
+    command(r, "start", company="acme")
+    first = r.company().worker.pid
+    replies = command(r, "restart", company="acme")
+    r.exit("acme", 0)
+    (reply,) = replies
+    assert reply["ok"] and reply["result"]["pid"] not in (None, first) and reply["result"]["state"] == S.STARTING
+
+
+def test_delete_logs_out_a_connected_session_stops_it_and_forgets_it(tmp_path):
+    r = rig(tmp_path)
+    command(r, "start", company="acme")
+    r.ready()
+    r.report("acme", S.CONNECTED)
+    replies = command(r, "delete", company="acme")
+    (rid, body), = r.system.sent(protocol.REQUEST)
+    assert body["cmd"] == "logout" and replies == []
+    r.hear("acme", protocol.REPLY, {"id": body["id"], "ok": True, "result": {}})
+    assert r.company().state == S.STOPPING and replies == []
+    r.exit("acme", 0)
+    assert replies == [{"id": "1", "ok": True, "result": {"company": "acme", "deleted": True}}]
+    assert r.arbiter.roster.get("acme") is None and not (tmp_path / "state" / "sessions" / "acme").exists()
+    assert command(r, "status", company="acme")[0]["error"]["code"] == "unknown_company"
+
+
+def test_no_start_while_shutting_down_and_bad_ids_are_refused(tmp_path):
+    r = rig(tmp_path)
+    assert command(r, "start", company="no such/company")[0]["error"]["code"] == "invalid_company_id"
+    r.arbiter.begin_shutdown("SIGTERM")
+    assert command(r, "start", company="acme")[0]["error"]["message"] == "waportd is shutting down"
+    assert r.services.counters[("control", "start", "bad_request")] == 1
+
+
+# ---------------------------------------------------------------- a real daemon
 
 
 @pytest.fixture

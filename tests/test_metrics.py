@@ -63,7 +63,8 @@ def fake_snapshot(**changes: Any) -> Snapshot:
                   SessionView("bistro", "backoff", "crash", False, None, 0)],
         counters=[(("restarts", "bistro", "crash"), 3), (("sent", "acme"), 5), (("failed", "acme", "timeout"), 1),
                   (("control", "status", "ok"), 7), (("error", "acme", "stray"), 1), (("events_dropped",), 2),
-                  (("transition", "connected"), 9), (("malformed", "worker"), 1), (("odd",), 1)],
+                  (("transition", "connected"), 9), (("malformed", "worker"), 1), (("odd",), 1),
+                  (("unknown_worker",), 4), (("refused_transition", "stopped", "connected"), 1)],
         samples={"acme": Sample(123, 1.0, 50_000_000, 1.5, 7, 30)},
         cpu_seconds={"acme": 1.5, "bistro": 4.0},
         version="9.9", backend="sim", pid=1, uptime=10,
@@ -99,6 +100,9 @@ def test_collector_builds_every_family_from_the_snapshot():
     assert value(got, "waport_control_requests_total", cmd="status", outcome="ok") == 7
     assert value(got, "waport_errors_total", company="acme", kind="stray") == 1
     assert value(got, "waport_events_dropped_total") == 2
+    assert value(got, "waport_unknown_worker_frames_total") == 4
+    assert value(got, "waport_refused_transitions_total", **{"from": "stopped", "to": "connected"}) == 1
+    assert value(got, "waport_loop_errors_total") == 0  # plain counters exist from the start
     assert value(got, "waport_worker_resident_memory_bytes", company="acme") == 50_000_000
     assert value(got, "waport_worker_cpu_seconds_total", company="bistro") == 4.0
     assert value(got, "waport_send_latency_seconds_count") == 1
@@ -178,19 +182,14 @@ def test_server_answers_metrics_healthz_and_404():
         server.close()
 
 
-def test_scrapes_from_another_thread_never_trip_over_a_changing_arbiter():
+def test_scrapes_from_another_thread_never_trip_over_a_changing_arbiter(tmp_path):
     """The main loop adds and removes sessions and counters while the HTTP thread collects."""
     import threading
-    import types
-    from collections import Counter
 
-    from waportd.config import Config
-    from waportd.ops import Ops
-    from waportd.session import Session
+    from fakes import rig
 
-    fake = types.SimpleNamespace(cfg=Config(), sessions={}, workers={}, counters=Counter(), started_at=0.0,
-                                 shutting_down=False, pids={}, locks={}, simnet=None)
-    ops = Ops(fake)
+    r = rig(tmp_path)
+    ops, roster, counters = r.arbiter.ops, r.arbiter.roster, r.services.counters
     errors: list[BaseException] = []
     done = threading.Event()
 
@@ -208,13 +207,14 @@ def test_scrapes_from_another_thread_never_trip_over_a_changing_arbiter():
         for i in range(20_000):
             company = f"c{i % 300}"
             if i % 3:
-                fake.sessions[company] = Session(company, state="connected")
-                fake.workers[company] = object()
+                roster.add(company).start()
             else:
-                fake.sessions.pop(company, None)
-                fake.workers.pop(company, None)
-            fake.counters[("sent", company)] += 1
-            fake.counters[("restarts", company, f"r{i % 7}")] += 1
+                c = roster.get(company)
+                if c is not None and c.worker is not None:
+                    c.exited(0)
+                roster.companies.pop(company, None)
+            counters[("sent", company)] += 1
+            counters[("restarts", company, f"r{i % 7}")] += 1
             ops.resources.cpu_before[company] = float(i)
             if i % 500 == 0:
                 ops.resources.cpu_before.clear()

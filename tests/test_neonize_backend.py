@@ -20,7 +20,7 @@ import pytest
 from conftest import ROOT, wait_for, whatsapp_resolves
 from test_worker import FakeSupervisor
 
-from ipc import exitcodes, protocol
+from ipc import exitcodes, protocol, states
 from workers.backend import BackendError, WorkerContext
 
 NZ = pytest.importorskip("neonize.proto.Neonize_pb2")
@@ -109,7 +109,7 @@ def make(session_dir: str) -> Iterator[Any]:
         reports = Reports()
         backend = NeonizeBackend(WorkerContext("acme", session_dir, options), reports)
         client = FakeClient()
-        backend._client, backend._nz, backend.phase = client, nb.load_neonize(), nb.CONNECTING
+        backend._client, backend._nz, backend.phase = client, nb.load_neonize(), states.CONNECTING
         made.append(backend)
         return backend, reports, client
 
@@ -141,9 +141,9 @@ def message_event(message: Any, *, chat: Any = None, sender: Any = None, from_me
 def test_importing_the_backend_does_not_load_neonize(session_dir: str) -> None:
     """Only connecting loads the Go runtime; the supervisor's imports never do."""
     code = (
-        "import sys, workers.worker, workers.neonize_backend as nb, workers.backend as b\n"
+        "import sys, workers.worker, workers.neonize_backend as nb, workers.backend as b, workers.backends\n"
         f"nb.NeonizeBackend(b.WorkerContext('acme', {session_dir!r}, {{}}), lambda t, d: None)\n"
-        "b.load('neonize')\n"
+        "workers.backends.load('neonize')\n"
         "assert 'neonize' not in sys.modules, sorted(m for m in sys.modules if 'neonize' in m)\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=30)

@@ -4,6 +4,7 @@ from ipc import exitcodes
 from ipc import states as S
 from waportd.backoff import RestartPolicy
 from waportd.session import Session, exit_outcome
+from waportd.transitions import InvalidTransition
 
 P = RestartPolicy(base_delay=1, factor=2, max_delay=8, jitter=0, reset_after=60, max_restarts=3)
 
@@ -61,7 +62,10 @@ def test_a_worker_we_killed_is_reported_as_such():
 
 def test_state_changes_follow_the_table():
     s = Session("acme")
-    assert not s.set_state(S.CONNECTED, "", 1.0)  # stopped -> connected is not a transition
+    with pytest.raises(InvalidTransition, match="stopped -> connected"):  # no worker, no connection
+        s.set_state(S.CONNECTED, "", 1.0)
+    assert s.state == S.STOPPED and s.history == []
+    assert not s.set_state(S.STOPPED, "", 1.0)  # no change: nothing to say
     assert s.set_state(S.STARTING, "", 1.0) and s.set_state(S.CONNECTED, "", 2.0)
     assert s.connected_at == 2.0 and s.record()["state"] == S.CONNECTED
     assert s.set_state(S.DISCONNECTED, "connection lost", 3.0) and s.connected_at == 2.0

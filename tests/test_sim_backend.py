@@ -1,5 +1,8 @@
 """The `sim` backend against a real simnet process: pairing, credentials, reconnects, faults as
-exits, messages both ways, and the double-session detector (a kill is not a double session)."""
+exits, messages both ways, and the double-session detector (a kill is not a double session).
+
+Each backend runs as in the worker: inside a loop (`InlineLoop`, on a thread of its own here) that
+polls its sockets and calls `loop_step`; the test thread calls in as the worker's request threads do."""
 
 from __future__ import annotations
 
@@ -14,14 +17,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from simnet_helpers import EventLog, SimNetProcess, free_tcp_port, short_tmpdir, spawn_backend, wait_until
+from simnet_helpers import EventLog, InlineLoop, SimNetProcess, free_tcp_port, short_tmpdir, spawn_backend, wait_until
 
 from ipc.errors import BAD_REQUEST, NOT_CONNECTED, TIMEOUT
 from workers import sim_backend
 from workers.backend import BackendError, WorkerContext
 from workers.sim_backend import SimBackend
 
-Factory = Callable[..., tuple[SimBackend, EventLog]]
+Factory = Callable[..., tuple[InlineLoop, EventLog]]
 
 
 @pytest.fixture
@@ -33,22 +36,22 @@ def session_dir() -> Iterator[str]:
 
 @pytest.fixture
 def make_backend(session_dir: str) -> Iterator[Factory]:
-    """Build started backends; every one is stopped at the end of the test."""
-    made: list[SimBackend] = []
+    """Build backends started on loops of their own; every loop is stopped at the end of the test."""
+    made: list[InlineLoop] = []
 
     def make(
         endpoint: str, company: str = "acme", directory: str | None = None, **options: Any
-    ) -> tuple[SimBackend, EventLog]:
+    ) -> tuple[InlineLoop, EventLog]:
         log = EventLog()
         ctx = WorkerContext(company, directory or session_dir, {"sim_endpoint": endpoint, **options})
-        backend = SimBackend(ctx, log)
-        made.append(backend)
-        backend.start()
-        return backend, log
+        loop = InlineLoop(log)
+        made.append(loop)
+        loop.start(SimBackend(ctx, loop.emit))
+        return loop, log
 
     yield make
-    for backend in made:
-        backend.stop()
+    for loop in made:
+        loop.stop()
 
 
 def creds(session_dir: str) -> dict[str, Any] | None:
@@ -69,14 +72,14 @@ def child_connected(net: SimNetProcess, session_dir: str) -> bool:
 def test_auto_pair_saves_credentials_and_a_restart_reuses_them(
     auto_net: SimNetProcess, make_backend: Factory, session_dir: str
 ) -> None:
-    backend, log = make_backend(auto_net.endpoint)
+    sim, log = make_backend(auto_net.endpoint)
     connected = log.wait_state("connected")
     assert log.of("qr")[0]["code"].startswith("SIMQR:")
     assert log.states() == ["connecting", "pairing", "connected"]
     saved = creds(session_dir)
     assert saved is not None and saved["phone"] == connected["phone"]
-    backend.stop()
-    backend.stop()  # idempotent
+    sim.stop()
+    sim.backend.stop()  # idempotent
     assert auto_net.connections() == {}  # bye freed the session at once
     again, log2 = make_backend(auto_net.endpoint)
     assert log2.wait_state("connected")["phone"] == connected["phone"]
@@ -85,7 +88,7 @@ def test_auto_pair_saves_credentials_and_a_restart_reuses_them(
 
 
 def test_manual_pairing_by_scanning_the_qr(net: SimNetProcess, make_backend: Factory, session_dir: str) -> None:
-    backend, log = make_backend(net.endpoint)
+    sim, log = make_backend(net.endpoint)
     qr = log.wait_for("qr")["code"]
     assert log.wait_state("pairing")["reason"] == "waiting for QR scan"
     assert creds(session_dir) is None
@@ -95,31 +98,31 @@ def test_manual_pairing_by_scanning_the_qr(net: SimNetProcess, make_backend: Fac
 
 
 def test_pair_code_only_while_pairing(net: SimNetProcess, make_backend: Factory) -> None:
-    backend, log = make_backend(net.endpoint)
+    sim, log = make_backend(net.endpoint)
     log.wait_state("pairing")
-    code = backend.pair_code("447700900123")
+    code = sim.backend.pair_code("447700900123")
     assert log.of("pair_code") == [{"code": code}]
     net.call("scan", qr=code)
     assert log.wait_state("connected")["phone"] == "447700900123"
     with pytest.raises(BackendError) as err:
-        backend.pair_code("447700900123")
+        sim.backend.pair_code("447700900123")
     assert err.value.code == BAD_REQUEST
 
 
 def test_pairing_timeout(net: SimNetProcess, make_backend: Factory) -> None:
-    backend, log = make_backend(net.endpoint, pairing_timeout=0.3)
+    sim, log = make_backend(net.endpoint, pairing_timeout=0.3)
     assert log.wait_for("exit")["reason"] == "pairing_timeout"
     assert log.states() == ["connecting", "pairing"]
 
 
 def test_connect_failed_when_no_network(make_backend: Factory, session_dir: str) -> None:
     started = time.monotonic()
-    backend, log = make_backend(f"ipc://{session_dir}/nobody.sock", connect_timeout=0.3)
+    sim, log = make_backend(f"ipc://{session_dir}/nobody.sock", connect_timeout=0.3)
     exit_ = log.wait_for("exit")
     assert exit_["reason"] == "connect_failed" and "0.3 s" in exit_["message"]
     assert time.monotonic() - started < 2
     with pytest.raises(BackendError) as err:
-        backend.send_text("15551234567", "hi")
+        sim.backend.send_text("15551234567", "hi")
     assert err.value.code == NOT_CONNECTED
 
 
@@ -146,7 +149,7 @@ def test_a_killed_session_process_is_not_a_double_session(
     finally:
         child.send_signal(sig)
         child.wait(5)
-    backend, log = make_backend(auto_net.endpoint)  # at once: no waiting for the network to notice
+    sim, log = make_backend(auto_net.endpoint)  # at once: no waiting for the network to notice
     log.wait_state("connected")
     assert log.of("qr") == []
     stats = auto_net.stats()
@@ -163,7 +166,7 @@ def test_a_stopped_process_over_tcp_goes_silent_and_is_forgotten(make_backend: F
             wait_until(lambda: child_connected(net, session_dir), 10, "the child's session")
             child.send_signal(signal.SIGSTOP)
             wait_until(lambda: net.connections() == {}, 3, "the silent session to be forgotten")
-            backend, log = make_backend(endpoint)
+            sim, log = make_backend(endpoint)
             log.wait_state("connected")
             assert net.stats()["replaced"] == 0 and net.stats()["timeouts"] == 1
         finally:
@@ -172,7 +175,7 @@ def test_a_stopped_process_over_tcp_goes_silent_and_is_forgotten(make_backend: F
 
 
 def test_drop_disconnects_then_reconnects(auto_net: SimNetProcess, make_backend: Factory) -> None:
-    backend, log = make_backend(auto_net.endpoint)
+    sim, log = make_backend(auto_net.endpoint)
     log.wait_state("connected")
     auto_net.call("drop", company="acme")
     assert log.wait_state("disconnected")["reason"] == "connection lost"
@@ -182,7 +185,7 @@ def test_drop_disconnects_then_reconnects(auto_net: SimNetProcess, make_backend:
 
 
 def test_outage_fails_reconnects_until_it_ends(auto_net: SimNetProcess, make_backend: Factory) -> None:
-    backend, log = make_backend(auto_net.endpoint)
+    sim, log = make_backend(auto_net.endpoint)
     log.wait_state("connected")
     auto_net.call("outage", seconds=1.0)
     log.wait_state("disconnected")
@@ -197,14 +200,14 @@ def test_outage_fails_reconnects_until_it_ends(auto_net: SimNetProcess, make_bac
 
 def test_first_connect_refused_by_an_outage_is_connect_failed(auto_net: SimNetProcess, make_backend: Factory) -> None:
     auto_net.call("outage", seconds=30)
-    backend, log = make_backend(auto_net.endpoint)
+    sim, log = make_backend(auto_net.endpoint)
     assert log.wait_for("exit")["reason"] == "connect_failed"
 
 
 def test_network_logout_fault_is_exit_logged_out(
     auto_net: SimNetProcess, make_backend: Factory, session_dir: str
 ) -> None:
-    backend, log = make_backend(auto_net.endpoint)
+    sim, log = make_backend(auto_net.endpoint)
     log.wait_state("connected")
     auto_net.call("logout", company="acme")
     assert log.wait_for("exit") == {"reason": "logged_out"}
@@ -214,9 +217,9 @@ def test_network_logout_fault_is_exit_logged_out(
 def test_revoked_credentials_at_hello_are_exit_logged_out(
     auto_net: SimNetProcess, make_backend: Factory, session_dir: str
 ) -> None:
-    backend, log = make_backend(auto_net.endpoint)
+    sim, log = make_backend(auto_net.endpoint)
     log.wait_state("connected")
-    backend.stop()
+    sim.stop()
     auto_net.call("logout", company="acme")
     again, log2 = make_backend(auto_net.endpoint)
     assert log2.wait_for("exit")["reason"] == "logged_out"
@@ -226,7 +229,7 @@ def test_revoked_credentials_at_hello_are_exit_logged_out(
 def test_replace_fault_is_exit_replaced_but_not_a_double_session(
     auto_net: SimNetProcess, make_backend: Factory
 ) -> None:
-    backend, log = make_backend(auto_net.endpoint)
+    sim, log = make_backend(auto_net.endpoint)
     log.wait_state("connected")
     auto_net.call("replace", company="acme")
     assert log.wait_for("exit") == {"reason": "replaced"}
@@ -235,20 +238,20 @@ def test_replace_fault_is_exit_replaced_but_not_a_double_session(
 
 
 def test_ban_is_exit_banned_and_refuses_until_it_ends(auto_net: SimNetProcess, make_backend: Factory) -> None:
-    backend, log = make_backend(auto_net.endpoint)
+    sim, log = make_backend(auto_net.endpoint)
     log.wait_state("connected")
     until = auto_net.call("ban", company="acme", seconds=60)["until"]
     assert log.wait_for("exit") == {"reason": "banned", "until": until}
-    backend.stop()
+    sim.stop()
     again, log2 = make_backend(auto_net.endpoint)
     exit_ = log2.wait_for("exit")
     assert exit_["reason"] == "banned" and exit_["until"] == until
 
 
 def test_backend_logout_unlinks_the_device(auto_net: SimNetProcess, make_backend: Factory, session_dir: str) -> None:
-    backend, log = make_backend(auto_net.endpoint)
+    sim, log = make_backend(auto_net.endpoint)
     log.wait_state("connected")
-    backend.logout()
+    sim.backend.logout()
     assert creds(session_dir) is None
     assert log.wait_for("exit") == {"reason": "logged_out"}
     assert auto_net.call("accounts")["accounts"]["acme"]["linked"] is False
@@ -256,9 +259,9 @@ def test_backend_logout_unlinks_the_device(auto_net: SimNetProcess, make_backend
 
 
 def test_inbound_while_offline_is_delivered_after_connect(auto_net: SimNetProcess, make_backend: Factory) -> None:
-    backend, log = make_backend(auto_net.endpoint)
+    sim, log = make_backend(auto_net.endpoint)
     phone = log.wait_state("connected")["phone"]
-    backend.stop()
+    sim.stop()
     reply = auto_net.call("inbound", company="acme", **{"from": "15557654321"}, text="while away", id="IN1")
     assert reply["delivered"] is False
     again, log2 = make_backend(auto_net.endpoint)
@@ -284,13 +287,13 @@ def test_inbound_while_offline_is_delivered_after_connect(auto_net: SimNetProces
 
 
 def test_send_text_is_recorded_and_a_receipt_follows(auto_net: SimNetProcess, make_backend: Factory) -> None:
-    backend, log = make_backend(auto_net.endpoint)
+    sim, log = make_backend(auto_net.endpoint)
     log.wait_state("connected")
-    result = backend.send_text("15557654321", "hello", message_id="OUT1")
+    result = sim.backend.send_text("15557654321", "hello", message_id="OUT1")
     assert result["message_id"] == "OUT1" and isinstance(result["ts"], float)
     receipt = log.wait_for("receipt")
     assert receipt == {"ids": ["OUT1"], "type": "delivered", "chat": "15557654321"}
-    generated = backend.send_text("15557654321", "again")["message_id"]
+    generated = sim.backend.send_text("15557654321", "again")["message_id"]
     assert generated.startswith("SIM")
     sent = auto_net.call("sent", company="acme")["messages"]
     assert [(m["id"], m["to"], m["text"]) for m in sent] == [
@@ -298,41 +301,41 @@ def test_send_text_is_recorded_and_a_receipt_follows(auto_net: SimNetProcess, ma
         (generated, "15557654321", "again"),
     ]
     with pytest.raises(BackendError) as err:
-        backend.send_text("not a phone", "x")
+        sim.backend.send_text("not a phone", "x")
     assert err.value.code == "invalid_phone"
 
 
 def test_send_text_when_not_connected(net: SimNetProcess, make_backend: Factory) -> None:
-    backend, log = make_backend(net.endpoint)
+    sim, log = make_backend(net.endpoint)
     log.wait_state("pairing")
     with pytest.raises(BackendError) as err:
-        backend.send_text("15557654321", "hello")
+        sim.backend.send_text("15557654321", "hello")
     assert err.value.code == NOT_CONNECTED
 
 
 def test_latency_delays_the_send_reply(auto_net: SimNetProcess, make_backend: Factory) -> None:
-    backend, log = make_backend(auto_net.endpoint)
+    sim, log = make_backend(auto_net.endpoint)
     log.wait_state("connected")
     auto_net.call("latency", ms=300)
     started = time.monotonic()
-    backend.send_text("15557654321", "slow")
+    sim.backend.send_text("15557654321", "slow")
     assert time.monotonic() - started >= 0.3
     assert auto_net.call("ping")["pong"]  # the network itself was never blocked
     auto_net.call("latency", ms=0)
     started = time.monotonic()
-    backend.send_text("15557654321", "fast")
+    sim.backend.send_text("15557654321", "fast")
     assert time.monotonic() - started < 0.3
 
 
 def test_a_send_cut_by_a_drop_has_an_unknown_outcome(auto_net: SimNetProcess, make_backend: Factory) -> None:
-    backend, log = make_backend(auto_net.endpoint)
+    sim, log = make_backend(auto_net.endpoint)
     log.wait_state("connected")
     auto_net.call("latency", ms=2000)
     errors: list[BackendError] = []
 
     def send() -> None:
         try:
-            backend.send_text("15557654321", "cut")
+            sim.backend.send_text("15557654321", "cut")
         except BackendError as exc:
             errors.append(exc)
 
@@ -352,7 +355,7 @@ def test_network_death_is_noticed_and_the_backend_reconnects(
     net = SimNetProcess(auto_pair=True)
     try:
         net.start()
-        backend, log = make_backend(net.endpoint)
+        sim, log = make_backend(net.endpoint)
         log.wait_state("connected")
         net.stop(signal.SIGKILL)
         assert log.wait_state("disconnected")["reason"] == "connection lost: no answer from the network"
@@ -364,15 +367,15 @@ def test_network_death_is_noticed_and_the_backend_reconnects(
 
 
 def test_stop_is_prompt_and_idempotent(auto_net: SimNetProcess, make_backend: Factory) -> None:
-    backend, log = make_backend(auto_net.endpoint)
+    sim, log = make_backend(auto_net.endpoint)
     log.wait_state("connected")
     started = time.monotonic()
-    backend.stop()
-    backend.stop()
+    sim.stop()
+    sim.backend.stop()
     assert time.monotonic() - started < 2
     assert auto_net.connections() == {}
     with pytest.raises(BackendError):
-        backend.send_text("15557654321", "after stop")
+        sim.backend.send_text("15557654321", "after stop")
 
 
 def test_missing_endpoint_is_a_configuration_error(session_dir: str) -> None:

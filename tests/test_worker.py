@@ -150,3 +150,12 @@ def test_worker_with_a_dead_parent_exits_at_once(short_tmp, sup, simnet):
     # A parent pid that is not ours: the worker must not run orphaned.
     proc = spawn_worker(short_tmp, sup, simnet.endpoint, parent_pid="1")
     assert proc.wait(10) == exitcodes.SUPERVISOR_LOST
+
+
+def test_backends_are_loaded_by_name():
+    from workers.backends import load
+    from workers.sim_backend import SimBackend
+
+    assert load("sim") is SimBackend
+    with pytest.raises(ValueError, match="unknown backend 'bogus'"):
+        load("bogus")

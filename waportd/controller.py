@@ -1,11 +1,15 @@
-"""Control commands (DESIGN.md §4): validate, act through the arbiter, answer exactly once."""
+"""Control commands (DESIGN.md §4): validate, act through the owners, answer exactly once.
+
+The controller holds the owners a command acts on (the roster and its companies, the message
+desk, ops), never the arbiter: a command can do what those allow and nothing else.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psutil
 
@@ -18,9 +22,11 @@ from ipc.errors import (
 )
 from ipc.states import ALIVE, CONNECTED, PAIRING
 from ipc.validation import normalize_phone, validate_company
-
-if TYPE_CHECKING:
-    from waportd.arbiter import Arbiter
+from waportd.company import Company
+from waportd.messages import MessageDesk
+from waportd.ops import Ops
+from waportd.roster import Roster
+from waportd.services import Services
 
 log = logging.getLogger("waport.control")
 
@@ -29,12 +35,17 @@ WORKER_TIMEOUT = 30.0
 
 
 class Controller:
-    def __init__(self, arbiter: Arbiter) -> None:
-        self.arbiter = arbiter
+    def __init__(self, services: Services, roster: Roster, messages: MessageDesk, ops: Ops,
+                 reload: Callable[[], dict[str, list[str]]]) -> None:
+        self.services = services
+        self.roster = roster
+        self.messages = messages
+        self.ops = ops
+        self.reload = reload
 
     def handle(self, raw: bytes, respond: Respond) -> None:
         """Answer one frame; malformed or failing requests get an error reply, never a crash."""
-        counters = self.arbiter.counters
+        counters = self.services.counters
         try:
             req = control.parse_request(raw)
         except WaportError as exc:
@@ -65,30 +76,29 @@ class Controller:
 
     # ------------------------------------------------------------ helpers
 
-    def known(self, args: dict[str, Any]) -> str:
-        company = validate_company(args.get("company"))
-        if company not in self.arbiter.sessions:
-            raise WaportError(UNKNOWN_COMPANY, f"no session for company {company!r}; start it first")
+    def known(self, args: dict[str, Any]) -> Company:
+        name = validate_company(args.get("company"))
+        company = self.roster.get(name)
+        if company is None:
+            raise WaportError(UNKNOWN_COMPANY, f"no session for company {name!r}; start it first")
         return company
 
-    def record(self, company: str, live: bool = True) -> dict[str, Any]:
+    def record(self, company: Company, live: bool = True) -> dict[str, Any]:
         """`live` reads the worker's RSS now; `list` uses the last sample (psutil for 1,000 workers is slow)."""
-        s = self.arbiter.sessions[company]
+        s = company.session
         if live and s.pid and s.state in ALIVE:
             try:
                 s.rss_bytes = psutil.Process(s.pid).memory_info().rss
             except psutil.Error:
                 s.rss_bytes = None
-        return {**s.record(), **self.arbiter.ops.resource_fields(company)}
+        return {**s.record(), **self.ops.resource_fields(company)}
 
-    def when_exited(self, company: str, then: Callable[[], None]) -> None:
-        if company in self.arbiter.workers:
-            self.arbiter.exit_waiters.setdefault(company, []).append(then)
-        else:
-            then()
+    def not_shutting_down(self) -> None:
+        if self.services.shutting_down:
+            raise WaportError(BAD_REQUEST, "waportd is shutting down")
 
     def worker_call(
-        self, company: str, cmd: str, args: dict[str, Any], ok: Callable, fail: Callable,
+        self, company: Company, cmd: str, args: dict[str, Any], ok: Callable, fail: Callable,
         shape: Callable[[dict[str, Any]], dict[str, Any]] = lambda r: r,
     ) -> None:
         def on_reply(reply: dict[str, Any]) -> None:
@@ -97,7 +107,7 @@ class Controller:
             else:
                 fail(WaportError.from_dict(reply.get("error")))
 
-        self.arbiter.request_worker(company, cmd, args, WORKER_TIMEOUT, on_reply)
+        company.request(cmd, args, WORKER_TIMEOUT, on_reply)
 
     # ------------------------------------------------------------ commands
 
@@ -105,11 +115,11 @@ class Controller:
         ok({"pong": True, "pid": os.getpid(), "version": __version__})
 
     def cmd_version(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
-        ok({"version": __version__, "protocol": protocol.VERSION, "backend": self.arbiter.cfg.backend,
-            "metrics": self.arbiter.ops.metrics_url})
+        ok({"version": __version__, "protocol": protocol.VERSION, "backend": self.services.cfg.backend,
+            "metrics": self.ops.metrics_url})
 
     def cmd_list(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
-        ok({"sessions": [self.record(c, live=False) for c in sorted(self.arbiter.sessions)]})
+        ok({"sessions": [self.record(c, live=False) for c in sorted(self.roster, key=lambda c: c.name)]})
 
     def cmd_status(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
         if args.get("company") is None:
@@ -118,111 +128,91 @@ class Controller:
         ok(self.record(self.known(args)))
 
     def cmd_start(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
-        company = validate_company(args.get("company"))
-        a = self.arbiter
-        if a.shutting_down:
-            raise WaportError(BAD_REQUEST, "waportd is shutting down")
-        a.desired.start(company)
-        a.save_desired()
-        a.start_session(company)
+        name = validate_company(args.get("company"))
+        self.not_shutting_down()
+        company = self.roster.want(name)
+        company.start()
         ok(self.record(company))
 
     def cmd_stop(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
         company = self.known(args)
-        a = self.arbiter
-        a.desired.stop(company)
-        a.save_desired()
-        a.stop_session(company)
-        self.when_exited(company, lambda: ok(self.record(company)))
+        self.roster.unwant(company.name)
+        company.stop()
+        company.when_exited(lambda: ok(self.record(company)))
 
     def cmd_restart(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
         company = self.known(args)
-        a = self.arbiter
-        if a.shutting_down:
-            raise WaportError(BAD_REQUEST, "waportd is shutting down")
-        a.desired.start(company)
-        a.save_desired()
-        s = a.sessions[company]
-
-        def fresh_start() -> None:
-            s.failures = 0
-            a.spawn(s)
-            ok(self.record(company))
-
-        if company in a.workers:
-            a.stop_worker(company, then=fresh_start, reason="restart requested")
-        else:
-            fresh_start()
+        self.not_shutting_down()
+        self.roster.want(company.name)
+        company.restart(lambda: ok(self.record(company)))
 
     def cmd_logout(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
         company = self.known(args)
 
         def logged_out(_result: dict[str, Any]) -> None:
-            self.when_exited(company, lambda: ok(self.record(company)))
+            company.when_exited(lambda: ok(self.record(company)))
 
         self.worker_call(company, "logout", {}, logged_out, fail)
 
     def cmd_delete(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
         """Unlink the device when we can, stop the worker, remove the session's data."""
         company = self.known(args)
-        a = self.arbiter
 
         def remove() -> None:
-            a.delete_session(company)
-            ok({"company": company, "deleted": True})
+            company.delete_data()
+            self.messages.forget(company.name)
+            self.roster.forget(company.name)
+            ok({"company": company.name, "deleted": True})
 
         def stop_then_remove(_reply: Any = None) -> None:
-            if company in a.workers:
-                a.stop_session(company)
-                self.when_exited(company, remove)
-            else:
-                remove()
+            if company.worker is not None:
+                company.stop()
+            company.when_exited(remove)
 
-        if a.sessions[company].state == CONNECTED:
-            a.request_worker(company, "logout", {}, WORKER_TIMEOUT, stop_then_remove)
+        if company.state == CONNECTED:
+            company.request("logout", {}, WORKER_TIMEOUT, stop_then_remove)
         else:
             stop_then_remove()
 
     def cmd_send(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
         """Durable before it answers: `queued` means journaled; the outcome follows as an event."""
-        self.arbiter.messages.accept(args.get("company"), args.get("to"), args.get("text"),
-                                     args.get("idempotency_key"), ok)
+        self.messages.accept(args.get("company"), args.get("to"), args.get("text"), args.get("idempotency_key"), ok)
 
     def cmd_messages(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
-        company = self.known(args)
+        name = self.known(args).name
         limit = args.get("limit", 20)
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 1000:
             raise WaportError(BAD_REQUEST, "limit must be a whole number from 1 to 1000")
         message_id = args.get("message_id")
         if message_id is not None:
-            found = self.arbiter.messages.journal(company).by_id(str(message_id))
+            found = self.messages.journal(name).by_id(str(message_id))
             if found is None:
-                raise WaportError(BAD_REQUEST, f"no message {message_id!r} in {company}'s journal")
-            ok({"company": company, "message": found.public()})
+                raise WaportError(BAD_REQUEST, f"no message {message_id!r} in {name}'s journal")
+            ok({"company": name, "message": found.public()})
             return
-        ok(self.arbiter.messages.listing(company, limit))
+        ok(self.messages.listing(name, limit))
 
     def cmd_qr(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
         company = self.known(args)
-        s = self.arbiter.sessions[company]
-        ok({"company": company, "state": s.state, "code": s.qr if s.state == PAIRING else None})
+        s = company.session
+        ok({"company": company.name, "state": s.state, "code": s.qr if s.state == PAIRING else None})
 
     def cmd_pair_code(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
         company = self.known(args)
         phone = normalize_phone(args.get("phone"))
         self.worker_call(company, "pair_code", {"phone": phone}, ok, fail,
-                         shape=lambda r: {"company": company, "code": r.get("code")})
+                         shape=lambda r: {"company": company.name, "code": r.get("code")})
 
     def cmd_metrics(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
         ok({"metrics": self.metric_samples()})
 
     def cmd_diagnose(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
         company = self.known(args)
-        ok(self.arbiter.ops.diagnose(company, self.record(company)))
+        ok(self.ops.diagnose(company, self.record(company)))
 
     def cmd_reload(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
-        ok(self.arbiter.reload())
+        ok(self.reload())
 
     def metric_samples(self) -> list[dict[str, Any]]:
         """Every figure of /metrics (one registry), as {name, labels, value}."""
-        return self.arbiter.ops.samples()
+        return self.ops.samples()

@@ -9,6 +9,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from ipc.files import write_atomic
+
 
 @dataclass
 class Desired:
@@ -62,13 +64,7 @@ def load(path: str) -> Desired:
 
 
 def save(path: str, desired: Desired) -> None:
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(desired.to_json())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, desired.to_json())
 
 
 class CorruptState(Exception):

@@ -21,6 +21,7 @@ from ipc.states import (
     REPLACED,
     STARTING,
     STOPPED,
+    TROUBLE,
 )
 from waportd.resources import human_bytes
 
@@ -32,7 +33,6 @@ GROWTH_MIN_BYTES = 50 * 1024 * 1024  # RSS growth that is worth a word
 GROWTH_MIN_RATIO = 1.5
 NEAR_LIMIT = 0.8
 LONG_PAIRING = 60.0
-TROUBLE_STATES = (BACKOFF, FAILED, BANNED, LOGGED_OUT, REPLACED, OUTDATED)
 
 
 @dataclass
@@ -178,7 +178,7 @@ def diagnose(i: Inputs) -> dict[str, Any]:
         findings.append(f"stray process at start-up: pid {stray.get('pid')} ({stray.get('why')})"
                         + (", ended" if stray.get("ours") else ", not ours: left alone"))
 
-    trouble = [{"ts": t, "kind": s, "message": why} for t, s, why in i.history if s in TROUBLE_STATES and why]
+    trouble = [{"ts": t, "kind": s, "message": why} for t, s, why in i.history if s in TROUBLE and why]
     reported = [{"ts": e.get("ts"), "kind": e.get("kind"), "message": e.get("message")} for e in i.errors]
     last_errors = sorted(trouble + reported, key=lambda e: e["ts"] if isinstance(e["ts"], (int, float)) else 0)
 

@@ -7,24 +7,22 @@ Redis, to `waport:inbox`; the worker hears an ACK only when every sink has them.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ipc import events, protocol
 from ipc.errors import BAD_REQUEST, NOT_CONNECTED, RATE_LIMITED, UNKNOWN_COMPANY, WaportError
 from ipc.journal import Busy, Journal
-from ipc.states import FAILED, LOGGED_OUT, OUTDATED, REPLACED
+from ipc.states import REFUSES_SENDS
 from ipc.validation import mask_phone, normalize_phone, validate_company, validate_text
 from waportd.ratelimit import FallbackLimiter, Limits
-from waportd.redis_bridge import EVENTS, INBOX, RedisBridge, client_for
-
-if TYPE_CHECKING:
-    from waportd.arbiter import Arbiter
+from waportd.redis_bridge import INBOX, RedisBridge, client_for
+from waportd.roster import Roster
+from waportd.services import Services
 
 log = logging.getLogger("waport.messages")
 
@@ -32,7 +30,6 @@ Done = Callable[[dict[str, Any]], None]
 OPEN_JOURNALS = 256
 LOCK_WAIT = 0.5  # seconds a read of the journal may wait (a write never waits: it tries again next turn)
 SEEN_INBOUND = 100_000
-NO_SEND_STATES = (FAILED, LOGGED_OUT, REPLACED, OUTDATED)
 ACK_IDS = 1000  # ids per ACK frame: far below the 1 MiB frame limit whatever a turn brought in
 
 
@@ -41,26 +38,21 @@ def limits_of(cfg: Any) -> Limits:
 
 
 class MessageDesk:
-    def __init__(self, arbiter: Arbiter) -> None:
-        self.arbiter = arbiter
-        cfg = arbiter.cfg
+    def __init__(self, services: Services, roster: Roster, bridge: RedisBridge | None,
+                 observe_latency: Callable[[float], None]) -> None:
+        self.services = services
+        self.roster = roster
+        self.bridge = bridge
+        self.observe_latency = observe_latency
+        cfg = services.cfg
         self.journals: OrderedDict[str, Journal] = OrderedDict()
         self.seen: OrderedDict[tuple[str, str], None] = OrderedDict()  # inbound already published
-        self.bridge: RedisBridge | None = None
         self.batch: dict[str, list[tuple[str, str, str | None, str, Done]]] = {}
         self.acks: dict[str, list[str]] = {}  # inbound ids every sink has, sent at the end of the turn
         client = client_for(cfg.redis_url, timeout=0.2) if cfg.redis_url else None
         self.limiter = FallbackLimiter(limits_of(cfg), client)
-        if cfg.redis_url:
-            self.bridge = RedisBridge(cfg.redis_url, arbiter.wake, cfg.stream_maxlen)
 
-    def start(self) -> None:
-        if self.bridge:
-            self.bridge.start()
-
-    def stop(self) -> None:
-        if self.bridge:
-            self.bridge.stop()
+    def close(self) -> None:
         for journal in self.journals.values():
             journal.close()
         self.journals.clear()
@@ -73,7 +65,7 @@ class MessageDesk:
     def journal(self, company: str) -> Journal:
         journal = self.journals.get(company)
         if journal is None:
-            session_dir = os.path.join(self.arbiter.cfg.state_dir, "sessions", company)
+            session_dir = os.path.join(self.services.cfg.state_dir, "sessions", company)
             os.makedirs(session_dir, mode=0o700, exist_ok=True)
             # The loop never checkpoints, and never sleeps on the worker's write lock (see `flush`).
             journal = self.journals[company] = Journal.in_session(session_dir, LOCK_WAIT, checkpoints=False)
@@ -95,10 +87,10 @@ class MessageDesk:
         Refusals raise `WaportError` at once; `on_done(result)` runs after the batch is committed
         (`flush`), so an answer is never given before the message is durable.
         """
-        a = self.arbiter
+        sv = self.services
         company = validate_company(company)
-        s = a.sessions.get(company)
-        if s is None:
+        c = self.roster.get(company)
+        if c is None:
             raise WaportError(UNKNOWN_COMPANY, f"no session for company {company!r}; start it first")
         recipient = normalize_phone(to)
         body = validate_text(text)
@@ -110,20 +102,21 @@ class MessageDesk:
             if first is not None:
                 on_done(first.result())
                 return
-        if s.state in NO_SEND_STATES or not a.desired.is_wanted(company, a.configured):
-            raise WaportError(NOT_CONNECTED, f"{company} is {s.state} and will not send until it is started "
-                                             "(waportctl restart)", state=s.state)
+        if c.state in REFUSES_SENDS or not self.roster.is_wanted(company):
+            raise WaportError(NOT_CONNECTED, f"{company} is {c.state} and will not send until it is started "
+                                             "(waportctl restart)", state=c.state)
         decision = self.limiter.check(company, recipient)
         if not decision.allowed:
-            a.counters[("rate_limited", company)] += 1
-            a.publish(company, events.RATE_LIMITED, {"to": recipient, "retry_after_ms": decision.retry_after_ms})
+            sv.counters[("rate_limited", company)] += 1
+            sv.publish(company, events.RATE_LIMITED, {"to": recipient, "retry_after_ms": decision.retry_after_ms},
+                       None)
             raise WaportError(RATE_LIMITED, f"too many messages to {mask_phone(recipient)}; retry in "
                                             f"{decision.retry_after_ms} ms", retry_after_ms=decision.retry_after_ms)
         self.batch.setdefault(company, []).append((recipient, body, key, source, on_done))
 
     def flush(self) -> None:
         """Commit the turn's accepted sends, one transaction per company, then answer and nudge the workers."""
-        a = self.arbiter
+        counters = self.services.counters
         batch, self.batch = self.batch, {}
         for company, items in batch.items():
             try:
@@ -131,25 +124,24 @@ class MessageDesk:
             except Busy:
                 self.batch.setdefault(company, [])[:0] = items  # the worker is writing: next turn, in order
                 continue
-            s = a.sessions.get(company)
+            c = self.roster.get(company)
             created = sum(1 for _, new in results if new)
-            a.counters[("accepted", company)] += created
-            if s is not None:
-                s.queued += created
-                if s.ready:
-                    a.send_worker(s, protocol.OUTBOX, {})
+            counters[("accepted", company)] += created
+            if c is not None:
+                c.session.queued += created
+                c.nudge()
             for (message, _), item in zip(results, items, strict=True):
                 item[4](message.result())
 
     def on_outcome(self, company: str, type_: str, data: dict[str, Any]) -> None:
-        a = self.arbiter
+        counters = self.services.counters
         if type_ == events.SENT:
-            a.counters[("sent", company)] += 1
+            counters[("sent", company)] += 1
             latency = data.get("latency")
             if isinstance(latency, (int, float)):
-                a.ops.metrics.observe_send_latency(latency)
+                self.observe_latency(latency)
         else:
-            a.counters[("failed", company, str(data.get("reason", "error")))] += 1
+            counters[("failed", company, str(data.get("reason", "error")))] += 1
 
     def listing(self, company: str, limit: int) -> dict[str, Any]:
         journal = self.journal(company)
@@ -162,15 +154,15 @@ class MessageDesk:
     def on_inbound(self, company: str, data: dict[str, Any], ts: float) -> None:
         msg_id = data.get("id")
         if not isinstance(msg_id, str):
-            self.arbiter.counters[("malformed", "event")] += 1
+            self.services.counters[("malformed", "event")] += 1
             return
         key = (company, msg_id)
         if key not in self.seen:
             self.seen[key] = None
             while len(self.seen) > SEEN_INBOUND:
                 self.seen.popitem(last=False)
-            self.arbiter.counters[("received", company)] += 1
-            self.arbiter.publish(company, events.MESSAGE, data, ts)
+            self.services.counters[("received", company)] += 1
+            self.services.publish(company, events.MESSAGE, data, ts)
         if self.bridge:
             self.bridge.put_stream(INBOX, {"company": company, **{k: data.get(k) for k in (
                 "id", "chat", "from", "push_name", "type", "text", "ts", "is_group")}}, token=key)
@@ -184,10 +176,10 @@ class MessageDesk:
         """One ACK per worker per turn: a redelivered backlog of 100 messages is acknowledged in one frame."""
         acks, self.acks = self.acks, {}
         for company, ids in acks.items():
-            s = self.arbiter.sessions.get(company)
-            if s is not None and s.ready:  # else the successor redelivers, and hears the ACK then
+            c = self.roster.get(company)
+            if c is not None and c.ready:  # else the successor redelivers, and hears the ACK then
                 for start in range(0, len(ids), ACK_IDS):
-                    self.arbiter.send_worker(s, protocol.ACK, {"ids": ids[start:start + ACK_IDS]})
+                    c.send(protocol.ACK, {"ids": ids[start:start + ACK_IDS]})
 
     def take_bridge_results(self) -> None:
         """Inbox entries Redis took are acknowledged; outbox entries from producers are sent."""
@@ -200,8 +192,7 @@ class MessageDesk:
             elif kind == "outbox":
                 self.from_stream(*item)
             elif kind == "up":
-                for s in list(self.arbiter.sessions.values()):
-                    self.mirror(s.company, s.record())
+                self.mirror_all()
 
     def from_stream(self, entry_id: str, fields: dict[str, str]) -> None:
         """A producer's XADD to waport:outbox: the same send path, the entry id as the default key."""
@@ -220,10 +211,8 @@ class MessageDesk:
         except WaportError as exc:
             answer({"ok": False, "status": "rejected", "error": exc.code, "message": exc.message})
 
-    def event_to_stream(self, event: dict[str, Any]) -> None:
+    def mirror_all(self) -> None:
+        """Every session record to the Redis mirror (it has a TTL; and Redis may have come back empty)."""
         if self.bridge:
-            self.bridge.put_stream(EVENTS, {**event, "data": json.dumps(event["data"], separators=(",", ":"))})
-
-    def mirror(self, company: str, record: dict[str, Any] | None) -> None:
-        if self.bridge:
-            self.bridge.put_mirror(company, record)
+            for c in self.roster:
+                self.bridge.put_mirror(c.name, c.record())

@@ -27,14 +27,12 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from ipc.states import ALL, BANNED, CONNECTED, FAILED, LOGGED_OUT, OUTDATED, REPLACED
+from ipc.states import ALL, ATTENTION, CONNECTED
 from waportd.resources import Sample
 
 log = logging.getLogger("waport.metrics")
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
-# Sessions in these states need a person: /healthz says `degraded` while any is in one.
-ATTENTION_STATES = frozenset({FAILED, LOGGED_OUT, REPLACED, OUTDATED, BANNED})
 
 
 @dataclass
@@ -83,6 +81,13 @@ COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "control": ("waport_control_requests", "Control socket requests, by command and outcome (ok or error code).",
                 ("cmd", "outcome")),
     "malformed": ("waport_malformed_frames", "Frames dropped as malformed, by socket.", ("socket",)),
+    "events_dropped": ("waport_events_dropped", "Events not published: the PUB queue was full.", ()),
+    "loop_errors": ("waport_loop_errors", "Exceptions the supervisor's main loop caught and survived (a bug: "
+                    "see the log).", ()),
+    "unknown_worker": ("waport_unknown_worker_frames", "Frames from a worker the supervisor does not know (an "
+                       "old incarnation, a stray): it is told to stop.", ()),
+    "refused_transition": ("waport_refused_transitions", "State changes the transition table refused (a bug: "
+                           "see the log).", ("from", "to")),
 }
 # Per-company counters shown as 0 for every known company, so rate() works from the first sample.
 ZERO_FILLED = ("sent", "received", "rate_limited", "qr")
@@ -126,22 +131,19 @@ class ArbiterCollector(Collector):
         families = {key: CounterMetricFamily(name, help_, labels=list(labels))
                     for key, (name, help_, labels) in COUNTERS.items()}
         seen: dict[str, set[tuple[str, ...]]] = {key: set() for key in COUNTERS}
-        events_dropped = 0
         for key, n in sorted(snap.counters):
             kind, labels = key[0], key[1:]
-            if kind == "events_dropped":
-                events_dropped = n
-            elif kind in families and len(labels) == len(COUNTERS[kind][2]):
+            if kind in families and len(labels) == len(COUNTERS[kind][2]):
                 families[kind].add_metric([str(x) for x in labels], n)
                 seen[kind].add(labels)
         for kind in ZERO_FILLED:
             for company in companies:
                 if (company,) not in seen[kind]:
                     families[kind].add_metric([company], 0)
+        for kind, (_, _, labels) in COUNTERS.items():
+            if not labels and not seen[kind]:  # a plain counter exists from the start, at 0
+                families[kind].add_metric([], 0)
         yield from families.values()
-        dropped = CounterMetricFamily("waport_events_dropped", "Events not published: the PUB queue was full.")
-        dropped.add_metric([], events_dropped)
-        yield dropped
 
         rss = GaugeMetricFamily("waport_worker_resident_memory_bytes", "Resident memory of the worker process.",
                                 labels=["company"])
@@ -208,7 +210,7 @@ def health(snap: Snapshot) -> tuple[int, dict[str, Any]]:
     a session needs a person (failed, logged_out, replaced, outdated, banned) or has a hung worker.
     """
     loop_ok = snap.loop_age < snap.loop_stall_after
-    attention = {v.company: v.state for v in snap.sessions if v.state in ATTENTION_STATES}
+    attention = {v.company: v.state for v in snap.sessions if v.state in ATTENTION}
     for v in snap.sessions:
         if v.alive and v.heartbeat_age is not None and v.heartbeat_age > snap.hung_after:
             attention[v.company] = "hung"

@@ -2,7 +2,8 @@
 
 One object the arbiter calls at a few points (`started`, `tick`, `stopping`, `close`, and for
 worker LOG frames and error events), so the main loop stays readable and each concern keeps
-its own module: `metrics`, `resources`, `sdnotify`, `strays`, `diagnose`.
+its own module: `metrics`, `resources`, `sdnotify`, `strays`, `diagnose`. It sees the companies
+through the roster and acts on one only through its `Company` (a graceful restart for memory).
 """
 
 from __future__ import annotations
@@ -11,18 +12,20 @@ import logging
 import os
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from ipc import __version__, events, paths
+from ipc.files import write_atomic
 from waportd import diagnose as diagnosis
 from waportd import strays
+from waportd.company import Company
 from waportd.metrics import Metrics, MetricsServer, SessionView, Snapshot
+from waportd.redis_bridge import RedisBridge
 from waportd.resources import ResourceMonitor, Sample, human_bytes, over_limit
+from waportd.roster import Roster
 from waportd.sdnotify import Notifier, status_text
-
-if TYPE_CHECKING:
-    from waportd.arbiter import Arbiter, Worker
-    from waportd.session import Session
+from waportd.services import Services
 
 log = logging.getLogger("waport.ops")
 
@@ -36,13 +39,18 @@ SAMPLE_SLICE = 25  # workers sampled per loop round (a psutil sample reads a few
 class Ops:
     """The production hooks of one arbiter; everything runs on its loop except metric scrapes."""
 
-    def __init__(self, arbiter: Arbiter) -> None:
-        self.a = arbiter
+    def __init__(self, services: Services, roster: Roster, bridge: RedisBridge | None,
+                 simnet_pid: Callable[[], int | None]) -> None:
+        self.services = services
+        self.roster = roster
+        self.bridge = bridge
+        self.simnet_pid = simnet_pid
+        self.started_at = time.time()
         self.resources = ResourceMonitor()
         self.metrics = Metrics(self.snapshot)
         self.server: MetricsServer | None = None
         self.notifier = Notifier.from_env()
-        self.reaper = strays.Reaper(arbiter.cfg.stop_timeout)
+        self.reaper = strays.Reaper(services.cfg.stop_timeout)
         self.strays: list[strays.Stray] = []
         self.errors: dict[str, deque[dict[str, Any]]] = {}
         self.last_tick = time.monotonic()
@@ -68,7 +76,7 @@ class Ops:
         self.last_tick = now
         self.notifier.watchdog(now)
         if now >= self.next_sample:
-            self.next_sample = now + max(0.1, self.a.cfg.health_check_interval)
+            self.next_sample = now + max(0.1, self.services.cfg.health_check_interval)
             self.sample_workers(now)
         elif self.to_sample:
             self.continue_sampling(now)
@@ -90,20 +98,20 @@ class Ops:
             soon = min(soon, now + 0.25)
         return soon
 
-    def stopping(self) -> None:
-        self.notifier.stopping(f"stopping {len(self.a.workers)} workers")
+    def stopping(self, workers: int) -> None:
+        self.notifier.stopping(f"stopping {workers} workers")
 
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
             self.server = None
             try:
-                os.unlink(os.path.join(self.a.cfg.run_dir, METRICS_PORT_FILE))
+                os.unlink(os.path.join(self.services.cfg.run_dir, METRICS_PORT_FILE))
             except OSError:
                 pass
         self.notifier.close()
 
-    def worker_log(self, s: Session, body: dict[str, Any]) -> None:
+    def worker_log(self, company: Company, body: dict[str, Any]) -> None:
         """A worker's LOG frame, re-emitted through our handlers with the company tag."""
         level = body["level"]
         name = body["name"][:200] or "waport.worker"
@@ -113,20 +121,20 @@ class Ops:
         record = logger.makeRecord(name, level, "worker", 0, body["msg"], None, None)
         record.created = float(body["ts"])
         record.msecs = (record.created - int(record.created)) * 1000
-        record.company = s.company
-        record.process = s.pid
+        record.company = company.name
+        record.process = company.session.pid
         logger.handle(record)
 
-    def worker_error(self, s: Session, data: dict[str, Any]) -> None:
+    def worker_error(self, company: Company, data: dict[str, Any]) -> None:
         """An `error` event: counted by kind and kept for diagnose."""
         kind = str(data.get("kind") or "unknown")[:50]
-        self.a.counters[("error", s.company, kind)] += 1
-        self.remember_error(s.company, kind, str(data.get("message", ""))[:500])
+        self.services.counters[("error", company.name, kind)] += 1
+        self.remember_error(company.name, kind, str(data.get("message", ""))[:500])
 
     # ------------------------------------------------------------ metrics
 
     def start_metrics(self) -> None:
-        listen = self.a.cfg.metrics_listen.strip()
+        listen = self.services.cfg.metrics_listen.strip()
         if not listen:
             return
         server = MetricsServer(listen, self.metrics, self.snapshot)
@@ -137,12 +145,9 @@ class Ops:
             return
         self.server = server
         log.info("metrics: %s/metrics and /healthz", server.url)
-        path = os.path.join(self.a.cfg.run_dir, METRICS_PORT_FILE)
+        path = os.path.join(self.services.cfg.run_dir, METRICS_PORT_FILE)
         try:
-            with open(path + ".tmp", "w") as fh:
-                fh.write(f"{port}\n")
-            os.chmod(path + ".tmp", 0o640)
-            os.replace(path + ".tmp", path)
+            write_atomic(path, f"{port}\n", mode=0o640, durable=False)
         except OSError as exc:
             log.warning("cannot write %s: %s", path, exc)
 
@@ -156,81 +161,80 @@ class Ops:
 
     def snapshot(self) -> Snapshot:
         """Copies of what the metrics and /healthz need; safe from the HTTP threads."""
-        a = self.a
-        mono = time.monotonic()
-        live = set(list(a.workers))
-        views = [
-            SessionView(s.company, s.state, s.reason, s.company in live,
-                        mono - s.last_heartbeat if s.company in live else None, s.queued)
-            for s in list(a.sessions.values())
-        ]
+        sv = self.services
+        mono = sv.clock.monotonic()
+        views, live = [], set()
+        for c in self.roster:
+            w = c.worker  # read once: the loop may end it meanwhile
+            if w is not None:
+                live.add(c.name)
+            s = c.session
+            views.append(SessionView(c.name, s.state, s.reason, w is not None,
+                                     mono - w.last_heartbeat if w is not None else None, s.queued))
         samples, cpu = self.resources.snapshot()
-        hb = a.cfg.heartbeat_interval
+        hb = sv.cfg.heartbeat_interval
         return Snapshot(
             sessions=views,
-            counters=list(a.counters.items()),
+            counters=list(sv.counters.items()),
             samples={c: sample for c, sample in samples.items() if c in live},  # gone workers: no figure
             cpu_seconds=cpu,
             loop_age=mono - self.last_tick,
             loop_stall_after=max(LOOP_STALL_AFTER, 3 * hb),
             hung_after=3 * hb + 2,
-            shutting_down=a.shutting_down,
+            shutting_down=sv.shutting_down,
             redis=self.redis_state(),
             version=__version__,
-            backend=a.cfg.backend,
+            backend=sv.cfg.backend,
             pid=os.getpid(),
-            uptime=time.time() - a.started_at,
+            uptime=time.time() - self.started_at,
         )
 
     def redis_state(self) -> str:
-        if not self.a.cfg.redis_url:
+        if self.bridge is None:
             return "disabled"
-        bridge = getattr(getattr(self.a, "messages", None), "bridge", None)
-        if bridge is None:
-            return "unknown"
-        return "up" if getattr(bridge, "up", False) else "down"
+        return "up" if self.bridge.up else "down"
 
     # ------------------------------------------------------------ resources
 
     def sample_workers(self, now: float) -> None:
         """Start a pass over every worker; `continue_sampling` does it in slices."""
-        a = self.a
-        self.to_sample = deque(a.workers)
-        self.resources.retire_all_but(set(a.workers))
-        for company in [c for c in list(self.resources.cpu_before) if c not in a.sessions]:
-            self.resources.forget(company)
+        running = [c.name for c in self.roster.running()]
+        self.to_sample = deque(running)
+        self.resources.retire_all_but(set(running))
+        for name in [n for n in list(self.resources.cpu_before) if self.roster.get(n) is None]:
+            self.resources.forget(name)
         self.continue_sampling(now)
 
     def continue_sampling(self, now: float) -> None:
         """psutil figures of up to SAMPLE_SLICE workers (hundreds would hold the loop up); one over
         memory_limit is restarted gracefully."""
-        a = self.a
         wall = time.time()
         for _ in range(min(SAMPLE_SLICE, len(self.to_sample))):
-            company = self.to_sample.popleft()
-            w = a.workers.get(company)
-            sample = self.resources.sample(company, w.proc.pid, wall) if w else None
-            if w is None or sample is None:
+            company = self.roster.get(self.to_sample.popleft())
+            w = company.worker if company is not None else None
+            if company is None or w is None:
                 continue
-            a.sessions[company].rss_bytes = sample.rss_bytes
-            if over_limit(sample, a.cfg.memory_limit) and w.killed_reason is None and not w.stop_requested:
-                self.restart_for_memory(company, w, sample, now)
+            sample = self.resources.sample(company.name, w.pid, wall)
+            if sample is None:
+                continue
+            company.session.rss_bytes = sample.rss_bytes
+            if over_limit(sample, self.services.cfg.memory_limit) and not w.ending:
+                self.restart_for_memory(company, sample, now)
 
-    def restart_for_memory(self, company: str, w: Worker, sample: Sample, now: float) -> None:
+    def restart_for_memory(self, company: Company, sample: Sample, now: float) -> None:
         """SIGTERM (the worker stops in order), then the normal restart path with reason memory_limit."""
-        a = self.a
-        limit = a.cfg.memory_limit
+        limit = self.services.cfg.memory_limit
         log.warning("%s: worker %d uses %s, over memory_limit %s; restarting it gracefully",
-                    company, w.proc.pid, human_bytes(sample.rss_bytes), human_bytes(limit))
-        a.publish(company, events.HEALTH_CHECK_FAILED,
-                  {"check": "memory_limit", "rss_bytes": sample.rss_bytes, "limit": limit})
-        a.restart_worker(w, "memory_limit", now)
+                    company.name, company.session.pid, human_bytes(sample.rss_bytes), human_bytes(limit))
+        self.services.publish(company.name, events.HEALTH_CHECK_FAILED,
+                              {"check": "memory_limit", "rss_bytes": sample.rss_bytes, "limit": limit}, None)
+        company.restart_worker("memory_limit", now)
 
-    def resource_fields(self, company: str) -> dict[str, Any]:
+    def resource_fields(self, company: Company) -> dict[str, Any]:
         """Figures `status` adds to the record: the last sample of a live worker."""
-        sample = self.resources.samples.get(company) if company in self.a.workers else None
+        sample = self.resources.samples.get(company.name) if company.worker is not None else None
         return {
-            "cpu_seconds": round(self.resources.cpu_total(company), 3) if company in self.a.sessions else None,
+            "cpu_seconds": round(self.resources.cpu_total(company.name), 3),
             "threads": sample.threads if sample else None,
             "open_files": sample.open_files if sample else None,
         }
@@ -238,20 +242,22 @@ class Ops:
     # ------------------------------------------------------------ strays
 
     def find_strays(self, now: float) -> None:
-        a = self.a
-        children = set(a.pids)
-        if a.simnet is not None:
-            children.add(a.simnet.pid)
-        endpoint = paths.endpoint(a.cfg.run_dir, paths.WORKERS_SOCK)
-        found = strays.find(a.cfg.state_dir, endpoint, os.getpid(), children, set(a.locks))
+        sv = self.services
+        children = {c.worker.pid for c in self.roster.running() if c.worker is not None}
+        simnet = self.simnet_pid()
+        if simnet is not None:
+            children.add(simnet)
+        locked = {c.name for c in self.roster if c.lock is not None}
+        endpoint = paths.endpoint(sv.cfg.run_dir, paths.WORKERS_SOCK)
+        found = strays.find(sv.cfg.state_dir, endpoint, os.getpid(), children, locked)
         for stray in found:
             action = "ending it" if stray.ours else "not a waport worker: leaving it alone"
             message = f"stray process {stray.describe()}; {action}"
             log.warning("%s: %s", stray.company, message)
-            a.counters[("error", stray.company, "stray")] += 1
+            sv.counters[("error", stray.company, "stray")] += 1
             self.remember_error(stray.company, "stray", message)
-            a.publish(stray.company, events.ERROR,
-                      {"kind": "stray", "message": message, "pid": stray.pid, "ended": stray.ours})
+            sv.publish(stray.company, events.ERROR,
+                       {"kind": "stray", "message": message, "pid": stray.pid, "ended": stray.ours}, None)
             if stray.ours:
                 self.reaper.end(stray.pid, now)
         self.strays = found
@@ -262,31 +268,29 @@ class Ops:
         self.errors.setdefault(company, deque(maxlen=ERRORS_KEPT)).append(
             {"ts": time.time(), "kind": kind, "message": message})
 
-    def diagnose(self, company: str, record: dict[str, Any]) -> dict[str, Any]:
-        a = self.a
-        s = a.sessions[company]
-        counters = list(a.counters.items())
-        alive = company in a.workers
-        sample = self.resources.samples.get(company) if alive else None
-        growth = self.resources.growth(company)
+    def diagnose(self, company: Company, record: dict[str, Any]) -> dict[str, Any]:
+        cfg, name, s, w = self.services.cfg, company.name, company.session, company.worker
+        counters = list(self.services.counters.items())
+        sample = self.resources.samples.get(name) if w is not None else None
+        growth = self.resources.growth(name)
         return diagnosis.diagnose(diagnosis.Inputs(
-            company=company,
+            company=name,
             record=record,
             now=time.time(),
             history=list(s.history),
-            restarts_by_reason={k[2]: n for k, n in counters if k[0] == "restarts" and k[1] == company},
-            exits_by_reason={k[2]: n for k, n in counters if k[0] == "exit" and k[1] == company},
-            errors=list(self.errors.get(company, ())),
-            heartbeat_age=time.monotonic() - s.last_heartbeat if alive else None,
+            restarts_by_reason={k[2]: n for k, n in counters if k[0] == "restarts" and k[1] == name},
+            exits_by_reason={k[2]: n for k, n in counters if k[0] == "exit" and k[1] == name},
+            errors=list(self.errors.get(name, ())),
+            heartbeat_age=self.services.clock.monotonic() - w.last_heartbeat if w is not None else None,
             resources=sample.public() if sample else None,
             growth=growth.public() if growth else None,
-            cpu_seconds_total=self.resources.cpu_total(company),
-            strays=[st.public() for st in self.strays if st.company == company],
-            heartbeat_interval=a.cfg.heartbeat_interval,
-            memory_limit=a.cfg.memory_limit,
-            reconnect_timeout=a.cfg.reconnect_timeout,
+            cpu_seconds_total=self.resources.cpu_total(name),
+            strays=[st.public() for st in self.strays if st.company == name],
+            heartbeat_interval=cfg.heartbeat_interval,
+            memory_limit=cfg.memory_limit,
+            reconnect_timeout=cfg.reconnect_timeout,
             messages_queued=s.queued,
         ))
 
     def status_text(self) -> str:
-        return status_text(s.state for s in list(self.a.sessions.values()))
+        return status_text(c.state for c in self.roster)

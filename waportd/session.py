@@ -9,16 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ipc import exitcodes
-from ipc.states import (
-    BACKOFF,
-    BANNED,
-    CONNECTED,
-    DISCONNECTED,
-    FAILED,
-    STARTING,
-    STOPPED,
-)
-from waportd import states as transitions
+from ipc.states import BACKOFF, BANNED, CONNECTED, DISCONNECTED, FAILED, STOPPED
+from waportd import transitions
 from waportd.backoff import RestartPolicy
 
 HISTORY = 50
@@ -51,16 +43,13 @@ class Session:
     rss_bytes: int | None = None
     queued: int = 0
     qr: str | None = None
-    generation: int = 0
-    spawned_at: float = 0.0
-    last_heartbeat: float = 0.0  # monotonic
-    ready: bool = False
+    spawned_at: float = 0.0  # wall clock: how long the last run lasted decides the backoff
     history: list[tuple[float, str, str]] = field(default_factory=list)
 
     def set_state(self, state: str, reason: str, now: float) -> bool:
-        """Apply a transition allowed by the table; False (and no change) if it is not."""
-        if not transitions.allowed(self.state, state):
-            return False
+        """Apply a transition; False if nothing changed. Raises `InvalidTransition` (and changes
+        nothing) when the table refuses it."""
+        transitions.check(self.state, state)
         if state == self.state and reason == self.reason:
             return False
         self.state, self.reason, self.since = state, reason, now
@@ -130,7 +119,3 @@ def exit_outcome(
         )
     delay = policy.delay(failures)
     return ExitOutcome(BACKOFF, reason, now + delay, failures, delay)
-
-
-def can_start(state: str) -> bool:
-    return transitions.allowed(state, STARTING)

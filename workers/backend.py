@@ -1,17 +1,24 @@
 """The one small interface between the worker loop and a WhatsApp backend.
 
-A backend runs its connection on its own thread(s) and reports through `emit`,
-which is thread-safe and only enqueues. The worker loop does not know which
-backend runs.
+The worker loop does not know which backend runs, only which of two ways its connection runs:
+
+- on threads of its own (neonize: whatsmeow's Go threads run our callbacks): `start()` returns
+  at once; the worker's sender thread calls the blocking `send_texts`;
+- inside the worker's loop (`runs_inline`: sim): `start()` opens the connection, then the loop
+  polls `loop_sockets()`, calls `loop_step` every turn and sends with `send_async`.
+
+Either way, request threads may call `pair_code` and `logout` (an inline backend hands them to
+the loop), and a backend reports through `emit`, which is thread-safe and only enqueues.
 
 Reports a backend makes with ``emit(type, data)``:
 
-- ``state``   ``{"state": pairing|connecting|connected|disconnected, "reason": str, "phone"?: str}``
+- ``state``   ``{"state": one of ipc.states.WORKER_REPORTED, "reason": str, "phone"?: str}``
 - ``qr``      ``{"code": str}``                      (also put the state to ``pairing``)
 - ``pair_code`` ``{"code": str}``
 - ``message`` ``{"id", "chat", "from", "push_name", "type", "text", "ts", "is_group"}``
 - ``receipt`` ``{"ids": [str], "type": str, "chat": str}``
 - ``error``   ``{"kind": str, "message": str}``
+- ``reconnect_failed`` ``{"attempt": int, "error": str}`` (sim: one retry failed; it goes on retrying)
 - ``exit``    ``{"reason": str, "until"?: float}`` — the session cannot go on in this
   process: the worker stops the backend and exits with the code for `reason`
   (see `ipc.exitcodes.REASON_TO_CODE`: logged_out, replaced, banned, outdated,
@@ -23,9 +30,16 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 Emit = Callable[[str, dict[str, Any]], None]
+
+
+class Phase(StrEnum):
+    """A backend's own phase beyond the session states it reports (those are `ipc.states`)."""
+
+    EXITED = "exited"  # the exit report went out, or the backend stopped: it reports nothing more
 
 
 @dataclass
@@ -51,7 +65,7 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def start(self) -> None:
-        """Begin connecting (or pairing) in the background; return at once."""
+        """Begin connecting (or pairing); return at once. An inline backend goes on in `loop_step`."""
 
     @abc.abstractmethod
     def stop(self) -> None:
@@ -78,14 +92,12 @@ class Backend(abc.ABC):
                 out.append(exc)
         return out
 
-    # A backend that can run inside the worker's loop (no thread of its own) says so; the worker
+    # A backend that runs inside the worker's loop (no thread of its own) says so; the worker
     # then polls `loop_sockets()`, calls `loop_step` every turn and sends with `send_async`.
     runs_inline = False
 
-    def start_inline(self) -> None:
-        raise NotImplementedError
-
     def loop_sockets(self) -> list[Any]:
+        """What the loop polls for an inline backend (zmq sockets, file descriptors)."""
         return []
 
     def loop_step(self, ready: Any) -> float | None:
@@ -94,6 +106,7 @@ class Backend(abc.ABC):
 
     def send_async(self, items: list[tuple[str, str, str | None]],
                    done: Callable[[list[dict[str, Any] | Exception]], None]) -> None:
+        """Inline only, on the loop's thread: send now; `done(outcomes)` once all are answered."""
         raise NotImplementedError
 
     @abc.abstractmethod
@@ -104,15 +117,3 @@ class Backend(abc.ABC):
     def pair_code(self, phone: str) -> str:
         """Request a phone-number pair code while pairing; raise `BackendError` otherwise."""
 
-
-def load(name: str) -> type[Backend]:
-    """Import a backend by name only when asked: neonize must never load where it is not used."""
-    if name == "sim":
-        from workers.sim_backend import SimBackend
-
-        return SimBackend
-    if name == "neonize":
-        from workers.neonize_backend import NeonizeBackend
-
-        return NeonizeBackend
-    raise ValueError(f"unknown backend {name!r}")

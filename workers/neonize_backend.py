@@ -36,9 +36,11 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
+from ipc import states
 from ipc.errors import BAD_REQUEST, INTERNAL, INVALID_PHONE, NOT_CONNECTED, TIMEOUT
+from ipc.states import State
 from ipc.validation import mask_phone
-from workers.backend import Backend, BackendError, Emit, WorkerContext
+from workers.backend import Backend, BackendError, Emit, Phase, WorkerContext
 from workers.inbound import PHONE_SERVERS, epoch_seconds, normalize_message, phone_from_jid
 
 log = logging.getLogger("waport.neonize")
@@ -50,14 +52,6 @@ STOP_WAIT = 2.0  # bound on neonize's Stop (it blocks for the length of a dial i
 LOGOUT_WAIT = 10.0  # bound on unlinking the device on WhatsApp's side
 DRAIN_WAIT = 1.0  # Go calls in flight may finish before Stop rewrites neonize's client map
 DEVICE_NAME = "waport"  # how the linked device is listed on the phone
-
-# Phases of the session as this backend sees it.
-STARTING = "starting"
-CONNECTING = "connecting"
-PAIRING = "pairing"
-CONNECTED = "connected"
-DISCONNECTED = "disconnected"
-EXITED = "exited"  # an exit was reported: nothing else is
 
 # neonize event class (neonize.events) -> handler method, by the protobuf's class name.
 EVENTS: dict[str, tuple[str, str]] = {
@@ -199,7 +193,7 @@ class NeonizeBackend(Backend):
         if proxy is not None and not isinstance(proxy, str):
             raise ValueError("option proxy must be a URL string")
         self.proxy: str | None = proxy
-        self.phase = STARTING
+        self.phase: State | Phase = states.STARTING  # until start(); then the state last reported, or exited
         self.phone = ""
         self.qr: str | None = None
         self._lock = threading.Lock()
@@ -227,11 +221,11 @@ class NeonizeBackend(Backend):
         with self._lock:
             if self._thread is not None or self._stopping.is_set():
                 return
-            self.phase = CONNECTING
+            self.phase = states.CONNECTING
             self._connect_deadline = time.monotonic() + self.connect_timeout
             self._thread = threading.Thread(target=self._run, name="neonize-connect", daemon=True)
             self._watchdog = threading.Thread(target=self._watch, name="neonize-watchdog", daemon=True)
-        self.emit("state", {"state": CONNECTING, "reason": "connecting to WhatsApp"})
+        self.emit("state", {"state": states.CONNECTING, "reason": "connecting to WhatsApp"})
         self._thread.start()
         self._watchdog.start()
 
@@ -257,7 +251,7 @@ class NeonizeBackend(Backend):
 
     def send_text(self, to: str, text: str, message_id: str | None = None) -> dict[str, Any]:
         """Send a text; `message_id` cannot be honoured (whatsmeow makes its own: the one returned)."""
-        client, nz = self._enter(need=CONNECTED)
+        client, nz = self._enter(need=states.CONNECTED)
         try:
             response = client.send_message(self._jid(nz, to), nz.Message(conversation=text))
         except Exception as exc:  # noqa: BLE001 - NeonizeError and friends become protocol errors
@@ -271,7 +265,7 @@ class NeonizeBackend(Backend):
         digits = phone_from_jid(phone)
         if not digits.isdigit():
             raise BackendError(INVALID_PHONE, "a pair code needs a phone number, not a JID")
-        client, _ = self._enter(need=PAIRING)
+        client, _ = self._enter(need=states.PAIRING)
         try:
             code = str(client.PairPhone(digits, True))
         except Exception as exc:  # noqa: BLE001
@@ -286,7 +280,7 @@ class NeonizeBackend(Backend):
     def logout(self) -> None:
         """Unlink on WhatsApp when connected, then stop and delete the store in any case."""
         with self._lock:
-            client = self._client if self.phase == CONNECTED and not self._stopping.is_set() else None
+            client = self._client if self.phase == states.CONNECTED and not self._stopping.is_set() else None
             if client is not None:
                 self._in_flight += 1
         unlinked = False
@@ -381,13 +375,14 @@ class NeonizeBackend(Backend):
             phase = self.phase
             connect_due = self._connect_deadline is not None and now >= self._connect_deadline
             pairing_due = self._pairing_deadline is not None and now >= self._pairing_deadline
-        if phase == EXITED:
+        if phase == Phase.EXITED:
             return True
         if pairing_due:
             self._exit("pairing_timeout", message=f"not paired within {self.pairing_timeout:g} s")
             return True
         if connect_due:
-            why = "paired, but not connected" if phase == CONNECTING and self.phone else "no answer from WhatsApp"
+            paired = phase == states.CONNECTING and self.phone
+            why = "paired, but not connected" if paired else "no answer from WhatsApp"
             log.warning("connect failed: %s within %g s", why, self.connect_timeout)
             self._exit("connect_failed", message=f"{why} within {self.connect_timeout:g} s")
             return True
@@ -395,19 +390,19 @@ class NeonizeBackend(Backend):
 
     # ------------------------------------------------------------------ calls from request threads
 
-    def _enter(self, need: str) -> tuple[Any, SimpleNamespace]:
+    def _enter(self, need: State) -> tuple[Any, SimpleNamespace]:
         """Admit a Go call from a request thread, or refuse it with a clear reason."""
         with self._lock:
             phase, client, nz = self.phase, self._client, self._nz
             if client is None or nz is None or self._stopping.is_set() or phase != need:
-                if need == PAIRING:
-                    if phase == CONNECTED:
+                if need == states.PAIRING:
+                    if phase == states.CONNECTED:
                         raise BackendError(BAD_REQUEST, "already paired and connected: no pair code needed")
                     raise BackendError(
                         BAD_REQUEST, f"a pair code is available only while pairing, after the first QR code "
                                      f"(now {phase})")  # fmt: skip
                 raise BackendError(NOT_CONNECTED, f"not connected to WhatsApp (now {phase})")
-            if need == PAIRING and self.qr is None:
+            if need == states.PAIRING and self.qr is None:
                 raise BackendError(BAD_REQUEST, "a pair code is available only after the first QR code")
             self._in_flight += 1
         return client, nz
@@ -437,18 +432,18 @@ class NeonizeBackend(Backend):
     def _exit(self, reason: str, **extra: Any) -> None:
         """Report the end of the session once; the first exit wins."""
         with self._lock:
-            if self.phase == EXITED:
+            if self.phase == Phase.EXITED:
                 return
-            self.phase = EXITED
+            self.phase = Phase.EXITED
             self._connect_deadline = self._pairing_deadline = None
         self.emit("exit", {"reason": reason, **{k: v for k, v in extra.items() if v is not None}})
 
-    def _set_phase(self, phase: str, reason: str, *, only_from: tuple[str, ...] = ()) -> bool:
+    def _set_phase(self, phase: State, reason: str, *, only_from: tuple[State, ...] = ()) -> bool:
         with self._lock:
-            if self.phase == EXITED or (only_from and self.phase not in only_from):
+            if self.phase == Phase.EXITED or (only_from and self.phase not in only_from):
                 return False
             self.phase = phase
-            if phase == CONNECTED:
+            if phase == states.CONNECTED:
                 self._connect_deadline = self._pairing_deadline = None
                 self.qr = None
             phone = self.phone
@@ -486,15 +481,16 @@ class NeonizeBackend(Backend):
         """Each QR code (6, ~160 s): state pairing; the pairing deadline starts with the first."""
         code = data.decode() if isinstance(data, bytes) else str(data)
         with self._lock:
-            if self.phase == EXITED:
+            if self.phase == Phase.EXITED:
                 return
             self.qr = code
-            self.phase = PAIRING
+            self.phase = states.PAIRING
             self._connect_deadline = None
             if self._pairing_deadline is None:
                 self._pairing_deadline = time.monotonic() + self.pairing_timeout
         self.emit("qr", {"code": code})
-        self.emit("state", {"state": PAIRING, "reason": "waiting for the QR code to be scanned (or a pair code)"})
+        self.emit("state", {"state": states.PAIRING,
+                            "reason": "waiting for the QR code to be scanned (or a pair code)"})
 
     def on_login_event(self, event: str) -> None:
         """The end of the QR channel: "success", "timeout" (codes exhausted) or "err-…"."""
@@ -520,7 +516,7 @@ class NeonizeBackend(Backend):
         if ev.HasField("Status") and ev.Status == ev.SUCCESS:
             phone = ev.ID.User if ev.HasField("ID") else ""
             with self._lock:
-                if self.phase == EXITED:
+                if self.phase == Phase.EXITED:
                     return
                 self.phone = phone or self.phone
                 self._pairing_deadline = None
@@ -528,7 +524,7 @@ class NeonizeBackend(Backend):
                 # WhatsApp restarts the stream after pairing: Connected follows, within the bound.
                 self._connect_deadline = time.monotonic() + self.connect_timeout
             log.info("paired as %s", mask_phone(phone) if phone else "?")
-            self._set_phase(CONNECTING, "paired; connecting")
+            self._set_phase(states.CONNECTING, "paired; connecting")
         else:
             error = ev.Error if ev.HasField("Error") and ev.Error else "pairing failed"
             log.warning("pairing failed: %s", error)
@@ -538,18 +534,18 @@ class NeonizeBackend(Backend):
         phone = _own_phone(client)
         with self._lock:
             self.phone = phone or self.phone
-        self._set_phase(CONNECTED, "")
+        self._set_phase(states.CONNECTED, "")
 
     def on_disconnected(self, _client: Any, _ev: Any) -> None:
-        self._set_phase(DISCONNECTED, "connection lost; reconnecting", only_from=(CONNECTED,))
+        self._set_phase(states.DISCONNECTED, "connection lost; reconnecting", only_from=(states.CONNECTED,))
 
     def on_keepalive_timeout(self, _client: Any, ev: Any) -> None:
         count = ev.ErrorCount if ev.HasField("ErrorCount") else 1
-        self._set_phase(DISCONNECTED, f"keepalive timeout ({count} missed); waiting for WhatsApp",
-                        only_from=(CONNECTED, DISCONNECTED))  # fmt: skip
+        self._set_phase(states.DISCONNECTED, f"keepalive timeout ({count} missed); waiting for WhatsApp",
+                        only_from=(states.CONNECTED, states.DISCONNECTED))  # fmt: skip
 
     def on_keepalive_restored(self, _client: Any, _ev: Any) -> None:
-        self._set_phase(CONNECTED, "", only_from=(DISCONNECTED,))
+        self._set_phase(states.CONNECTED, "", only_from=(states.DISCONNECTED,))
 
     def on_logged_out(self, _client: Any, ev: Any) -> None:
         why = _enum_name(ev, "Reason").lower()
@@ -574,7 +570,7 @@ class NeonizeBackend(Backend):
         if reason in FAILURE_EXITS:
             self._exit(FAILURE_EXITS[reason], message=f"WhatsApp refused the connection ({detail})")
         elif reason in FAILURE_RETRIED:
-            self._set_phase(DISCONNECTED, f"WhatsApp unavailable ({detail}); reconnecting")
+            self._set_phase(states.DISCONNECTED, f"WhatsApp unavailable ({detail}); reconnecting")
         else:
             self._exit("connect_failed", message=f"WhatsApp refused the connection ({detail})")
 

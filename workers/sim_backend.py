@@ -1,10 +1,11 @@
 """The `sim` backend: a worker's session on the simulated WhatsApp network (workers/simnet.py).
 
-One thread owns the ZeroMQ DEALER socket (zmq sockets are not thread-safe): the worker's loop
-(`start_inline`: the loop polls `loop_sockets()`, calls `loop_step` and sends with `send_async`,
-so a message costs no thread hand-off), or a thread of its own (`start`). Calls from other
-threads (send_text, pair_code, logout) are queued as closures that run on that thread, woken
-through a pipe; their results come back through `concurrent.futures.Future`.
+It runs inside the worker's loop (`runs_inline`): the loop polls `loop_sockets()`, calls
+`loop_step` every turn and sends with `send_async`, so a message costs no thread hand-off, and
+the loop's thread is the one that owns the ZeroMQ DEALER socket (zmq sockets are not
+thread-safe). Calls from other threads (the worker's request threads: pair_code, logout; and
+the blocking send_text) are queued as closures that run on the loop's thread, woken through a
+pipe; their results come back through `concurrent.futures.Future`.
 Every connection attempt uses a fresh socket, so a stale reply can never be mistaken for a
 new one and the network sees each attempt as a new peer.
 """
@@ -26,10 +27,13 @@ from typing import Any
 
 import zmq
 
+from ipc import states
 from ipc.errors import BAD_REQUEST, INTERNAL, NOT_CONNECTED, TIMEOUT
+from ipc.files import write_json_atomic
 from ipc.protocol import aligned_delay
+from ipc.states import State
 from ipc.zsocket import readable
-from workers.backend import Backend, BackendError, Emit, WorkerContext
+from workers.backend import Backend, BackendError, Emit, Phase, WorkerContext
 from workers.inbound import normalize_message
 from workers.wakeup import Wakeup
 
@@ -43,12 +47,10 @@ BYE_WAIT = 0.3
 BACKOFF_MIN = 0.2
 BACKOFF_MAX = 5.0
 
-# Phases of the connection thread.
-CONNECTING = "connecting"  # first hello in flight
-PAIRING = "pairing"
-CONNECTED = "connected"
-DISCONNECTED = "disconnected"  # lost after a first answer; retrying
-EXITED = "exited"  # an exit was emitted, or the backend stopped
+# The hello's answer `{"status": ...}` when the network knows our token (else "pairing"): the
+# network's protocol (workers/simnet.py), not a session state.
+HELLO_CONNECTED = "connected"
+ON_NETWORK = (states.PAIRING, states.CONNECTED)  # the network answered: heartbeats run, a drop is a loss
 
 Reply = dict[str, Any]
 # What a waiting caller gets when the connection closes under its request: sent or not is unknown.
@@ -66,7 +68,7 @@ class SimBackend(Backend):
     """A session on the simulated network: pairing, reconnects with backoff, faults as exits."""
 
     send_window = 32  # requests are pipelined on the one connection, as whatsmeow's are
-    runs_inline = True  # the worker runs it in its loop; tests and tools may still start() a thread
+    runs_inline = True
 
     def __init__(self, ctx: WorkerContext, emit: Emit) -> None:
         super().__init__(ctx, emit)
@@ -77,18 +79,16 @@ class SimBackend(Backend):
         self.pairing_timeout = float(ctx.options.get("pairing_timeout") or 170)
         self.connect_timeout = float(ctx.options.get("connect_timeout") or 5)
         self.creds_path = os.path.join(ctx.session_dir, CREDS_FILE)
-        self.phase = CONNECTING
-        self._thread: threading.Thread | None = None
+        # The session state last reported (connecting: the first hello in flight), or exited.
+        self.phase: State | Phase = states.CONNECTING
         self._stopping = threading.Event()
         self._calls: queue.SimpleQueue[tuple[Callable[[Future[Any]], None], Future[Any]]] = queue.SimpleQueue()
         self._calls_lock = threading.Lock()
         self._accepting = False
-        self._wakeup: Wakeup | None = None  # from start(): wakes the connection's thread for queued calls
-        self._inline = False  # driven by the worker's loop (start_inline) instead of our own thread
-        # Owned by the connection thread from here on.
+        self._wakeup: Wakeup | None = None  # from start(): wakes the loop for calls from other threads
+        # Owned by the loop's thread from here on.
         self._zctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
-        self._poller = zmq.Poller()
         self._ids = itertools.count(1)
         self._pending: dict[str, tuple[float, Callable[[Reply], None], bool]] = {}
         self._answered = False  # the network answered a hello once: failures are now reconnects
@@ -103,62 +103,46 @@ class SimBackend(Backend):
     # ------------------------------------------------------------------ Backend interface
 
     def start(self) -> None:
-        if self._thread is not None or self._inline:
+        """On the loop's thread: the first hello goes out; the loop drives the rest (`loop_step`)."""
+        if self._wakeup is not None or self._stopping.is_set():
             return
-        self._prepare()
-        self._thread = threading.Thread(target=self._run, name=f"sim-{self.ctx.company}", daemon=True)
-        self._thread.start()
-
-    def start_inline(self) -> None:
-        """Run the connection on the caller's loop: it polls `loop_sockets()` and calls `loop_step`."""
-        if self._thread is not None or self._inline:
-            return
-        self._prepare()
-        self._inline = True
-        self._zctx = zmq.Context.instance()  # the worker's: one I/O thread for both sockets
-        self._guarded(self._begin)
-
-    def _prepare(self) -> None:
         self._wakeup = Wakeup()
         with self._calls_lock:
             self._accepting = True
         grow = int(self.ctx.options.get("grow_bytes_per_s") or 0)
         if grow > 0:  # a test knob: a worker whose memory grows, for the memory_limit restart
             threading.Thread(target=_grow, args=(grow, self._stopping), name="sim-grow", daemon=True).start()
+        self._zctx = zmq.Context.instance()  # the worker's: one I/O thread for both sockets
+        self._guarded(self._begin)
 
     def stop(self) -> None:
+        """On the loop's thread, after its last turn: a bye to the network, then everything closes."""
         self._stopping.set()
-        if self._inline:
-            if self.phase != EXITED:
-                self._guarded(self._say_bye)
-            self._finish()
-            self._close_wake_pipe()
-            return
-        self._wake()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(2.0)
-        if thread is not None and not thread.is_alive():
-            self._close_wake_pipe()
+        if self.phase != Phase.EXITED:
+            self._guarded(self._say_bye)
+        self._finish()
+        if self._wakeup is not None:
+            self._wakeup.close()
 
-    # ------------------------------------------------------------------ inline: the worker's loop drives
+    # ------------------------------------------------------------------ the worker's loop drives
 
     def loop_sockets(self) -> list[Any]:
         """What the loop polls for us: the wake pipe (calls from other threads) and the connection."""
-        if not self._inline or self._wakeup is None or self._wakeup.r < 0:
+        if self._wakeup is None or self._wakeup.r < 0:
             return []
         return [self._wakeup.r] if self._sock is None else [self._wakeup.r, self._sock]
 
     def loop_step(self, ready: Any) -> float:
         """One turn of the connection after the loop's poll; the seconds until it needs another."""
-        if self._inline and self.phase != EXITED and not self._stopping.is_set():
-            self._guarded(lambda: self._step(self._wakeup is not None and self._wakeup.r in ready))
+        wakeup = self._wakeup
+        if wakeup is not None and self.phase != Phase.EXITED and not self._stopping.is_set():
+            self._guarded(lambda: self._step(wakeup.r in ready))
         return self._poll_timeout_ms() / 1000
 
     def send_async(self, items: list[tuple[str, str, str | None]],
                    done: Callable[[list[dict[str, Any] | Exception]], None]) -> None:
-        """Inline, on the loop's thread: the requests go out now; `done(outcomes)` once all are answered."""
-        if self.phase != CONNECTED:
+        """On the loop's thread: the requests go out now; `done(outcomes)` once all are answered."""
+        if self.phase != states.CONNECTED:
             done(self._not_connected(len(items)))
             return
         replies: dict[int, Reply] = {}  # every request is answered once: by the network, a close or its deadline
@@ -192,8 +176,8 @@ class SimBackend(Backend):
         return outcome
 
     def send_texts(self, items: list[tuple[str, str, str | None]]) -> list[dict[str, Any] | Exception]:
-        """From another thread: `send_async` on the connection's thread, waiting for all the answers."""
-        if self.phase != CONNECTED:
+        """From another thread: `send_async` on the loop's thread, waiting for all the answers."""
+        if self.phase != states.CONNECTED:
             return self._not_connected(len(items))
         outcomes: list[dict[str, Any] | Exception] = []
 
@@ -216,22 +200,22 @@ class SimBackend(Backend):
     def logout(self) -> None:
         """Unlink on the network when connected; the credentials go in any case, then exit logged_out."""
         try:
-            self._submit(self._logout_on_thread).result(5.0)
+            self._submit(self._logout_on_loop).result(5.0)
         except (BackendError, FutureTimeout):
             pass  # not running, or no answer: unlink locally anyway, pairing starts afresh
         self._delete_creds()
 
     def pair_code(self, phone: str) -> str:
-        if self.phase != PAIRING:
+        if self.phase != states.PAIRING:
             raise BackendError(BAD_REQUEST, f"a pair code is only available while pairing (state {self.phase})")
-        code = str(self._call("pair_code", {"phone": phone}, need=PAIRING)["code"])
+        code = str(self._call("pair_code", {"phone": phone}, need=states.PAIRING)["code"])
         self.emit("pair_code", {"code": code})
         return code
 
     # ------------------------------------------------------------------ calls from other threads
 
-    def _call(self, cmd: str, args: dict[str, Any], need: str, timeout: float = REQUEST_TIMEOUT) -> Reply:
-        """Run a request on the connection thread and wait for the network's answer."""
+    def _call(self, cmd: str, args: dict[str, Any], need: State, timeout: float = REQUEST_TIMEOUT) -> Reply:
+        """Run a request on the loop's thread and wait for the network's answer."""
 
         def run(fut: Future[Any]) -> None:
             if self.phase != need:
@@ -245,14 +229,14 @@ class SimBackend(Backend):
         except FutureTimeout:
             raise BackendError(TIMEOUT, f"the network did not answer {cmd} within {timeout:g} s") from None
 
-    def _logout_on_thread(self, fut: Future[Any]) -> None:
+    def _logout_on_loop(self, fut: Future[Any]) -> None:
         def done(_reply: Reply) -> None:
             self._delete_creds()
             self._exit("logged_out")
             if not fut.done():
                 fut.set_result(None)
 
-        if self.phase == CONNECTED:
+        if self.phase == states.CONNECTED:
             self._request("logout_device", {}, done, caller=True)
         else:
             done({})
@@ -263,37 +247,14 @@ class SimBackend(Backend):
             if not self._accepting:
                 raise BackendError(NOT_CONNECTED, "the sim backend is not running")
             self._calls.put((fn, fut))
-        self._wake()
+            assert self._wakeup is not None  # accepting: started, not stopped
+            self._wakeup.poke()
         return fut
 
-    def _wake(self) -> None:
-        if self._wakeup is not None:
-            self._wakeup.poke()
-
-    def _close_wake_pipe(self) -> None:
-        if self._wakeup is not None:
-            self._wakeup.close()
-
-    # ------------------------------------------------------------------ the connection thread
-
-    def _run(self) -> None:
-        self._zctx = zmq.Context()
-        assert self._wakeup is not None
-        self._poller.register(self._wakeup.r, zmq.POLLIN)
-        try:
-            self._begin()
-            while self.phase != EXITED and not self._stopping.is_set():
-                self._poll_once()
-            if self._stopping.is_set():
-                self._say_bye()
-        except Exception as exc:  # a bug: report it the way the worker expects, never hang
-            self.emit("error", {"kind": "crash", "message": repr(exc)})
-            self._exit("crash", message=repr(exc))
-        finally:
-            self._finish()
+    # ------------------------------------------------------------------ on the loop's thread
 
     def _begin(self) -> None:
-        self.emit("state", {"state": CONNECTING, "reason": ""})
+        self.emit("state", {"state": states.CONNECTING, "reason": ""})
         self._open()
 
     def _finish(self) -> None:
@@ -301,13 +262,7 @@ class SimBackend(Backend):
             self._accepting = False
         self._drain_calls(run=False)
         self._close_socket()
-        if self._zctx is not None and not self._inline:
-            self._zctx.term()  # our own context; the worker's shared one ends with the worker
-        self.phase = EXITED
-
-    def _poll_once(self) -> None:
-        events = dict(self._poller.poll(self._poll_timeout_ms()))
-        self._step(self._wakeup is not None and self._wakeup.r in events)
+        self.phase = Phase.EXITED
 
     def _step(self, woken: bool) -> None:
         if woken and self._wakeup is not None:
@@ -320,14 +275,14 @@ class SimBackend(Backend):
 
     def _poll_timeout_ms(self) -> int:
         deadlines = [d for d in (self._hello_deadline, self._retry_at, self._pairing_deadline) if d is not None]
-        if self.phase in (PAIRING, CONNECTED):
+        if self.phase in ON_NETWORK:
             deadlines += [self._next_heartbeat, self._last_heard + SILENCE_TIMEOUT]
         if not deadlines:
             return 1000
         return max(0, min(1000, int((min(deadlines) - time.monotonic()) * 1000) + 1))
 
     def _drain_calls(self, run: bool) -> None:
-        while not self._calls.empty():  # only this thread takes calls out
+        while not self._calls.empty():  # only the loop's thread takes calls out
             fn, fut = self._calls.get_nowait()
             if not run:
                 fut.set_exception(BackendError(NOT_CONNECTED, "the sim backend stopped"))
@@ -345,13 +300,13 @@ class SimBackend(Backend):
         if self._retry_at is not None and now >= self._retry_at:
             self._retry_at = None
             self._open()
-        if self.phase in (PAIRING, CONNECTED):
+        if self.phase in ON_NETWORK:
             if now - self._last_heard > SILENCE_TIMEOUT:
                 self._lost("connection lost: no answer from the network")
             elif now >= self._next_heartbeat:
                 self._next_heartbeat = now + aligned_delay(HEARTBEAT_INTERVAL)
                 self._request("heartbeat", {}, self._on_heartbeat)
-        if self._pairing_deadline is not None and now >= self._pairing_deadline and self.phase != EXITED:
+        if self._pairing_deadline is not None and now >= self._pairing_deadline and self.phase != Phase.EXITED:
             self._exit("pairing_timeout", message=f"not paired within {self.pairing_timeout:g} s")
         for req_id, (deadline, on_reply, caller) in list(self._pending.items()):
             if now > deadline:
@@ -369,8 +324,6 @@ class SimBackend(Backend):
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.endpoint)
         self._sock = sock
-        if not self._inline:
-            self._poller.register(sock, zmq.POLLIN)
         self._attempt += 1
         args: dict[str, Any] = {"company": self.ctx.company}
         token = self._load_creds().get("token")
@@ -398,20 +351,20 @@ class SimBackend(Backend):
         self._failures = 0
         self._last_heard = now
         self._next_heartbeat = now + HEARTBEAT_INTERVAL
-        if result.get("status") == CONNECTED:
+        if result.get("status") == HELLO_CONNECTED:
             self._connected(str(result.get("phone", "")))
         else:
-            self.phase = PAIRING
+            self.phase = states.PAIRING
             if self._pairing_deadline is None:
                 self._pairing_deadline = now + self.pairing_timeout
             self.emit("qr", {"code": str(result.get("qr", ""))})
-            self.emit("state", {"state": PAIRING, "reason": "waiting for QR scan"})
+            self.emit("state", {"state": states.PAIRING, "reason": "waiting for QR scan"})
 
     def _connected(self, phone: str) -> None:
         log.info("connected as %s", phone)  # the log formatter masks the number
-        self.phase = CONNECTED
+        self.phase = states.CONNECTED
         self._pairing_deadline = None
-        self.emit("state", {"state": CONNECTED, "reason": "", "phone": phone})
+        self.emit("state", {"state": states.CONNECTED, "reason": "", "phone": phone})
 
     def _attempt_failed(self, error: str) -> None:
         """The first attempt failing ends the worker; later ones retry with backoff, forever."""
@@ -425,8 +378,8 @@ class SimBackend(Backend):
     def _lost(self, reason: str) -> None:
         log.warning("connection lost: %s; reconnecting", reason)
         self._close_socket()
-        self.phase = DISCONNECTED
-        self.emit("state", {"state": DISCONNECTED, "reason": reason})
+        self.phase = states.DISCONNECTED
+        self.emit("state", {"state": states.DISCONNECTED, "reason": reason})
         self._attempt = 0
         self._failures = 0
         self._schedule_retry()
@@ -436,21 +389,21 @@ class SimBackend(Backend):
         self._failures += 1
 
     def _exit(self, reason: str, **extra: Any) -> None:
-        if self.phase == EXITED:
+        if self.phase == Phase.EXITED:
             return
-        self.phase = EXITED
+        self.phase = Phase.EXITED
         self._hello_deadline = self._retry_at = self._pairing_deadline = None
         self._close_socket()
         self.emit("exit", {"reason": reason, **{k: v for k, v in extra.items() if v is not None}})
 
     def _say_bye(self) -> None:
         """Tell the network we leave, so it frees the session at once; wait briefly for the answer."""
-        if self._sock is None or self.phase not in (PAIRING, CONNECTED):
+        if self._sock is None or self.phase not in ON_NETWORK:
             return
-        done = threading.Event()
-        self._request("bye", {}, lambda _reply: done.set())
+        answered: list[Reply] = []  # all on the loop's thread: a flag, no event
+        self._request("bye", {}, answered.append)
         deadline = time.monotonic() + BYE_WAIT
-        while not done.is_set() and self._sock is not None:
+        while not answered and self._sock is not None:
             left = deadline - time.monotonic()
             if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
                 break
@@ -458,8 +411,6 @@ class SimBackend(Backend):
 
     def _close_socket(self) -> None:
         if self._sock is not None:
-            if not self._inline:
-                self._poller.unregister(self._sock)
             self._sock.close(0)
             self._sock = None
         pending, self._pending = self._pending, {}
@@ -512,7 +463,7 @@ class SimBackend(Backend):
             self._save_creds({"company": self.ctx.company, "token": data["token"], "phone": data["phone"]})
             self._connected(str(data["phone"]))
         elif event == "dropped":
-            if self.phase in (PAIRING, CONNECTED):
+            if self.phase in ON_NETWORK:
                 self._lost("connection lost")
         elif event == "logged_out":
             self._delete_creds()
@@ -536,13 +487,7 @@ class SimBackend(Backend):
         return data if isinstance(data, dict) else {}
 
     def _save_creds(self, creds: dict[str, Any]) -> None:
-        tmp = f"{self.creds_path}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(creds, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.creds_path)
+        write_json_atomic(self.creds_path, creds)  # 0600: the token is the session
 
     def _delete_creds(self) -> None:
         try:

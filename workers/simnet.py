@@ -63,6 +63,7 @@ from zmq.utils.monitor import recv_monitor_message
 from ipc import paths
 from ipc.control import error_reply, ok_reply, parse_request, request_id_of
 from ipc.errors import BAD_REQUEST, INTERNAL, NOT_CONNECTED, UNKNOWN_COMPANY, WaportError
+from ipc.files import write_json_atomic
 from ipc.validation import normalize_phone, validate_company, validate_text
 from ipc.zsocket import NOBLOCK, readable, send_frames
 
@@ -78,6 +79,8 @@ MAX_MESSAGE_BYTES = 4 << 20
 BATCH = 256  # router messages handled before timers get a turn
 _SRCFD = int(zmq.SRCFD)  # a plain int: the enum costs more than the lookup
 
+# A connection's status on the network (hello's `status`, the `connections` command's `states`):
+# WhatsApp's side of the link, not a worker's session state (ipc.states), though named alike.
 PAIRING = "pairing"
 CONNECTED = "connected"
 
@@ -668,25 +671,7 @@ class SimNet:
 
     def _save(self) -> None:
         data = {"accounts": self.accounts, "bans": self.bans, "phone_counter": self.phone_counter}
-        write_json_atomic(os.path.join(self.state_dir, STATE_FILE), data)
-
-
-def write_json_atomic(path: str, data: Any) -> None:
-    """Write JSON so a crash leaves the old file or the new one, never half of one (0600)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+        write_json_atomic(os.path.join(self.state_dir, STATE_FILE), data, indent=1, sort_keys=True)
 
 
 def _public(msg: dict[str, Any]) -> dict[str, Any]:

@@ -32,7 +32,8 @@ from ipc.journal import Journal
 from ipc.validation import normalize_phone
 from ipc.zsocket import NOBLOCK, readable, send_frames
 from workers import logforward
-from workers.backend import Backend, BackendError, WorkerContext, load
+from workers.backend import Backend, BackendError, WorkerContext
+from workers.backends import load
 from workers.outbox import InlineSender, Sender
 from workers.wakeup import Wakeup
 
@@ -118,10 +119,7 @@ class Worker:
         self.send(protocol.READY, {"company": self.company, "pid": os.getpid(),
                                    "generation": self.generation, "version": protocol.VERSION})
         self.sender.start()
-        if self.inline:
-            self.backend.start_inline()
-        else:
-            self.backend.start()
+        self.backend.start()  # inline: on this thread, and this loop drives it from here on
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.wakeup.r, zmq.POLLIN)

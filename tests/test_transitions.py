@@ -1,7 +1,7 @@
 import pytest
 
 from ipc import states as S
-from waportd import states
+from waportd import transitions as states
 
 
 def test_every_state_has_a_row():
@@ -49,5 +49,5 @@ def test_refused(current, new):
 
 
 def test_no_auto_restart_states_cannot_reach_backoff():
-    for state in states.NO_AUTO_RESTART:
+    for state in S.NO_AUTO_RESTART:
         assert S.BACKOFF not in states.TRANSITIONS[state]

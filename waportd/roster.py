@@ -1,0 +1,107 @@
+"""The companies this host knows — one map of `Company` — and which of them should run.
+
+"Should run" is the config's `companies` plus `waportctl start`, minus `waportctl stop`, kept in
+STATE_DIR/desired.json (`desired.py`) so a restarted waportd brings back what was running.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+
+from waportd import desired as desired_store
+from waportd.company import Company
+from waportd.services import Services
+
+log = logging.getLogger("waport.arbiter")
+
+
+class Roster:
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.companies: dict[str, Company] = {}
+        self.configured = frozenset(services.cfg.companies)
+        self.desired_path = os.path.join(services.cfg.state_dir, "desired.json")
+        self.desired = desired_store.Desired()
+        self._pids: dict[int, Company] = {}  # a cache of who runs which pid, rebuilt when it misses
+
+    # ------------------------------------------------------------ the map
+
+    def get(self, name: str) -> Company | None:
+        return self.companies.get(name)
+
+    def add(self, name: str) -> Company:
+        company = self.companies.get(name)
+        if company is None:
+            company = self.companies[name] = Company(name, self.services)
+        return company
+
+    def __iter__(self) -> Iterator[Company]:
+        return iter(list(self.companies.values()))
+
+    def __len__(self) -> int:
+        return len(self.companies)
+
+    def running(self) -> list[Company]:
+        """Companies with a live worker process."""
+        return [c for c in self.companies.values() if c.worker is not None]
+
+    def by_pid(self, pid: int) -> Company | None:
+        company = self._pids.get(pid)
+        if company is None or company.worker is None or company.worker.pid != pid:
+            self._pids = {c.worker.pid: c for c in self.companies.values() if c.worker is not None}
+            company = self._pids.get(pid)
+        return company
+
+    def by_routing_id(self, ident: bytes) -> Company | None:
+        """The company whose *current* worker has this identity (an old incarnation's frames are not its)."""
+        name, _, _ = ident.decode(errors="replace").partition("/")
+        company = self.companies.get(name)
+        if company is None or company.worker is None or company.worker.routing_id != ident:
+            return None
+        return company
+
+    def forget(self, name: str) -> None:
+        """After delete: gone from the map and from what should run (a configured one stays stopped)."""
+        self.companies.pop(name, None)
+        self.services.mirror(name, None)
+        self.desired.forget(name, self.services.cfg.companies)
+        self.save()
+
+    # ------------------------------------------------------------ what should run
+
+    def load(self) -> None:
+        try:
+            self.desired = desired_store.load(self.desired_path)
+        except desired_store.CorruptState as exc:
+            log.error("%s", exc)
+
+    def wanted(self) -> list[str]:
+        """The companies that should run, config order first."""
+        return self.desired.wanted(self.services.cfg.companies)
+
+    def is_wanted(self, name: str) -> bool:
+        return self.desired.is_wanted(name, self.configured)
+
+    def want(self, name: str) -> Company:
+        self.desired.start(name)
+        self.save()
+        return self.add(name)
+
+    def unwant(self, name: str) -> None:
+        self.desired.stop(name)
+        self.save()
+
+    def save(self) -> None:
+        try:
+            desired_store.save(self.desired_path, self.desired)
+        except OSError as exc:
+            log.error("cannot save %s: %s", self.desired_path, exc)
+
+    def reconfigured(self, before: list[str]) -> tuple[list[str], list[str]]:
+        """After a reload: (companies to start, companies to stop), by what the new config wants."""
+        self.configured = frozenset(self.services.cfg.companies)
+        after = self.wanted()
+        was = set(before)
+        return [c for c in after if c not in was], sorted(was - set(after))
