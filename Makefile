@@ -20,17 +20,11 @@ run: venv
 	$(BIN)/waportd --backend sim --state-dir $(RUN_DIR)/state --run-dir $(RUN_DIR)/run \
 		--metrics-listen '' --config /dev/null $(ARGS)
 
-# api/ (DESIGN §9) does not exist yet: it is linted, and its import contract checked, once it does.
-API_DIR := $(wildcard api)
-LINT_DIRS := waportd workers ipc cli $(API_DIR) tests
-# Import rules (DESIGN §8): contracts in pyproject.toml [tool.importlinter], api's in .ci/importlinter-api.toml.
-IMPORT_CONTRACTS := pyproject.toml $(if $(API_DIR),.ci/importlinter-api.toml)
-
 # Everything: lint, import contracts, unit and end-to-end tests (real processes).
 test: venv
 	bash .ci/install-system-deps
-	$(BIN)/ruff check $(LINT_DIRS)
-	$(BIN)/lint-imports --no-logo --no-cache $(IMPORT_CONTRACTS)
+	$(BIN)/ruff check waportd workers ipc cli api tests
+	$(BIN)/lint-imports --no-logo --no-cache  # the import rules of DESIGN.md §8 (pyproject.toml)
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # The unit tests alone, in seconds: no test that starts a process (tests marked e2e, see tests/conftest.py).

@@ -6,7 +6,6 @@ here, because a topic prefix alone cannot express "this type, any company".
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ from typing import Any
 
 import zmq
 
-from ipc import events, paths
+from ipc import events, jsonsafe, paths
 from ipc.control import DaemonUnreachable
 
 POLL_MS = 200  # how often the loop wakes, so Ctrl-C is seen promptly
@@ -94,7 +93,7 @@ def parse(frames: list[bytes]) -> tuple[str, dict[str, Any]] | None:
         return None
     try:
         raw = frames[1].decode()
-        event = json.loads(raw)
+        event = jsonsafe.loads(raw)
     except (UnicodeDecodeError, ValueError):
         return None
     if not isinstance(event, dict):

@@ -30,6 +30,7 @@ from cli.client import (
 from cli.eventstream import EventStream
 from ipc import events
 from ipc.control import DaemonUnreachable
+from ipc.validation import parse_duration
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -434,6 +435,81 @@ def reload(settings: Settings) -> None:
         print_json(result)
     else:
         click.echo(render.reload_summary(result))
+
+
+class Duration(click.ParamType):
+    """A lifetime such as 30d, 12h, 90m, 3600s or plain seconds: ipc's parser, as for the config's durations."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        if seconds <= 0:
+            self.fail("must be more than 0 seconds", param, ctx)
+        return seconds
+
+
+@cli.group()
+def token() -> None:
+    """API tokens for the HTTP API: create, list, revoke.
+
+    \b
+    A token is shown once, when it is created; waportd keeps only its SHA-256.
+    """
+
+
+@token.command("create")
+@click.option("--company", help="Act on this company only (default: an admin token, for every company).")
+@click.option("--expires", type=Duration(), metavar="DURATION",
+              help="Lifetime: 30d, 12h, 90m, 3600s or seconds (default: never expires).")
+@global_options
+@pass_settings
+def token_create(settings: Settings, company: str | None, expires: float | None) -> None:
+    """Create an API token and print it (once: it cannot be shown again)."""
+    args: dict[str, Any] = {}
+    if company is not None:
+        args["company"] = company
+    if expires is not None:
+        args["expires"] = int(expires) if expires.is_integer() else expires
+    result = call(settings, "token_create", **args)
+    if settings.json:
+        print_json(result)
+        return
+    click.echo(render.scalar(result.get("token")))
+    scope = f"company {result['company']}" if result.get("company") else "all companies"
+    expiry = render.iso_seconds(result.get("expires_at")) if result.get("expires_at") is not None else "never"
+    click.echo(f"{render.scalar(result.get('id'))}: for {scope}, expires {expiry}. This is the only time the "
+               "token is shown: store it now.", err=True)
+
+
+@token.command("list")
+@global_options
+@pass_settings
+def token_list(settings: Settings) -> None:
+    """List the API tokens (their ids and states; never the tokens)."""
+    result = call(settings, "token_list")
+    if settings.json:
+        print_json(result)
+    else:
+        click.echo(render.tokens_table(result.get("tokens") or []))
+
+
+@token.command("revoke")
+@click.argument("token_id", metavar="ID")
+@global_options
+@pass_settings
+def token_revoke(settings: Settings, token_id: str) -> None:
+    """Revoke the API token ID: requests with it are refused from now on."""
+    result = call(settings, "token_revoke", id=token_id)
+    if settings.json:
+        print_json(result)
+    else:
+        click.echo(f"{render.scalar(result.get('id'))}: {render.scalar(result.get('state'))}")
 
 
 def main() -> None:

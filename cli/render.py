@@ -233,3 +233,31 @@ def event_line(event: dict[str, Any]) -> str:
     when = iso_time(ts) if _is_number(ts) else NONE
     data = compact(event.get("data") if event.get("data") is not None else {})
     return f"{when} {scalar(event.get('company'))} {scalar(event.get('type'))} {data}"
+
+
+TOKEN_COLUMNS = ("ID", "COMPANY", "STATE", "CREATED", "EXPIRES", "REVOKED")
+
+
+def iso_seconds(ts: Any) -> str:
+    """An ISO time to the second: token times need no milliseconds."""
+    if not _is_number(ts):
+        return NONE
+    return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
+
+
+def tokens_table(tokens: Sequence[dict[str, Any]]) -> str:
+    """`waportctl token list`: a token without company is an admin token (all companies)."""
+    if not tokens:
+        return "no API tokens"
+    rows = [
+        [
+            scalar(t.get("id")),
+            scalar(t.get("company")) if t.get("company") else "(all)",
+            scalar(t.get("state")),
+            iso_seconds(t.get("created_at")),
+            iso_seconds(t.get("expires_at")) if t.get("expires_at") is not None else "never",
+            iso_seconds(t.get("revoked_at")),
+        ]
+        for t in tokens
+    ]
+    return table(TOKEN_COLUMNS, rows)

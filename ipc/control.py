@@ -14,7 +14,7 @@ from typing import Any
 
 import zmq
 
-from ipc import paths
+from ipc import jsonsafe, paths
 from ipc.errors import BAD_REQUEST, TIMEOUT, WaportError
 
 COMMANDS = (
@@ -34,6 +34,10 @@ COMMANDS = (
     "diagnose",
     "reload",
     "messages",
+    "health",
+    "token_create",
+    "token_list",
+    "token_revoke",
 )
 
 MAX_REQUEST_BYTES = 1 << 20
@@ -51,9 +55,9 @@ def parse_request(raw: bytes) -> Request:
     if len(raw) > MAX_REQUEST_BYTES:
         raise WaportError(BAD_REQUEST, f"request of {len(raw)} bytes exceeds {MAX_REQUEST_BYTES}")
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise WaportError(BAD_REQUEST, f"request is not valid JSON: {exc}") from exc
+        data = jsonsafe.loads(raw)
+    except jsonsafe.InvalidJSON as exc:
+        raise WaportError(BAD_REQUEST, f"request: {exc}") from None
     if not isinstance(data, dict):
         raise WaportError(BAD_REQUEST, "request must be a JSON object")
     req_id = data.get("id", "")
@@ -72,12 +76,14 @@ def parse_request(raw: bytes) -> Request:
 
 def request_id_of(raw: bytes) -> str:
     """Best-effort id of a request that failed to parse, so the error reply still matches."""
+    if len(raw) > MAX_REQUEST_BYTES:
+        return ""
     try:
-        data = json.loads(raw)
-        if isinstance(data, dict) and isinstance(data.get("id"), str):
-            return data["id"]
-    except (UnicodeDecodeError, ValueError):
-        pass
+        data = jsonsafe.loads(raw)
+    except jsonsafe.InvalidJSON:
+        return ""
+    if isinstance(data, dict) and isinstance(data.get("id"), str):
+        return data["id"]
     return ""
 
 
@@ -118,6 +124,7 @@ class ControlClient:
         return self._sock
 
     def call_raw(self, frame: bytes, timeout: float | None = None) -> dict[str, Any]:
+        """Send one frame, return the decoded reply; a reply that is no JSON object raises `InvalidJSON`."""
         sock = self._socket()
         sock.send(frame)
         wait_ms = int(1000 * (self.timeout if timeout is None else timeout))
@@ -125,7 +132,10 @@ class ControlClient:
             # The socket may hold a late reply; start afresh next time.
             self.close()
             raise DaemonUnreachable(f"no reply from {self.endpoint} within {wait_ms / 1000:g} s")
-        return json.loads(sock.recv())
+        reply = jsonsafe.loads(sock.recv())
+        if not isinstance(reply, dict):
+            raise jsonsafe.InvalidJSON(f"reply is not a JSON object: {type(reply).__name__}")
+        return reply
 
     def call(self, cmd: str, timeout: float | None = None, **args: Any) -> dict[str, Any]:
         """Return the reply's result, or raise the reply's error as `WaportError`."""

@@ -14,6 +14,12 @@ MESSAGE_TOO_LONG = "message_too_long"
 TIMEOUT = "timeout"
 INTERNAL = "internal"
 NOT_IMPLEMENTED = "not_implemented"
+CAPACITY = "capacity"  # max_companies reached (DESIGN.md §9: HTTP 409)
+# The HTTP API's own (DESIGN.md §9).
+UNAUTHORIZED = "unauthorized"
+FORBIDDEN = "forbidden"
+NOT_FOUND = "not_found"
+MEDIA_TOO_LARGE = "media_too_large"
 
 CODES = frozenset(
     {
@@ -27,6 +33,11 @@ CODES = frozenset(
         TIMEOUT,
         INTERNAL,
         NOT_IMPLEMENTED,
+        CAPACITY,
+        UNAUTHORIZED,
+        FORBIDDEN,
+        NOT_FOUND,
+        MEDIA_TOO_LARGE,
     }
 )
 

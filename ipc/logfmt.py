@@ -81,9 +81,10 @@ def under_journald(stream: IO[str] | None = None, environ: Mapping[str, str] | N
 class LineFormatter(logging.Formatter):
     """Formats records as `[time|<prio>] origin LEVEL logger: message`, phone numbers masked."""
 
-    def __init__(self, journald: bool = False) -> None:
+    def __init__(self, journald: bool = False, program: str = "waportd") -> None:
         super().__init__(JOURNAL_FORMAT if journald else PLAIN_FORMAT)
         self.journald = journald
+        self.program = program  # the origin of records without a company: waportd, api
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
         import time
@@ -101,7 +102,7 @@ class LineFormatter(logging.Formatter):
             copy.exc_text = mask_phones(copy.exc_text)
         copy.exc_info = None
         company = getattr(record, "company", None)
-        copy.origin = f"worker[{company}/{record.process}]" if company else f"waportd[{record.process}]"
+        copy.origin = f"worker[{company}/{record.process}]" if company else f"{self.program}[{record.process}]"
         copy.priority = priority(record.levelno)
         return super().format(copy)
 

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ipc import jsonsafe
+
 HEADER = b"WAP1"
 VERSION = 2  # 2: EVENTS; the supervisor restarts a worker that speaks another version
 
@@ -92,9 +94,9 @@ def decode(frames: list[bytes]) -> Message:
     if len(raw_body) > MAX_FRAME_BYTES:
         raise ProtocolError(f"body of {len(raw_body)} bytes is too large")
     try:
-        body = json.loads(bytes(raw_body))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"body is not JSON: {exc}") from exc
+        body = jsonsafe.loads(bytes(raw_body))
+    except jsonsafe.InvalidJSON as exc:
+        raise ProtocolError(f"body: {exc}") from None
     if not isinstance(body, dict):
         raise ProtocolError("body is not a JSON object")
     _check(type_, body)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from ipc.errors import BAD_REQUEST, INVALID_COMPANY_ID, INVALID_PHONE, MESSAGE_TOO_LONG, WaportError
@@ -9,6 +10,8 @@ from ipc.errors import BAD_REQUEST, INVALID_COMPANY_ID, INVALID_PHONE, MESSAGE_T
 COMPANY_RE = re.compile(r"[A-Za-z0-9_-]{1,50}")
 JID_RE = re.compile(r"[0-9A-Za-z.:_-]{1,64}@(s\.whatsapp\.net|g\.us|lid|broadcast|newsletter)")
 MAX_TEXT_CHARS = 65536
+DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+_DURATION_RE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|min|m|h|d)?\s*")
 
 
 def validate_company(company: object) -> str:
@@ -54,7 +57,55 @@ def validate_text(text: object) -> str:
             f"message has {len(text)} characters; the limit is {MAX_TEXT_CHARS}",
             limit=MAX_TEXT_CHARS,
         )
+    if not is_utf8(text):
+        raise WaportError(BAD_REQUEST, "text is not valid Unicode (it holds a lone surrogate)")
     return text
+
+
+def is_utf8(text: str) -> bool:
+    """Whether `text` can be stored and sent: JSON's `"\\ud800"` escape (or a Redis field read with
+    surrogateescape) gives a lone surrogate, which SQLite and every encoder refuse later, in a loop."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or a string such as "500ms", "5 s", "2m", "12h", "30d"; else ValueError.
+
+    One parser for config durations, `waportctl token create --expires` and the control commands.
+    """
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError(f"expected a duration, got {value!r}" if isinstance(value, bool)
+                         else f"expected a duration, got a {type(value).__name__}")
+    if isinstance(value, int | float):
+        try:
+            seconds = float(value)
+        except OverflowError:
+            raise ValueError("must be a finite number of seconds") from None
+    else:
+        m = _DURATION_RE.fullmatch(str(value))
+        if not m:
+            raise ValueError(f"{value!r} is not a duration (examples: 5, \"500ms\", \"2m\", \"12h\", \"30d\")")
+        seconds = float(m.group(1)) * DURATION_UNITS[m.group(2) or "s"]
+    if seconds < 0:
+        raise ValueError("must not be negative")
+    if not math.isfinite(seconds):
+        raise ValueError("must be a finite number of seconds")
+    return seconds
+
+
+def parse_listen(listen: str, key: str = "listen") -> tuple[str, int]:
+    """`host:port` (`[v6]:port`, `:port` = every interface) -> (host, port); ValueError naming `key` if not.
+
+    Shared by `metrics_listen` (the supervisor) and `http_listen` (config check, and the API process).
+    """
+    host, sep, port = listen.strip().rpartition(":")
+    if not sep or not port.isdigit() or not port.isascii() or int(port) > 65535:
+        raise ValueError(f"{key} {listen!r}: expected host:port, e.g. 127.0.0.1:9477")
+    return host.strip("[]"), int(port)
 
 
 def mask_phone(phone: str) -> str:

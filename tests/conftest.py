@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -141,12 +142,14 @@ def _unit_tests_start_no_process(request: pytest.FixtureRequest) -> Iterator[Non
         yield
         return
     started: list[str] = []
+    test_thread = threading.get_ident()
 
     def spy(module: Any, name: str) -> Callable[..., Any]:
         real = getattr(module, name)
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            started.append(f"{module.__name__}.{name}")
+            if threading.get_ident() == test_thread:  # a thread an earlier test left behind is not this test
+                started.append(f"{module.__name__}.{name}")
             return real(*args, **kwargs)
 
         return call

@@ -17,7 +17,7 @@ from fakes import rig
 
 from ipc import protocol
 from ipc import states as S
-from waportd.arbiter import BOOT_BATCH
+from waportd.arbiter import TIMER_BATCH
 from waportd.config import ConfigError
 
 COMPANIES = ["acme", "bistro", "salon_1", "dental-2", "gym"]
@@ -39,7 +39,7 @@ def alive(pid: int) -> bool:
 
 
 def test_boot_starts_config_and_started_companies_a_batch_per_turn(tmp_path):
-    names = [f"c{i:03d}" for i in range(BOOT_BATCH * 2 + 5)]
+    names = [f"c{i:03d}" for i in range(TIMER_BATCH * 2 + 5)]
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "desired.json").write_text(json.dumps({"started": ["extra"], "stopped": ["c001"]}))
     r = rig(tmp_path, companies=tuple(names))
@@ -47,7 +47,7 @@ def test_boot_starts_config_and_started_companies_a_batch_per_turn(tmp_path):
     assert {c.name: c.session.reason for c in r.arbiter.roster}["c000"] == "queued for start"
     now = r.clock.monotonic()
     r.arbiter.fire_timers(now)
-    assert len(r.spawner.children) == BOOT_BATCH  # the sockets get their turn between batches
+    assert len(r.spawner.children) == TIMER_BATCH  # the sockets get their turn between batches
     r.advance(0)
     spawned = [ch.args[ch.args.index("--company") + 1] for ch in r.spawner.children]
     assert spawned == [n for n in names if n != "c001"] + ["extra"]  # config order first; stopped stays stopped
@@ -117,6 +117,34 @@ def test_worker_events_go_to_their_owners(tmp_path):
     assert r.company().session.qr == "SIMQR:1" and r.company().session.last_error == "no phone"
     assert c[("qr", "acme")] == 1 and c[("error", "acme", "pairing")] == 1 and c[("malformed", "event")] == 1
     assert r.types()[-2:] == ["qr", "error"]
+
+
+def test_a_batch_is_heard_in_order_state_changes_among_the_messages(tmp_path):
+    r = rig(tmp_path)
+    r.arbiter.roster.want("acme").start()
+    r.ready()
+    batch = [{"type": "qr", "data": {"code": "SIMQR:1"}, "ts": 1.0},
+             {"type": "state", "data": {"state": "connected", "phone": "15550100001"}, "ts": 1.0},
+             {"type": "sent", "data": {"message_id": "m1", "latency": 0.01}, "ts": 1.0}]
+    r.hear("acme", protocol.EVENTS, {"events": batch})
+    assert r.types()[-4:] == ["qr", "state", "connected", "sent"]
+
+
+def test_a_failing_timer_costs_only_itself(tmp_path, monkeypatch):
+    r = rig(tmp_path)
+    a, b = r.arbiter.roster.want("a"), r.arbiter.roster.want("b")
+    a.start()
+    b.start()
+    r.exit("a", 1)
+    r.exit("b", 1)
+
+    def broken():
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(a, "on_due", broken)
+    r.advance(10)
+    assert r.services.counters[("loop_errors",)] == 1
+    assert b.worker is not None  # b's restart was not lost with a's
 
 
 # ---------------------------------------------------------------- end to end

@@ -12,6 +12,7 @@ import queue
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,7 @@ from cli import render
 from cli.client import Settings
 from cli.main import cli
 from ipc import events
+from ipc.tokens import TokenReader
 
 WAPORTCTL = str(Path(sys.executable).with_name("waportctl"))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -365,6 +367,17 @@ def test_malformed_reply_is_an_error_not_a_traceback(run_dir: str, daemon: Calla
     assert result.stderr.startswith("error: internal: malformed reply from waportd")
 
 
+def test_a_reply_nested_too_deeply_is_an_error_not_a_traceback(
+    run_dir: str, daemon: Callable[..., FakeDaemon]
+) -> None:
+    daemon(ping=Raw(b"[" * 100_000), version=Raw(b"[1, 2]"))
+    result = ctl(run_dir, "ping")
+    assert result.exit_code == 1
+    assert result.stderr == "error: internal: malformed reply from waportd: JSON nested too deeply\n"
+    result = ctl(run_dir, "version")
+    assert result.exit_code == 1 and "reply is not a JSON object" in result.stderr
+
+
 def test_missing_socket_exits_3(run_dir: str) -> None:
     result = ctl(run_dir, "list")
     assert result.exit_code == 3
@@ -571,3 +584,104 @@ def test_worker_bound_commands_wait_longer_unless_told() -> None:
     assert Settings().timeout_for("ping") == 10
     assert Settings().timeout_for("stop") == Settings().timeout_for("send") == 60
     assert Settings(timeout=0.5).timeout_for("stop") == 0.5
+
+
+# --- API tokens -----------------------------------------------------------------------------
+
+TOKEN = "wp_" + "k" * 43
+
+
+def test_token_create_prints_the_token_once_on_stdout(run_dir: str, daemon: Callable[..., FakeDaemon]) -> None:
+    fake = daemon(token_create={"id": "tok_0123456789ab", "token": TOKEN, "company": "acme",
+                                "created_at": 1_700_000_000.0, "expires_at": 1_702_592_000.0})
+    result = ctl(run_dir, "token", "create", "--company", "acme", "--expires", "30d")
+    assert (result.exit_code, result.stdout) == (0, TOKEN + "\n")
+    assert result.stderr.startswith("tok_0123456789ab: for company acme, expires 2023-12-1")
+    assert "the only time the token is shown" in result.stderr
+    assert ctl(run_dir, "token", "create", "--expires", "1.5").exit_code == 0
+    assert ctl(run_dir, "token", "create").exit_code == 0
+    assert fake.sent() == [("token_create", {"company": "acme", "expires": 2592000}),
+                           ("token_create", {"expires": 1.5}), ("token_create", {})]
+
+
+def test_token_create_json_is_the_result(run_dir: str, daemon: Callable[..., FakeDaemon]) -> None:
+    created = {"id": "tok_0123456789ab", "token": TOKEN, "company": None, "created_at": 1.0, "expires_at": None}
+    daemon(token_create=created)
+    result = ctl(run_dir, "token", "create", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout) == created
+
+
+@pytest.mark.parametrize("expires", ["soon", "0", "-1d", "1w"])
+def test_token_create_refuses_a_bad_duration_before_asking(
+    run_dir: str, daemon: Callable[..., FakeDaemon], expires: str
+) -> None:
+    fake = daemon()
+    result = ctl(run_dir, "token", "create", "--expires", expires)
+    assert result.exit_code == 2 and "--expires" in result.stderr
+    assert fake.sent() == []
+
+
+def test_token_list_and_revoke(run_dir: str, daemon: Callable[..., FakeDaemon]) -> None:
+    tokens = [
+        {"id": "tok_aaaaaaaaaaaa", "company": "acme", "created_at": 1_700_000_000.0, "expires_at": None,
+         "revoked_at": None, "state": "active"},
+        {"id": "tok_bbbbbbbbbbbb", "company": None, "created_at": 1_700_000_000.0, "expires_at": 1_700_003_600.0,
+         "revoked_at": 1_700_000_100.0, "state": "revoked"},
+    ]
+    fake = daemon(token_list={"tokens": tokens}, token_revoke={**tokens[1], "state": "revoked"})
+    lines = ctl(run_dir, "token", "list").stdout.splitlines()
+    assert lines[0].split() == ["ID", "COMPANY", "STATE", "CREATED", "EXPIRES", "REVOKED"]
+    assert lines[1].split()[:3] == ["tok_aaaaaaaaaaaa", "acme", "active"] and lines[1].split()[4:] == ["never", "-"]
+    assert lines[2].split()[:3] == ["tok_bbbbbbbbbbbb", "(all)", "revoked"]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", cell) for cell in lines[2].split()[3:])
+    result = ctl(run_dir, "token", "revoke", "tok_bbbbbbbbbbbb")
+    assert (result.exit_code, result.stdout) == (0, "tok_bbbbbbbbbbbb: revoked\n")
+    assert fake.sent() == [("token_list", {}), ("token_revoke", {"id": "tok_bbbbbbbbbbbb"})]
+    assert render.tokens_table([]) == "no API tokens"
+
+
+def test_token_round_trip_against_a_real_daemon(daemon_factory: Callable[..., Any], short_tmp: str) -> None:
+    d = daemon_factory(sim_endpoint=f"ipc://{short_tmp}/no-simnet.sock").start()
+    env = {**os.environ, "WAPORT_RUN_DIR": d.run_dir}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([WAPORTCTL, *args], env=env, capture_output=True, text=True, timeout=30)
+
+    out = run("token", "create", "--company", "acme", "--expires", "30d")
+    assert out.returncode == 0, out.stderr
+    token = out.stdout.strip()
+    assert re.fullmatch(r"wp_[A-Za-z0-9_-]{43}", token) and "only time the token is shown" in out.stderr
+    match = re.match(r"(tok_[0-9a-f]{12}): for company acme, expires ", out.stderr)
+    assert match, out.stderr
+    token_id = match.group(1)
+    out = run("--json", "token", "create")
+    admin = json.loads(out.stdout)
+    assert admin["company"] is None and admin["expires_at"] is None and admin["token"].startswith("wp_")
+
+    path = os.path.join(d.state_dir, "api-tokens.json")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    with open(path) as fh:
+        stored = fh.read()
+    assert token not in stored and admin["token"] not in stored
+    reader = TokenReader(path)  # what the API process does
+    assert reader.verify(token, time.time()).company == "acme"
+
+    out = run("token", "list")
+    assert out.returncode == 0 and token not in out.stdout
+    rows = {line.split()[0]: line.split()[1:3] for line in out.stdout.splitlines()[1:]}
+    assert rows == {token_id: ["acme", "active"], admin["id"]: ["(all)", "active"]}
+
+    out = run("token", "revoke", token_id)
+    assert (out.returncode, out.stdout) == (0, f"{token_id}: revoked\n")
+    assert reader.verify(token, time.time()) is None
+    assert reader.verify(admin["token"], time.time()) is not None
+    listed = json.loads(run("--json", "token", "list").stdout)["tokens"]
+    assert {t["id"]: t["state"] for t in listed} == {token_id: "revoked", admin["id"]: "active"}
+
+    out = run("token", "revoke", "tok_000000000000")
+    assert out.returncode == 1 and "bad_request: no API token 'tok_000000000000'" in out.stderr
+    out = run("token", "create", "--company", "bad id!")
+    assert out.returncode == 1 and "invalid_company_id" in out.stderr
+    assert run("token", "create", "--expires", "soon").returncode == 2
+    logs = d.logs()
+    assert token_id in logs and token not in logs and admin["token"] not in logs

@@ -266,3 +266,15 @@ def test_a_worker_of_another_protocol_version_is_restarted_and_not_believed(r):
     assert company.state == S.STARTING
     r.exit("acme", 0)
     assert company.state == S.BACKOFF and company.session.reason.startswith("protocol_mismatch")
+
+
+def test_a_stop_while_a_restart_waits_for_the_worker_cancels_the_restart(r):
+    company = started(r)
+    answers = []
+    company.restart(lambda: answers.append(company.state))
+    company.stop()
+    r.exit("acme", 0)
+    assert answers == [S.STOPPED] and company.state == S.STOPPED
+    assert company.lock is None and len(r.spawner.children) == 1
+    r.advance(3600)
+    assert company.worker is None

@@ -43,6 +43,11 @@ def test_file_then_env_then_flags(tmp_path):
         ("max_restarts = -1\n", "max_restarts"),
         ("heartbeat_interval = 0\n", "heartbeat_interval"),
         ("worker_nice = 20\n", "worker_nice: must be between 0 and 19"),
+        ('http_listen = "8480"\n', "http_listen '8480': expected host:port"),
+        ('http_listen = "localhost:http"\n', "http_listen"),
+        ("http_listen = 8480\n", "http_listen: expected a string"),
+        ("max_companies = 0\n", "max_companies: must be a whole number >= 1"),
+        ('max_companies = "many"\n', "max_companies"),
         ('worker_nice = "low"\n', "worker_nice"),
         ("this is not toml", "not valid TOML"),
     ],
@@ -55,3 +60,35 @@ def test_bad_config_is_refused_with_the_key_named(tmp_path, text, match):
 def test_bad_env_value_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="restart_factor"):
         config.load(write(tmp_path, ""), environ={"WAPORT_RESTART_FACTOR": "fast"})
+
+
+def test_http_api_keys(tmp_path):
+    cfg = config.load(write(tmp_path, ""), environ={})
+    assert cfg.http_listen == "" and cfg.max_companies == 2000
+    cfg = config.load(write(tmp_path, 'http_listen = "127.0.0.1:8480"\nmax_companies = 50\n'), environ={})
+    assert cfg.http_listen == "127.0.0.1:8480" and cfg.max_companies == 50
+    cfg = config.load(write(tmp_path, ""), environ={"WAPORT_HTTP_LISTEN": "[::1]:0", "WAPORT_MAX_COMPANIES": "3"})
+    assert cfg.http_listen == "[::1]:0" and cfg.max_companies == 3
+    assert config.load(write(tmp_path, 'http_listen = " "\n'), environ={}).http_listen == ""
+
+
+@pytest.mark.parametrize("value,seconds", [(5, 5.0), ("500ms", 0.5), ("5 s", 5.0), ("2m", 120.0), ("2min", 120.0),
+                                           ("1.5h", 5400.0), ("1d", 86400.0)])
+def test_durations(tmp_path, value, seconds):
+    text = f"stop_timeout = {value!r}\n".replace("'", '"')
+    assert config.load(write(tmp_path, text), environ={}).stop_timeout == seconds
+
+
+@pytest.mark.parametrize("value,match", [("-1", "stop_timeout: must not be negative"),
+                                         ('"5 weeks"', "stop_timeout: '5 weeks' is not a duration"),
+                                         ("true", "stop_timeout: expected a duration, got True"),
+                                         ("inf", "stop_timeout: must be a finite number"),
+                                         ("[1]", "stop_timeout: expected a duration, got a list")])
+def test_bad_durations_name_the_key(tmp_path, value, match):
+    with pytest.raises(ConfigError, match=match):
+        config.load(write(tmp_path, f"stop_timeout = {value}\n"), environ={})
+
+
+def test_sim_options_nested_too_deeply_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="sim_options"):
+        config.load(write(tmp_path, ""), environ={"WAPORT_SIM_OPTIONS": "[" * 100_000})

@@ -81,6 +81,100 @@ def test_no_start_while_shutting_down_and_bad_ids_are_refused(tmp_path):
     assert r.services.counters[("control", "start", "bad_request")] == 1
 
 
+def test_start_past_max_companies_is_refused_with_capacity(tmp_path):
+    r = rig(tmp_path, max_companies=2)
+    assert command(r, "start", company="acme")[0]["ok"] and command(r, "start", company="bistro")[0]["ok"]
+    (reply,) = command(r, "start", company="cafe")
+    assert reply["error"]["code"] == "capacity" and reply["error"]["limit"] == 2
+    assert "max_companies = 2" in reply["error"]["message"]
+    assert r.arbiter.roster.get("cafe") is None and not r.arbiter.roster.is_wanted("cafe")
+    assert r.services.counters[("control", "start", "capacity")] == 1
+    assert command(r, "start", company="acme")[0]["ok"]  # a known company is not a new one
+    replies = command(r, "restart", company="bistro")
+    r.exit("bistro", 0)
+    assert replies[0]["ok"]
+
+
+def test_health_is_the_healthz_body(tmp_path):
+    r = rig(tmp_path)
+    command(r, "start", company="acme")
+    (reply,) = command(r, "health")
+    body = reply["result"]
+    assert set(body) == {"status", "services", "counts", "attention", "sessions", "version", "pid",
+                         "uptime_seconds", "loop_age_seconds"}
+    assert body["sessions"] == 1 and body["counts"] == {S.STARTING: 1} and body["status"] == "ok"
+
+
+def test_frames_nested_too_deeply_get_bad_request(tmp_path):
+    r = rig(tmp_path)
+    replies: list[dict] = []
+    for raw in (b"[" * 200_000, b'{"a":' * 100_000, b'{"id": "n", "cmd": "ping", "args": ' + b"[" * 100_000):
+        r.arbiter.controller.handle(raw, lambda out: replies.append(json.loads(out)))
+    assert replies == 3 * [{"id": "", "ok": False,
+                            "error": {"code": "bad_request", "message": "request: JSON nested too deeply"}}]
+    assert command(r, "ping")[0]["ok"]
+
+
+def test_a_lone_surrogate_in_a_send_is_bad_request_not_a_journal_error(tmp_path):
+    r = rig(tmp_path)
+    command(r, "start", company="acme")
+    r.ready()
+    r.report("acme", S.CONNECTED)
+    assert command(r, "send", company="acme", to="15550109999", text="hi \ud800")[0]["error"]["code"] == "bad_request"
+    reply = command(r, "send", company="acme", to="15550109999", text="hi", idempotency_key="k\udc80")[0]
+    assert reply["error"]["code"] == "bad_request"
+    assert r.arbiter.messages.batch == {}
+
+
+def test_api_tokens_create_list_revoke(tmp_path):
+    r = rig(tmp_path)
+    path = tmp_path / "state" / "api-tokens.json"
+    (reply,) = command(r, "token_create", company="acme", expires="30d")
+    created = reply["result"]
+    assert set(created) == {"id", "token", "company", "created_at", "expires_at"}
+    assert created["company"] == "acme" and created["created_at"] == r.clock.wall
+    assert created["expires_at"] == r.clock.wall + 30 * 86400
+    assert created["token"] not in path.read_text() and oct(path.stat().st_mode & 0o777) == "0o600"
+    admin = command(r, "token_create")[0]["result"]  # a company token needs no session: acme is not known
+    assert admin["company"] is None and admin["expires_at"] is None
+    listed = command(r, "token_list")[0]["result"]["tokens"]
+    assert {t["id"]: t["state"] for t in listed} == {created["id"]: "active", admin["id"]: "active"}
+    assert "sha256" not in listed[0] and "token" not in listed[0]
+    revoked = command(r, "token_revoke", id=created["id"])[0]["result"]
+    assert revoked["state"] == "revoked" and revoked["revoked_at"] == r.clock.wall
+    r.clock.advance(10)
+    assert command(r, "token_revoke", id=created["id"])[0]["result"]["revoked_at"] == revoked["revoked_at"]
+    short = command(r, "token_create", expires=60)[0]["result"]
+    r.clock.advance(61)
+    states = {t["id"]: t["state"] for t in command(r, "token_list")[0]["result"]["tokens"]}
+    assert states == {created["id"]: "revoked", admin["id"]: "active", short["id"]: "expired"}
+
+
+@pytest.mark.parametrize("cmd,args,code", [
+    ("token_create", {"company": "bad id!"}, "invalid_company_id"),
+    ("token_create", {"expires": "soon"}, "bad_request"),
+    ("token_create", {"expires": 0}, "bad_request"),
+    ("token_create", {"expires": [1]}, "bad_request"),
+    ("token_revoke", {"id": "tok_000000000000"}, "bad_request"),
+    ("token_revoke", {}, "bad_request"),
+])
+def test_api_token_commands_refuse_bad_input(tmp_path, cmd, args, code):
+    r = rig(tmp_path)
+    (reply,) = command(r, cmd, **args)
+    assert reply["error"]["code"] == code
+    assert not (tmp_path / "state" / "api-tokens.json").exists()
+
+
+def test_a_damaged_token_file_is_reported_and_left_alone(tmp_path):
+    r = rig(tmp_path)
+    path = tmp_path / "state" / "api-tokens.json"
+    path.write_text("{not json")
+    for cmd in ("token_create", "token_list"):
+        error = command(r, cmd)[0]["error"]
+        assert error["code"] == "internal" and str(path) in error["message"] and "fix or remove" in error["message"]
+    assert path.read_text() == "{not json"
+
+
 # ---------------------------------------------------------------- a real daemon
 
 
@@ -216,9 +310,19 @@ def test_malformed_frames_get_errors_and_the_daemon_keeps_serving(connected):
     sock.connect(f"ipc://{connected.run_dir}/control.sock")
     sock.send_multipart([b"a", b"b", b"c"])
     assert sock.poll(5000)
+    sock.recv_multipart()
+    # JSON nested deeper than the parser's recursion limit: an error reply, not an exception in the loop
+    for frame in (b"[" * 200_000, b'{"a":' * 100_000):
+        sock.send(frame)
+        assert sock.poll(5000), f"no reply to {frame[:10]!r}..."
+        reply = json.loads(sock.recv())
+        assert reply == {"id": "", "ok": False,
+                         "error": {"code": "bad_request", "message": "request: JSON nested too deeply"}}
     sock.close(0)
     assert connected.ctl("ping")["pong"] is True
     assert connected.status("acme")["state"] == "connected"
+    samples = connected.ctl("metrics")["metrics"]
+    assert [s["value"] for s in samples if s["name"] == "waport_loop_errors_total"] == [0]
 
 
 def test_waportctl_against_the_real_daemon(connected):

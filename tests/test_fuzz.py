@@ -25,7 +25,8 @@ requests = st.fixed_dictionaries(
     optional={"args": st.dictionaries(st.sampled_from(["company", "to", "text", "phone", "idempotency_key",
                                                        "limit", "message_id", "x"]), json_values, max_size=4)},
 )
-SAFE = {"ping", "version", "list", "status", "qr", "metrics", "diagnose", "messages", "send", "pair_code"}
+SAFE = {"ping", "version", "list", "status", "qr", "metrics", "diagnose", "messages", "send", "pair_code", "health",
+        "token_list"}
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +95,37 @@ def test_garbage_on_the_worker_socket(live, frames, ident, typed, body):
     assert ask(sock, json.dumps({"id": "p", "cmd": "ping"}).encode())["ok"]
 
 
+DEEP = (b"[" * 200_000, b'{"a":' * 100_000)
+
+
+def metric(d: Daemon, name: str, **labels: str) -> float:
+    samples = d.ctl("metrics")["metrics"]
+    return sum(s["value"] for s in samples if s["name"] == name and labels.items() <= s["labels"].items())
+
+
+def test_json_nested_too_deeply_on_both_sockets(live):
+    """DESIGN.md §9: `bad_request` where someone can be answered, dropped and counted on the worker socket."""
+    d, sock = live
+    for raw in DEEP:
+        reply = ask(sock, raw)
+        assert reply["error"] == {"code": "bad_request", "message": "request: JSON nested too deeply"}
+    malformed = metric(d, "waport_malformed_frames_total", socket="worker")
+    worker = zmq.Context.instance().socket(zmq.DEALER)
+    worker.setsockopt(zmq.LINGER, 0)
+    worker.connect(f"ipc://{d.run_dir}/workers.sock")
+    try:
+        for raw in DEEP:
+            worker.send_multipart([protocol.HEADER, protocol.HEARTBEAT.encode(), raw])
+        wait_for(lambda: metric(d, "waport_malformed_frames_total", socket="worker") >= malformed + len(DEEP),
+                 what="the deep frames counted as malformed")
+    finally:
+        worker.close(0)
+    assert ask(sock, json.dumps({"id": "p", "cmd": "ping"}).encode())["ok"]
+
+
 def test_the_daemon_survived_the_fuzzing(live):
     d, _ = live
     assert d.proc.poll() is None
     assert d.status("acme")["state"] == "connected"
     wait_for(lambda: d.ctl("ping")["pong"], what="ping")
+    assert metric(d, "waport_loop_errors_total") == 0

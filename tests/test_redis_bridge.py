@@ -89,3 +89,23 @@ def test_outbox_stream_end_to_end(daemon_factory, simnet, redis_server):
     assert json.loads(sent_event[0]["data"])["idempotency_key"] == "order-17"
     assert [m["text"] for m in sent] == ["from a producer"]
     assert r.xpending("waport:outbox", "waportd")["pending"] == 0
+
+
+def test_outbox_entries_not_in_utf8_are_rejected_and_the_bridge_carries_on(daemon_factory, simnet, redis_server):
+    """Malformed input (DESIGN.md §9): a field in another encoding is answered `bad_request`, and the
+    Redis thread, which decodes the entry, does not die of it."""
+    d = daemon_factory(sim_endpoint=simnet.endpoint, companies=["acme"], redis_url=redis_server.url).start()
+    d.wait_state("acme", "connected")
+    r = redis_server.client()
+    r.xadd("waport:outbox", {"company": "acme", "to": "15550109999", "text": "caf\xe9".encode("latin-1"),
+                             "idempotency_key": "latin-1"})
+    r.xadd("waport:outbox", {"company": "acme", "to": "15550109999", "text": "café", "idempotency_key": "utf-8"})
+    results = wait_for(lambda: (x := [e for e in stream(r, "waport:events") if e["type"] == "outbox_result"])
+                       and len(x) == 2 and x, what="two outbox results")
+    by_key = {e["idempotency_key"]: e for e in results}
+    assert (by_key["latin-1"]["ok"], by_key["latin-1"]["error"]) == ("0", "bad_request")
+    assert by_key["utf-8"]["ok"] == "1"
+    sent = wait_for(lambda: simnet.call("sent", company="acme")["messages"], what="the send")
+    assert [m["text"] for m in sent] == ["café"]
+    samples = d.ctl("metrics")["metrics"]
+    assert [s["value"] for s in samples if s["name"] == "waport_loop_errors_total"] == [0]

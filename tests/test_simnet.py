@@ -79,7 +79,8 @@ def pair(net: SimNetProcess, company: str) -> tuple[RawSession, str]:
 def test_control_commands_and_malformed_frames_get_error_replies(net: SimNetProcess) -> None:
     client = net.client
     assert client.call("ping")["pong"] is True
-    for frame in (b"\xff\xfe\x00garbage", b"", b"[1, 2]", b'"text"', b"{}", b'{"id": 5, "cmd": "ping"}'):
+    for frame in (b"\xff\xfe\x00garbage", b"", b"[1, 2]", b'"text"', b"{}", b'{"id": 5, "cmd": "ping"}',
+                  b"[" * 200_000, b'{"a":' * 100_000):
         reply = client.call_raw(frame)
         assert reply["ok"] is False and reply["error"]["code"] == BAD_REQUEST, frame
     reply = client.call_raw(b'{"id": "x1", "cmd": "nope"}')

@@ -1,7 +1,16 @@
 import pytest
 
-from ipc.errors import INVALID_COMPANY_ID, INVALID_PHONE, MESSAGE_TOO_LONG, WaportError
-from ipc.validation import MAX_TEXT_CHARS, mask_phone, normalize_phone, validate_company, validate_text
+from ipc.errors import BAD_REQUEST, INVALID_COMPANY_ID, INVALID_PHONE, MESSAGE_TOO_LONG, WaportError
+from ipc.validation import (
+    MAX_TEXT_CHARS,
+    is_utf8,
+    mask_phone,
+    normalize_phone,
+    parse_duration,
+    parse_listen,
+    validate_company,
+    validate_text,
+)
 
 
 @pytest.mark.parametrize("company", ["acme", "A", "salon_42", "x-y", "a" * 50])
@@ -53,3 +62,33 @@ def test_text_limits():
 def test_mask_phone_hides_the_middle():
     assert mask_phone("491512345678") == "49********78"
     assert "1512345" not in mask_phone("491512345678@s.whatsapp.net")
+
+
+def test_text_with_a_lone_surrogate_is_refused():
+    # json.loads('"\\ud800"') gives one: SQLite would refuse it later, in the supervisor's loop.
+    assert not is_utf8("\ud800") and is_utf8("é😀")
+    with pytest.raises(WaportError) as exc:
+        validate_text("hi \ud800")
+    assert exc.value.code == BAD_REQUEST
+
+
+@pytest.mark.parametrize("value,seconds", [(3600, 3600.0), (1.5, 1.5), ("3600", 3600.0), ("3600s", 3600.0),
+                                           ("90m", 5400.0), ("12h", 43200.0), ("30d", 2592000.0),
+                                           ("250ms", 0.25), (" 2 min ", 120.0), (0, 0.0)])
+def test_parse_duration(value, seconds):
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["soon", "", "1w", "-5", -5, True, None, [1], "1e3", float("inf"), 10**400,
+                                   "9" * 400 + "d"])
+def test_parse_duration_refuses(value):
+    with pytest.raises(ValueError):
+        parse_duration(value)
+
+
+def test_parse_listen_names_its_key():
+    assert parse_listen(" 127.0.0.1:8480 ", "http_listen") == ("127.0.0.1", 8480)
+    with pytest.raises(ValueError, match="^http_listen '8480': expected host:port"):
+        parse_listen("8480", "http_listen")
+    with pytest.raises(ValueError):
+        parse_listen("host:\u00b2", "http_listen")  # a digit to str.isdigit, not to int()

@@ -24,7 +24,7 @@ from ipc import events, paths, protocol
 from ipc.errors import BAD_REQUEST, WaportError
 from ipc.files import make_dir
 from ipc.zsocket import recv_ready, send_frames
-from waportd import process
+from waportd import helpers, process
 from waportd.company import Company
 from waportd.config import Config, ConfigError
 from waportd.controller import Controller
@@ -35,13 +35,13 @@ from waportd.ops import Ops
 from waportd.redis_bridge import EVENTS, RedisBridge
 from waportd.roster import Roster
 from waportd.services import Clock, Kill, Services, Spawner, SystemClock
-from waportd.simnet_child import SimnetChild
 from waportd.workerlink import WorkerLink
 
 log = logging.getLogger("waport.arbiter")
 
-BOOT_BATCH = 20  # timers fired per loop turn: 1,000 companies start a batch a turn, the sockets answer meanwhile
-RESTART_ONLY = ("state_dir", "run_dir", "backend", "sim_endpoint", "metrics_listen")  # not changed by a reload
+TIMER_BATCH = 20  # timers fired per loop turn: 1,000 companies start a batch a turn, the sockets answer meanwhile
+# Keys a reload does not change (a restart of waportd does).
+RESTART_ONLY = ("state_dir", "run_dir", "backend", "sim_endpoint", "metrics_listen", "http_listen")
 Reap = Callable[[], list[tuple[int, int]]]
 
 
@@ -70,14 +70,14 @@ class Arbiter:
             counters=counters, sim_endpoint=cfg.sim_endpoint,
         )  # fmt: skip
         self.roster = Roster(self.services)
-        self.ops = Ops(self.services, self.roster, self.bridge, simnet_pid=lambda: self.simnet and self.simnet.pid)
+        self.helpers: dict[Any, helpers.Helper] = {}  # the demo network, the HTTP API: by timer key
+        self.ops = Ops(self.services, self.roster, self.bridge, helper_pids=self.helper_pids)
         self.messages = MessageDesk(self.services, self.roster, self.bridge, self.ops.metrics.observe_send_latency)
         self.controller = Controller(self.services, self.roster, self.messages, self.ops, self.reload)
         self.signals: list[int] = []
         self.child_exited = True
         self.next_mirror = 0.0
         self.next_beat_out = 0.0
-        self.simnet: SimnetChild | None = None
         self.lock = FileLock(os.path.join(cfg.state_dir, "waportd.lock"))
 
     @property
@@ -109,14 +109,21 @@ class Arbiter:
         if self.bridge:
             self.bridge.start()
         if cfg.backend == "sim" and not cfg.sim_endpoint:
-            self.simnet = SimnetChild(cfg.run_dir, cfg.state_dir)
-            self.services.sim_endpoint = self.simnet.endpoint
-            self.simnet.start()
+            self.add_helper(helpers.simnet(self.services))
+        if cfg.http_listen:
+            self.add_helper(helpers.http_api(self.services))
         self.boot()
         log.info(
             "waportd ready: pid %d, backend %s, %d companies, control %s",
             os.getpid(), cfg.backend, len(self.roster), paths.endpoint(cfg.run_dir, paths.CONTROL_SOCK),
         )  # fmt: skip
+
+    def add_helper(self, helper: helpers.Helper) -> None:
+        self.helpers[helper.key] = helper
+        helper.start()
+
+    def helper_pids(self) -> set[int]:
+        return {pid for h in list(self.helpers.values()) if (pid := h.pid) is not None}
 
     def boot(self) -> None:
         """Queue every company that should run; the loop starts them a batch per turn."""
@@ -235,8 +242,8 @@ class Arbiter:
         self.messages.close()
         self.services.spawner.close()
         self.ops.close()
-        if self.simnet:
-            self.simnet.stop()
+        for helper in self.helpers.values():
+            helper.stop()
         for name in (paths.CONTROL_SOCK, paths.WORKERS_SOCK, paths.EVENTS_SOCK):
             try:
                 os.unlink(os.path.join(self.cfg.run_dir, name))
@@ -263,19 +270,25 @@ class Arbiter:
                 assert company.worker is not None
                 company.worker.child.reaped(code)
                 company.exited(code)
-            elif self.simnet and self.simnet.reaped(pid, code, restart=not self.services.shutting_down):
-                pass
-            elif self.services.spawner.owns(pid):
+                continue
+            ours = any(helper.reaped(pid, code) for helper in self.helpers.values())
+            if not ours and self.services.spawner.owns(pid):
                 log.warning("the fork server exited (%s); it starts again with the next worker", code)
 
     def fire_timers(self, now: float) -> None:
-        """Restarts, lock retries, kill deadlines and request timeouts that are due (a batch per turn)."""
+        """Starts, restarts, lock retries, kill deadlines and request timeouts that are due, a batch per turn
+        (1,000 companies at boot start over 50 turns; the sockets are served in between)."""
         due = self.services.timers.due(now)
-        for when, name, what in due[:BOOT_BATCH]:
-            company = self.roster.get(name)  # type: ignore[arg-type]
-            if company is not None:
-                company.on_timer(what, when, now)
-        self.services.timers.push_back(due[BOOT_BATCH:])
+        self.services.timers.push_back(due[TIMER_BATCH:])
+        for when, owner, what in due[:TIMER_BATCH]:
+            target = self.roster.get(owner) if isinstance(owner, str) else self.helpers.get(owner)
+            if target is None:  # a company deleted meanwhile
+                continue
+            try:
+                target.on_timer(what, when, now)
+            except Exception:  # noqa: BLE001 - one owner's bug must not cost the other timers of the turn
+                self.counters[("loop_errors",)] += 1
+                log.exception("%s: error on a timer; carrying on", owner)
 
     def check_workers(self, now: float) -> None:
         """Heartbeats out, liveness in; keep the Redis session mirror alive (it has a TTL)."""
@@ -303,8 +316,11 @@ class Arbiter:
             log.warning("frame from unknown worker %r: told it to stop", ident[:64])
             self.services.send(ident, protocol.STOP, {"reason": "unknown worker"})
             return
-        for one in company.heard(msg):
-            self.route(company, one)
+        if not company.heard_from():
+            return
+        for one in protocol.unbatch(msg):  # in order: a batch's state change and its messages as they came
+            if not company.heard(one):
+                self.route(company, one)
 
     def route(self, company: Company, msg: protocol.Message) -> None:
         """What a worker said that is not about its own life: to the owner of each kind."""

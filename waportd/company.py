@@ -67,7 +67,6 @@ class Worker:
 
 @dataclass
 class WorkerRequest:
-    cmd: str
     deadline: float  # monotonic
     on_reply: Reply
 
@@ -82,6 +81,7 @@ class Company:
     due: float | None = None  # monotonic: start (again) then — backoff, ban expiry, lock retry, boot
     requests: dict[str, WorkerRequest] = field(default_factory=dict)
     exit_waiters: list[Callable[[], None]] = field(default_factory=list)
+    restarting: bool = False  # a restart waits for the worker to go; a stop meanwhile cancels it
 
     def __post_init__(self) -> None:
         self.session = Session(self.name, since=self.services.clock.time())
@@ -139,7 +139,7 @@ class Company:
             self.spawn()
 
     def queue_start(self) -> None:
-        """Start at the next turns, paced with the others (boot, reload): the sockets answer meanwhile."""
+        """Start at the next turns, paced with the others (boot): the sockets answer meanwhile."""
         self.session.reason = "queued for start"
         self.schedule(self.services.clock.monotonic())
 
@@ -153,21 +153,21 @@ class Company:
         self.due = None
         if sv.shutting_down:
             return
-        if self.lock is None:
-            make_dir(self.session_dir, 0o700)
-            lock = FileLock(os.path.join(self.session_dir, "session.lock"))
-            try:
-                lock.acquire()
-            except LockBusy as exc:
-                self.set_state(STARTING, f"waiting for the session lock held by pid {exc.holder}")
-                self.schedule(sv.clock.monotonic() + LOCK_RETRY)
-                return
-            self.lock = lock
-        generation = next(sv.generations)
-        assert self.lock.fd is not None
         try:
+            if self.lock is None:
+                make_dir(self.session_dir, 0o700)
+                lock = FileLock(os.path.join(self.session_dir, "session.lock"))
+                try:
+                    lock.acquire()
+                except LockBusy as exc:
+                    self.set_state(STARTING, f"waiting for the session lock held by pid {exc.holder}")
+                    self.schedule(sv.clock.monotonic() + LOCK_RETRY)
+                    return
+                self.lock = lock
+            generation = next(sv.generations)
+            assert self.lock.fd is not None
             child = sv.spawner.spawn_worker(self.worker_args(generation), self.lock.fd)
-        except OSError as exc:
+        except OSError as exc:  # no fork server, no descriptors left, a full disk: a failed run, backed off
             log.error("%s: spawn failed: %s", self.name, exc)
             self.set_state(STARTING, "spawn failed")
             self.exited(127, {"reason": "spawn failed", "message": str(exc)})
@@ -192,8 +192,9 @@ class Company:
     # ------------------------------------------------------------ stopping
 
     def stop(self) -> None:
-        """A stop someone asked for: the worker ends in order, the lock is released, nothing restarts."""
-        self.due = None
+        """A stop someone asked for: the worker ends in order, the lock is released, nothing restarts
+        (a restart still waiting for the worker to go is cancelled)."""
+        self.due, self.restarting = None, False
         if self.worker is not None:
             self.stop_worker("stop requested")
             return
@@ -214,10 +215,13 @@ class Company:
         """`waportctl restart`: a fresh start (failure count 0), after the live worker, if any, has gone."""
 
         def fresh_start() -> None:
-            self.session.failures = 0
-            self.spawn()
+            if self.restarting:  # not cancelled by a stop meanwhile
+                self.restarting = False
+                self.session.failures = 0
+                self.spawn()
             then()
 
+        self.restarting = True
         if self.worker is not None:
             self.stop_worker("restart requested", keep_lock=True)
             self.when_exited(fresh_start)
@@ -327,7 +331,7 @@ class Company:
             if s.state == STARTING:
                 self.spawn()  # retry the session lock
             else:
-                self.start()  # queued at boot or by a reload
+                self.start()  # queued at boot
 
     # ------------------------------------------------------------ liveness
 
@@ -356,21 +360,20 @@ class Company:
 
     # ------------------------------------------------------------ the worker's frames
 
-    def heard(self, msg: protocol.Message) -> list[protocol.Message]:
-        """A frame from the live worker. What is about its life is handled here; the rest (inbound
-        messages, outcomes, logs, other events) is returned for the arbiter to route."""
+    def heard_from(self) -> bool:
+        """A frame from the live worker arrived: a sign of life. False if nothing it says is to be read."""
         w = self.worker
         assert w is not None
         if w.mismatched:
-            return []
+            return False
         w.last_heartbeat = self.services.clock.monotonic()
-        others = []
-        for one in protocol.unbatch(msg):
-            if not self.heard_one(w, one):
-                others.append(one)
-        return others
+        return True
 
-    def heard_one(self, w: Worker, msg: protocol.Message) -> bool:
+    def heard(self, msg: protocol.Message) -> bool:
+        """One message of the live worker's frame, in order. True if it was about the worker's life and
+        handled here; False for the rest (inbound messages, outcomes, logs, other events) to be routed."""
+        w = self.worker
+        assert w is not None
         body, s = msg.body, self.session
         if msg.type == protocol.READY:
             if body["company"] != self.name or body["pid"] != w.pid:
@@ -438,7 +441,7 @@ class Company:
         clock = self.services.clock
         rid = uuid.uuid4().hex
         deadline = clock.monotonic() + timeout
-        self.requests[rid] = WorkerRequest(cmd, deadline, on_reply)
+        self.requests[rid] = WorkerRequest(deadline, on_reply)
         if not self.send(protocol.REQUEST, {"id": rid, "cmd": cmd, "args": args, "deadline": clock.time() + timeout}):
             del self.requests[rid]
             on_reply(error_dict(NOT_CONNECTED, f"{self.name}: worker socket is not connected"))

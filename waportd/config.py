@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import tomllib
@@ -11,8 +10,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ipc import jsonsafe
 from ipc.errors import WaportError
-from ipc.validation import validate_company
+from ipc.validation import parse_duration as parse_seconds
+from ipc.validation import parse_listen, validate_company
 
 DEFAULT_PATH = "/etc/waport/waportd.toml"
 
@@ -52,6 +53,8 @@ class Config:
     log_level: str = "info"
     worker_spawn: str = "auto"  # zygote (fork server) | exec (fresh interpreter) | auto: zygote for sim
     worker_nice: int = 5  # added to the supervisor's nice value for workers: busy workers never starve it
+    http_listen: str = ""  # the HTTP API (DESIGN.md §9), run as a supervised child; "" = off
+    max_companies: int = 2000  # companies this host may know; `start` of one more answers `capacity`
     source: str = field(default="", compare=False)  # the file it came from, for messages
 
 
@@ -68,26 +71,17 @@ _DURATIONS = {
     "connect_timeout",
 }
 _BACKENDS = ("neonize", "sim")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "min": 60, "h": 3600}
 _UNIT_BYTES = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1024**2,
                "g": 1e9, "gb": 1e9, "gib": 1024**3}
 KEYS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "source")
 
 
 def parse_duration(key: str, value: Any) -> float:
-    """Seconds from a number or a string such as "500ms", "5 s", "2m"."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected a duration, got {value!r}")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|min|h)?\s*", str(value))
-        if not m:
-            raise ConfigError(f"{key}: {value!r} is not a duration (examples: 5, \"500ms\", \"2m\")")
-        seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2) or "s"]
-    if seconds < 0:
-        raise ConfigError(f"{key}: must not be negative")
-    return seconds
+    """Seconds from a number or a string such as "500ms", "5 s", "2m" (the parser is ipc's, shared with the CLI)."""
+    try:
+        return parse_seconds(value)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
 
 
 def parse_bytes(key: str, value: Any) -> int:
@@ -110,7 +104,8 @@ def _coerce(key: str, value: Any) -> Any:
         return parse_duration(key, value)
     if key == "memory_limit":
         return parse_bytes(key, value)
-    if key in ("max_restarts", "rate_limit_max", "rate_limit_company_max", "stream_maxlen", "worker_nice"):
+    if key in ("max_restarts", "rate_limit_max", "rate_limit_company_max", "stream_maxlen", "worker_nice",
+               "max_companies"):
         try:
             n = int(value)
         except (TypeError, ValueError):
@@ -119,7 +114,18 @@ def _coerce(key: str, value: Any) -> Any:
             raise ConfigError(f"{key}: must be a whole number >= 0")
         if key == "worker_nice" and n > 19:
             raise ConfigError("worker_nice: must be between 0 and 19")
+        if key == "max_companies" and n < 1:
+            raise ConfigError("max_companies: must be a whole number >= 1")
         return n
+    if key == "http_listen":
+        if not isinstance(value, str):
+            raise ConfigError(f"http_listen: expected a string such as \"127.0.0.1:8480\", got {value!r}")
+        if value.strip():
+            try:
+                parse_listen(value, key)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        return value.strip()
     if key in ("restart_factor", "restart_jitter"):
         try:
             x = float(value)
@@ -147,7 +153,7 @@ def _coerce(key: str, value: Any) -> Any:
     if key == "sim_options":
         if isinstance(value, str):
             try:
-                value = json.loads(value) if value.strip() else {}
+                value = jsonsafe.loads(value) if value.strip() else {}
             except ValueError:
                 raise ConfigError(f"sim_options: {value!r} is not a JSON object") from None
         if not isinstance(value, dict):

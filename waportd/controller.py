@@ -16,12 +16,14 @@ import psutil
 from ipc import __version__, control, protocol
 from ipc.errors import (
     BAD_REQUEST,
+    CAPACITY,
     INTERNAL,
     UNKNOWN_COMPANY,
     WaportError,
 )
 from ipc.states import ALIVE, CONNECTED, PAIRING
-from ipc.validation import normalize_phone, validate_company
+from ipc.tokens import TOKENS_FILE, TokenFileError, TokenStore
+from ipc.validation import normalize_phone, parse_duration, validate_company
 from waportd.company import Company
 from waportd.messages import MessageDesk
 from waportd.ops import Ops
@@ -130,6 +132,11 @@ class Controller:
     def cmd_start(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
         name = validate_company(args.get("company"))
         self.not_shutting_down()
+        limit = self.services.cfg.max_companies
+        if self.roster.get(name) is None and len(self.roster) >= limit:
+            raise WaportError(CAPACITY, f"this host already has {len(self.roster)} companies, its limit "
+                                        f"(max_companies = {limit}): delete one or raise max_companies",
+                              limit=limit)
         company = self.roster.want(name)
         company.start()
         ok(self.record(company))
@@ -159,8 +166,8 @@ class Controller:
         company = self.known(args)
 
         def remove() -> None:
+            self.messages.forget(company.name)  # its journal closed before its directory goes
             company.delete_data()
-            self.messages.forget(company.name)
             self.roster.forget(company.name)
             ok({"company": company.name, "deleted": True})
 
@@ -212,6 +219,67 @@ class Controller:
 
     def cmd_reload(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
         ok(self.reload())
+
+    def cmd_health(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
+        """The /healthz body, for the API's GET /v1/health (the API process has no snapshot of its own)."""
+        ok(self.ops.health())
+
+    # ------------------------------------------------------------ API tokens (DESIGN.md §9)
+
+    @property
+    def tokens_path(self) -> str:
+        return os.path.join(self.services.cfg.state_dir, TOKENS_FILE)
+
+    def token_store(self) -> TokenStore:
+        """Read fresh for each command (they are rare), so a hand-edited file is never overwritten unseen."""
+        try:
+            return TokenStore.load(self.tokens_path)
+        except TokenFileError as exc:
+            log.error("API tokens: %s", exc)
+            raise WaportError(INTERNAL, f"{exc}: fix or remove the file (no token works meanwhile)") from None
+
+    def save_tokens(self, store: TokenStore) -> None:
+        try:
+            store.save(self.tokens_path)
+        except OSError as exc:
+            raise WaportError(INTERNAL, f"cannot write {self.tokens_path}: {exc.strerror or exc}") from None
+
+    def cmd_token_create(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
+        """A company token may name a company that does not exist yet: it is made before the session."""
+        company = args.get("company")
+        if company is not None:
+            validate_company(company)
+        seconds = None
+        if args.get("expires") is not None:
+            try:
+                seconds = parse_duration(args["expires"])
+            except ValueError as exc:
+                raise WaportError(BAD_REQUEST, f"expires: {exc}") from None
+            if seconds <= 0:
+                raise WaportError(BAD_REQUEST, "expires: a token's lifetime must be more than 0 seconds")
+        store = self.token_store()
+        record, token = store.create(company, seconds, self.services.clock.time())
+        self.save_tokens(store)
+        log.info("API token %s created for %s%s", record.id, f"company {company}" if company else "all companies",
+                 f", expires in {seconds:g} s" if seconds is not None else "")
+        ok({"id": record.id, "token": token, "company": record.company, "created_at": record.created_at,
+            "expires_at": record.expires_at})
+
+    def cmd_token_list(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
+        ok({"tokens": self.token_store().listing(self.services.clock.time())})
+
+    def cmd_token_revoke(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
+        token_id = args.get("id")
+        if not isinstance(token_id, str) or not token_id:
+            raise WaportError(BAD_REQUEST, "id must be a token id (tok_...; `waportctl token list` shows them)")
+        now = self.services.clock.time()
+        store = self.token_store()
+        before = store.get(token_id)
+        record = store.revoke(token_id, now)
+        if record is not before:
+            self.save_tokens(store)
+            log.info("API token %s revoked", record.id)
+        ok(record.public(now))
 
     def metric_samples(self) -> list[dict[str, Any]]:
         """Every figure of /metrics (one registry), as {name, labels, value}."""

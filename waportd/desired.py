@@ -9,6 +9,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from ipc import jsonsafe
 from ipc.files import write_atomic
 
 
@@ -47,7 +48,7 @@ class Desired:
 
     @classmethod
     def from_json(cls, text: str) -> Desired:
-        data = json.loads(text)
+        data = jsonsafe.loads(text)
         return cls(set(data.get("started", [])), set(data.get("stopped", [])))
 
 

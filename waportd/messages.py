@@ -18,7 +18,7 @@ from ipc import events, protocol
 from ipc.errors import BAD_REQUEST, NOT_CONNECTED, RATE_LIMITED, UNKNOWN_COMPANY, WaportError
 from ipc.journal import Busy, Journal
 from ipc.states import REFUSES_SENDS
-from ipc.validation import mask_phone, normalize_phone, validate_company, validate_text
+from ipc.validation import is_utf8, mask_phone, normalize_phone, validate_company, validate_text
 from waportd.ratelimit import FallbackLimiter, Limits
 from waportd.redis_bridge import INBOX, RedisBridge, client_for
 from waportd.roster import Roster
@@ -94,7 +94,7 @@ class MessageDesk:
             raise WaportError(UNKNOWN_COMPANY, f"no session for company {company!r}; start it first")
         recipient = normalize_phone(to)
         body = validate_text(text)
-        if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 200):
+        if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 200 or not is_utf8(key)):
             raise WaportError(BAD_REQUEST, "idempotency_key must be a string of 1-200 characters")
         journal = self.journal(company)
         if key is not None:

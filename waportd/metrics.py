@@ -27,6 +27,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from ipc import validation
 from ipc.states import ALL, ATTENTION, CONNECTED
 from waportd.resources import Sample
 
@@ -239,11 +240,8 @@ def health(snap: Snapshot) -> tuple[int, dict[str, Any]]:
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
-    """`host:port` (`[v6]:port`, `:port` = every interface) -> (host, port); ValueError if not."""
-    host, sep, port = listen.strip().rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"metrics_listen {listen!r}: expected host:port, e.g. 127.0.0.1:9477")
-    return host.strip("[]"), int(port)
+    """`metrics_listen` as (host, port); the parser is ipc's, shared with `http_listen`."""
+    return validation.parse_listen(listen, "metrics_listen")
 
 
 class MetricsServer:

@@ -21,6 +21,7 @@ from waportd import diagnose as diagnosis
 from waportd import strays
 from waportd.company import Company
 from waportd.metrics import Metrics, MetricsServer, SessionView, Snapshot
+from waportd.metrics import health as healthz
 from waportd.redis_bridge import RedisBridge
 from waportd.resources import ResourceMonitor, Sample, human_bytes, over_limit
 from waportd.roster import Roster
@@ -40,11 +41,11 @@ class Ops:
     """The production hooks of one arbiter; everything runs on its loop except metric scrapes."""
 
     def __init__(self, services: Services, roster: Roster, bridge: RedisBridge | None,
-                 simnet_pid: Callable[[], int | None]) -> None:
+                 helper_pids: Callable[[], set[int]]) -> None:
         self.services = services
         self.roster = roster
         self.bridge = bridge
-        self.simnet_pid = simnet_pid
+        self.helper_pids = helper_pids  # the demo network, the HTTP API: our children, not strays
         self.started_at = time.time()
         self.resources = ResourceMonitor()
         self.metrics = Metrics(self.snapshot)
@@ -159,6 +160,10 @@ class Ops:
         """The `metrics` command's figures: the same registry /metrics serves."""
         return self.metrics.samples()
 
+    def health(self) -> dict[str, Any]:
+        """The /healthz body (its HTTP status follows from `status`: ok 200, degraded 503)."""
+        return healthz(self.snapshot())[1]
+
     def snapshot(self) -> Snapshot:
         """Copies of what the metrics and /healthz need; safe from the HTTP threads."""
         sv = self.services
@@ -244,9 +249,7 @@ class Ops:
     def find_strays(self, now: float) -> None:
         sv = self.services
         children = {c.worker.pid for c in self.roster.running() if c.worker is not None}
-        simnet = self.simnet_pid()
-        if simnet is not None:
-            children.add(simnet)
+        children |= self.helper_pids()
         locked = {c.name for c in self.roster if c.lock is not None}
         endpoint = paths.endpoint(sv.cfg.run_dir, paths.WORKERS_SOCK)
         found = strays.find(sv.cfg.state_dir, endpoint, os.getpid(), children, locked)

@@ -43,8 +43,10 @@ def flat(fields: dict[str, Any]) -> dict[str, str]:
 
 
 def client_for(url: str, timeout: float = 0.5) -> redis.Redis:
+    """Replies decode with surrogateescape: an outbox entry a producer wrote in another encoding
+    must be answered `rejected`, not raise UnicodeDecodeError in the Redis thread (and end it)."""
     return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                decode_responses=True, health_check_interval=0)
+                                decode_responses=True, encoding_errors="surrogateescape", health_check_interval=0)
 
 
 class RedisBridge(threading.Thread):

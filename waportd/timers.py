@@ -36,6 +36,3 @@ class Timers:
         """Return taken entries unfired (the loop paces some work over several turns)."""
         for when, owner, what in entries:
             self.at(when, owner, what)
-
-    def __len__(self) -> int:
-        return len(self._heap)

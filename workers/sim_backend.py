@@ -27,7 +27,7 @@ from typing import Any
 
 import zmq
 
-from ipc import states
+from ipc import jsonsafe, states
 from ipc.errors import BAD_REQUEST, INTERNAL, NOT_CONNECTED, TIMEOUT
 from ipc.files import write_json_atomic
 from ipc.protocol import aligned_delay
@@ -431,8 +431,8 @@ class SimBackend(Backend):
     def _on_frame(self, raw: bytes) -> None:
         self._last_heard = time.monotonic()
         try:
-            msg = json.loads(raw)
-        except ValueError:
+            msg = jsonsafe.loads(raw)
+        except jsonsafe.InvalidJSON:
             self.emit("error", {"kind": "protocol", "message": "undecodable frame from the network"})
             return
         if not isinstance(msg, dict):
@@ -478,7 +478,7 @@ class SimBackend(Backend):
     def _load_creds(self) -> dict[str, Any]:
         try:
             with open(self.creds_path, encoding="utf-8") as f:
-                data = json.load(f)
+                data = jsonsafe.loads(f.read())
         except FileNotFoundError:
             return {}
         except ValueError:

@@ -1,0 +1,335 @@
+"""The HTTP API of DESIGN.md §9: routes that become control commands, SSE from the events socket.
+
+FastAPI gives the OpenAPI 3.1 document (pydantic models in `api/schemas.py` describe bodies and
+answers); the handlers themselves stay lean — they read the body with one `json.loads`, validate
+with the same `ipc.validation` the daemon uses, and answer with pre-encoded bytes — because a
+pydantic body, `Depends` auth and response validation cost three to four times the CPU of the
+request itself (README: HTTP API, cost per request).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api import schemas
+from api.auth import Auth, Caller
+from api.daemon import ControlLink, EventHub
+from api.docs import DOCS_HTML
+from ipc import __version__, events
+from ipc.errors import (
+    BAD_REQUEST,
+    CAPACITY,
+    FORBIDDEN,
+    INTERNAL,
+    INVALID_COMPANY_ID,
+    INVALID_PHONE,
+    MEDIA_TOO_LARGE,
+    MESSAGE_TOO_LONG,
+    NOT_CONNECTED,
+    NOT_FOUND,
+    RATE_LIMITED,
+    TIMEOUT,
+    UNAUTHORIZED,
+    UNKNOWN_COMPANY,
+    WaportError,
+)
+from ipc.jsonsafe import InvalidJSON
+from ipc.jsonsafe import loads as parse_json
+from ipc.validation import validate_company
+
+log = logging.getLogger("waport.api")
+
+STATUS = {
+    BAD_REQUEST: 400, INVALID_COMPANY_ID: 400, INVALID_PHONE: 400, MESSAGE_TOO_LONG: 400,
+    UNAUTHORIZED: 401, FORBIDDEN: 403, UNKNOWN_COMPANY: 404, NOT_FOUND: 404,
+    NOT_CONNECTED: 409, CAPACITY: 409, MEDIA_TOO_LARGE: 413, RATE_LIMITED: 429, TIMEOUT: 504, INTERNAL: 500,
+}
+MAX_BODY = 256 * 1024  # JSON bodies; media has routes of its own (§11)
+CONTROL_TIMEOUT = 10.0
+WORKER_TIMEOUT = 65.0  # commands that wait on a worker: its 30 s, or a stop's stop_timeout and SIGKILL
+JSON = "application/json"
+
+
+def error_parts(exc: WaportError) -> tuple[int, dict[str, str], bytes]:
+    """Status, extra headers and body of an error answer (§9: `Retry-After` whole seconds, at least 1)."""
+    headers = {}
+    if exc.code == RATE_LIMITED:
+        ms = exc.extra.get("retry_after_ms")
+        seconds = math.ceil(ms / 1000) if isinstance(ms, (int, float)) and ms > 0 else 1
+        headers["Retry-After"] = str(max(1, seconds))
+    elif exc.code == UNAUTHORIZED:
+        headers["WWW-Authenticate"] = 'Bearer realm="waport"'
+    return STATUS.get(exc.code, 500), headers, dumps({"error": exc.to_dict()})
+
+
+def error_response(exc: WaportError) -> Response:
+    status, headers, body = error_parts(exc)
+    return Response(body, status, headers, media_type=JSON)
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+
+
+def ok(result: Any, status: int = 200) -> Response:
+    return Response(dumps(result), status, media_type=JSON)
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    return json_object(await request.body())
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """A request body as a JSON object, or `bad_request` (too big, not JSON, nested too deep, not an object)."""
+    if len(body) > MAX_BODY:
+        raise WaportError(BAD_REQUEST, f"body of {len(body)} bytes exceeds {MAX_BODY}")
+    try:
+        data = parse_json(body) if body else {}
+    except InvalidJSON as exc:
+        raise WaportError(BAD_REQUEST, f"body: {exc}") from None
+    if not isinstance(data, dict):
+        raise WaportError(BAD_REQUEST, "body must be a JSON object")
+    return data
+
+
+class Api:
+    """The routes' shared state: the links to waportd and the token check."""
+
+    def __init__(self, control: ControlLink, hub: EventHub, auth: Auth) -> None:
+        self.control = control
+        self.hub = hub
+        self.auth = auth
+
+    async def call(self, cmd: str, args: dict[str, Any] | None = None, timeout: float = CONTROL_TIMEOUT) -> dict:
+        return await self.control.call(cmd, args or {}, timeout)
+
+    def caller(self, request: Request) -> Caller:
+        return self.auth.check(request.headers.get("authorization"))
+
+    async def send(self, authorization: str | None, company: str, body: bytes, key: str | None) -> bytes:
+        """The send route's work, with no framework around it: one control round trip (the daemon
+        validates `to` and `text` with the same ipc.validation as every other entry point)."""
+        caller = self.auth.check(authorization)
+        validate_company(company)
+        caller.may_act_on(company)
+        data = json_object(body)
+        args: dict[str, Any] = {"company": company, "to": data.get("to"), "text": data.get("text")}
+        if key is not None:
+            args["idempotency_key"] = key
+        result = await self.call("send", args)
+        return dumps({"message_id": result.get("message_id"), "status": result.get("status")})
+
+    def company_of(self, request: Request, caller: Caller) -> str:
+        """The path's company, valid and within the caller's reach."""
+        company = validate_company(request.path_params["company"])
+        caller.may_act_on(company)
+        return company
+
+
+Handler = Callable[[Api, Request], Awaitable[Response]]
+
+
+def guarded(api: Api, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    """Every failure becomes the error body of §9 with its status: never a traceback."""
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await handler(api, request)
+        except WaportError as exc:
+            return error_response(exc)
+        except Exception:  # noqa: BLE001 - a bug answers 500 with a body, the process carries on
+            log.exception("%s %s failed", request.method, request.url.path)
+            return error_response(WaportError(INTERNAL, "internal error; see the waport API log"))
+
+    return endpoint
+
+
+# ---------------------------------------------------------------- handlers
+
+
+async def health(api: Api, request: Request) -> Response:
+    return ok(await api.call("health"))
+
+
+async def list_sessions(api: Api, request: Request) -> Response:
+    caller = api.caller(request)
+    sessions = (await api.call("list"))["sessions"]
+    if caller.company is not None:
+        sessions = [s for s in sessions if s.get("company") == caller.company]
+    return ok({"sessions": sessions})
+
+
+async def put_session(api: Api, request: Request) -> Response:
+    caller = api.caller(request)
+    company = api.company_of(request, caller)
+    try:
+        await api.call("status", {"company": company})
+        known = True
+    except WaportError as exc:
+        if exc.code != UNKNOWN_COMPANY:
+            raise
+        known = False
+    return ok(await api.call("start", {"company": company}), 200 if known else 201)
+
+
+async def get_session(api: Api, request: Request) -> Response:
+    company = api.company_of(request, api.caller(request))
+    return ok(await api.call("status", {"company": company}))
+
+
+async def delete_session(api: Api, request: Request) -> Response:
+    company = api.company_of(request, api.caller(request))
+    return ok(await api.call("delete", {"company": company}, WORKER_TIMEOUT))
+
+
+def lifecycle(cmd: str) -> Handler:
+    async def handler(api: Api, request: Request) -> Response:
+        company = api.company_of(request, api.caller(request))
+        if cmd in ("start", "restart"):
+            await api.call("status", {"company": company})  # these routes act on known sessions only (PUT creates)
+        return ok(await api.call(cmd, {"company": company}, WORKER_TIMEOUT))
+
+    return handler
+
+
+async def diagnose(api: Api, request: Request) -> Response:
+    company = api.company_of(request, api.caller(request))
+    return ok(await api.call("diagnose", {"company": company}))
+
+
+async def qr(api: Api, request: Request) -> Response:
+    company = api.company_of(request, api.caller(request))
+    code = (await api.call("qr", {"company": company})).get("code")
+    if not code:
+        raise WaportError(NOT_FOUND, f"{company} has no QR code waiting (it is not pairing)")
+    if "image/png" in request.headers.get("accept", ""):
+        return Response(qr_png(code), media_type="image/png", headers={"Cache-Control": "no-store"})
+    return Response(dumps({"code": code}), media_type=JSON, headers={"Cache-Control": "no-store"})
+
+
+def qr_png(code: str) -> bytes:
+    import io
+
+    import segno
+
+    out = io.BytesIO()
+    segno.make(code, error="m").save(out, kind="png", scale=8, border=4)
+    return out.getvalue()
+
+
+async def pairing_code(api: Api, request: Request) -> Response:
+    caller = api.caller(request)
+    company = api.company_of(request, caller)
+    body = await read_json(request)
+    result = await api.call("pair_code", {"company": company, "phone": body.get("phone")}, WORKER_TIMEOUT)
+    return ok({"code": result.get("code")})
+
+
+async def send_message(api: Api, request: Request) -> Response:
+    """Served by `api.fastpath` in front of the framework; this route is its twin for the OpenAPI document
+    (and answers the same should the fast path ever step aside)."""
+    result = await api.send(request.headers.get("authorization"), request.path_params["company"],
+                            await request.body(), request.headers.get("idempotency-key"))
+    return Response(result, 202, media_type=JSON)
+
+
+async def list_messages(api: Api, request: Request) -> Response:
+    company = api.company_of(request, api.caller(request))
+    raw = request.query_params.get("limit", "20")
+    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        raise WaportError(BAD_REQUEST, "limit must be a whole number from 1 to 1000")
+    return ok(await api.call("messages", {"company": company, "limit": int(raw)}))
+
+
+async def get_message(api: Api, request: Request) -> Response:
+    company = api.company_of(request, api.caller(request))
+    message_id = request.path_params["message_id"]
+    try:
+        result = await api.call("messages", {"company": company, "message_id": message_id})
+    except WaportError as exc:
+        if exc.code == BAD_REQUEST and "no message" in exc.message:
+            raise WaportError(NOT_FOUND, exc.message) from None
+        raise
+    return ok(result["message"])
+
+
+async def event_stream(api: Api, request: Request) -> Response:
+    caller = api.caller(request)
+    company = request.query_params.get("company")
+    if company is not None:
+        validate_company(company)
+    if caller.company is not None:
+        if company is not None:
+            caller.may_act_on(company)
+        company = caller.company
+    type_ = request.query_params.get("type")
+    if type_ is not None and type_ not in events.TYPES:
+        raise WaportError(BAD_REQUEST, f"unknown event type {type_!r}; known: {', '.join(sorted(events.TYPES))}")
+    stream = api.hub.stream(company, type_, request.headers.get("last-event-id"))
+    return StreamingResponse(stream, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+# ---------------------------------------------------------------- the app
+
+
+def build(api: Api) -> FastAPI:
+    app = FastAPI(title="waport", version=__version__, openapi_url="/v1/openapi.json", docs_url=None,
+                  redoc_url=None, description=schemas.DESCRIPTION, webhooks=None)
+    app.openapi_version = "3.1.0"
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        code = NOT_FOUND if exc.status_code == 404 else BAD_REQUEST
+        if exc.status_code == 405:
+            return Response(dumps({"error": {"code": BAD_REQUEST, "message": "method not allowed"}}), 405,
+                            media_type=JSON, headers=dict(exc.headers or {}))
+        return error_response(WaportError(code, f"{request.method} {request.url.path}: {exc.detail}"))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(WaportError(BAD_REQUEST, "invalid request"))
+
+    def route(path: str, method: str, handler: Handler, op: schemas.Operation) -> None:
+        app.add_api_route(path, guarded(api, handler), methods=[method], **op.fastapi())
+
+    s = "/v1/sessions/{company}"
+    route("/v1/health", "GET", health, schemas.HEALTH)
+    route("/v1/sessions", "GET", list_sessions, schemas.LIST_SESSIONS)
+    route(s, "PUT", put_session, schemas.PUT_SESSION)
+    route(s, "GET", get_session, schemas.GET_SESSION)
+    route(s, "DELETE", delete_session, schemas.DELETE_SESSION)
+    for cmd in ("start", "stop", "restart", "logout"):
+        route(f"{s}/{cmd}", "POST", lifecycle(cmd), schemas.lifecycle(cmd))
+    route(f"{s}/diagnose", "GET", diagnose, schemas.DIAGNOSE)
+    route(f"{s}/qr", "GET", qr, schemas.QR)
+    route(f"{s}/pairing-code", "POST", pairing_code, schemas.PAIRING_CODE)
+    route(f"{s}/messages", "POST", send_message, schemas.SEND)
+    route(f"{s}/messages", "GET", list_messages, schemas.LIST_MESSAGES)
+    route(f"{s}/messages/{{message_id}}", "GET", get_message, schemas.GET_MESSAGE)
+    route("/v1/events", "GET", event_stream, schemas.EVENTS)
+
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        doc = generate()
+        doc.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
+            "type": "http", "scheme": "bearer", "description": "a token from `waportctl token create`"}
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return HTMLResponse(DOCS_HTML)
+
+    return app

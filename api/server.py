@@ -1,0 +1,82 @@
+"""`python -m api`: the HTTP API server, run by waportd when `http_listen` is set.
+
+uvicorn serves the app; the links to waportd (control and events sockets) live as long as the
+server. It dies with waportd (waportd starts it tied: PR_SET_PDEATHSIG) and keeps nothing that a
+restart would lose beyond the 10 minutes of events kept for SSE reconnects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator
+
+import uvicorn
+import zmq
+
+from api.app import Api, build
+from api.auth import Auth
+from api.daemon import ControlLink, EventHub
+from api.fastpath import FastSend
+from ipc.logfmt import LineFormatter, under_journald
+
+log = logging.getLogger("waport.api")
+TOKENS_FILE = "api-tokens.json"
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise SystemExit(f"api: --listen must be HOST:PORT, got {listen!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def make_app(run_dir: str, state_dir: str):  # noqa: ANN201 - a FastAPI app
+    """The app with its links to waportd, opened when the server starts and closed when it stops."""
+    ctx = zmq.Context()
+    control = ControlLink(run_dir, ctx)
+    hub = EventHub(run_dir, ctx)
+    api = Api(control, hub, Auth(os.path.join(state_dir, TOKENS_FILE)))
+    app = build(api)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: object) -> AsyncIterator[None]:
+        control.start()
+        hub.start()
+        try:
+            yield
+        finally:
+            hub.close()
+            control.close()
+            ctx.term()
+
+    app.router.lifespan_context = lifespan
+    return FastSend(app, api)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m api", description="waport's HTTP API (DESIGN.md §9)")
+    p.add_argument("--listen", required=True, help="HOST:PORT")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--state-dir", required=True)
+    p.add_argument("--log-level", default="info")
+    args = p.parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LineFormatter(journald=under_journald(sys.stderr), program="api"))
+    logging.getLogger().handlers[:] = [handler]
+    logging.getLogger().setLevel(args.log_level.upper())
+    host, port = parse_listen(args.listen)
+    app = make_app(args.run_dir, args.state_dir)
+    # No access log: request lines would carry company ids at INFO for every send; errors are logged.
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="on",
+                            server_header=False, date_header=False, timeout_graceful_shutdown=5,
+                            h11_max_incomplete_event_size=64 * 1024)
+    log.info("HTTP API on http://%s:%d (OpenAPI at /v1/openapi.json)", host, port)
+    uvicorn.Server(config).run()
+
+
+if __name__ == "__main__":
+    main()
