@@ -32,6 +32,7 @@ test-fast: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not e2e" $(PYTEST_ARGS)
 
 bench: venv
+	command -v wrk >/dev/null || [ "$$(id -u)" != 0 ] || (apt-get update -qq && apt-get install -y -qq wrk) || true
 	$(BIN)/python tests/bench/run.py
 
 clean:

@@ -18,7 +18,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from api import schemas
 from api.auth import Auth, Caller
@@ -55,6 +57,7 @@ STATUS = {
 }
 MAX_BODY = 256 * 1024  # JSON bodies; media has routes of its own (§11)
 CONTROL_TIMEOUT = 10.0
+HEALTH_TIMEOUT = 3.0
 WORKER_TIMEOUT = 65.0  # commands that wait on a worker: its 30 s, or a stop's stop_timeout and SIGKILL
 JSON = "application/json"
 
@@ -85,7 +88,14 @@ def ok(result: Any, status: int = 200) -> Response:
 
 
 async def read_json(request: Request) -> dict[str, Any]:
-    return json_object(await request.body())
+    """The body, read no further than MAX_BODY bytes, as a JSON object."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise WaportError(BAD_REQUEST, f"body exceeds {MAX_BODY} bytes")
+        chunks.append(chunk)
+    return json_object(b"".join(chunks))
 
 
 def json_object(body: bytes) -> dict[str, Any]:
@@ -115,10 +125,9 @@ class Api:
     def caller(self, request: Request) -> Caller:
         return self.auth.check(request.headers.get("authorization"))
 
-    async def send(self, authorization: str | None, company: str, body: bytes, key: str | None) -> bytes:
+    async def send(self, caller: Caller, company: str, body: bytes, key: str | None) -> bytes:
         """The send route's work, with no framework around it: one control round trip (the daemon
         validates `to` and `text` with the same ipc.validation as every other entry point)."""
-        caller = self.auth.check(authorization)
         validate_company(company)
         caller.may_act_on(company)
         data = json_object(body)
@@ -157,7 +166,9 @@ def guarded(api: Api, handler: Handler) -> Callable[[Request], Awaitable[Respons
 
 
 async def health(api: Api, request: Request) -> Response:
-    return ok(await api.call("health"))
+    """The /healthz body and status: 200 ok, 503 degraded; a probe gets an answer within 3 s."""
+    body = await api.call("health", timeout=HEALTH_TIMEOUT)
+    return ok(body, 200 if body.get("status") == "ok" else 503)
 
 
 async def list_sessions(api: Api, request: Request) -> Response:
@@ -171,14 +182,9 @@ async def list_sessions(api: Api, request: Request) -> Response:
 async def put_session(api: Api, request: Request) -> Response:
     caller = api.caller(request)
     company = api.company_of(request, caller)
-    try:
-        await api.call("status", {"company": company})
-        known = True
-    except WaportError as exc:
-        if exc.code != UNKNOWN_COMPANY:
-            raise
-        known = False
-    return ok(await api.call("start", {"company": company}), 200 if known else 201)
+    record = await api.call("start", {"company": company})
+    created = record.pop("created", False)  # said by the daemon, which alone knows: two PUTs never both get 201
+    return ok(record, 201 if created else 200)
 
 
 async def get_session(api: Api, request: Request) -> Response:
@@ -194,8 +200,8 @@ async def delete_session(api: Api, request: Request) -> Response:
 def lifecycle(cmd: str) -> Handler:
     async def handler(api: Api, request: Request) -> Response:
         company = api.company_of(request, api.caller(request))
-        if cmd in ("start", "restart"):
-            await api.call("status", {"company": company})  # these routes act on known sessions only (PUT creates)
+        if cmd == "start":
+            await api.call("status", {"company": company})  # a known session only: PUT creates
         return ok(await api.call(cmd, {"company": company}, WORKER_TIMEOUT))
 
     return handler
@@ -237,15 +243,25 @@ async def pairing_code(api: Api, request: Request) -> Response:
 async def send_message(api: Api, request: Request) -> Response:
     """Served by `api.fastpath` in front of the framework; this route is its twin for the OpenAPI document
     (and answers the same should the fast path ever step aside)."""
-    result = await api.send(request.headers.get("authorization"), request.path_params["company"],
-                            await request.body(), request.headers.get("idempotency-key"))
+    caller = api.caller(request)
+    key = idempotency_key(request.headers.getlist("idempotency-key"))
+    result = await api.send(caller, request.path_params["company"], await request.body(), key)
     return Response(result, 202, media_type=JSON)
+
+
+def idempotency_key(values: list[str]) -> str | None:
+    """The one Idempotency-Key, ASCII; two of them, or other characters, would make two sends look alike."""
+    if not values:
+        return None
+    if len(values) > 1 or not values[0].isascii():
+        raise WaportError(BAD_REQUEST, "Idempotency-Key: give one, of ASCII characters")
+    return values[0]
 
 
 async def list_messages(api: Api, request: Request) -> Response:
     company = api.company_of(request, api.caller(request))
     raw = request.query_params.get("limit", "20")
-    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 1000:
         raise WaportError(BAD_REQUEST, "limit must be a whole number from 1 to 1000")
     return ok(await api.call("messages", {"company": company, "limit": int(raw)}))
 
@@ -253,12 +269,7 @@ async def list_messages(api: Api, request: Request) -> Response:
 async def get_message(api: Api, request: Request) -> Response:
     company = api.company_of(request, api.caller(request))
     message_id = request.path_params["message_id"]
-    try:
-        result = await api.call("messages", {"company": company, "message_id": message_id})
-    except WaportError as exc:
-        if exc.code == BAD_REQUEST and "no message" in exc.message:
-            raise WaportError(NOT_FOUND, exc.message) from None
-        raise
+    result = await api.call("messages", {"company": company, "message_id": message_id})
     return ok(result["message"])
 
 
@@ -290,9 +301,11 @@ def build(api: Api) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         code = NOT_FOUND if exc.status_code == 404 else BAD_REQUEST
-        if exc.status_code == 405:
+        if exc.status_code == 405:  # Allow names every method of the path (routes are one method each)
+            allowed = sorted({m for r in app.routes if isinstance(r, APIRoute) and r.matches(request.scope)[0]
+                              != Match.NONE for m in (r.methods or ())})
             return Response(dumps({"error": {"code": BAD_REQUEST, "message": "method not allowed"}}), 405,
-                            media_type=JSON, headers=dict(exc.headers or {}))
+                            media_type=JSON, headers={"Allow": ", ".join(allowed)})
         return error_response(WaportError(code, f"{request.method} {request.url.path}: {exc.detail}"))
 
     @app.exception_handler(RequestValidationError)

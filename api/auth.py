@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 from ipc.errors import FORBIDDEN, INTERNAL, UNAUTHORIZED, WaportError
 from ipc.tokens import TokenFileError, TokenReader
+
+log = logging.getLogger("waport.api")
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,7 @@ class Caller:
 class Auth:
     def __init__(self, path: str) -> None:
         self.tokens = TokenReader(path)
+        self.reported = ""
 
     def check(self, header: str | None) -> Caller:
         """The caller of `Authorization: Bearer <token>`, or `unauthorized` (never saying which part failed
@@ -35,7 +39,10 @@ class Auth:
         try:
             record = self.tokens.verify(token.strip(), time.time())
         except TokenFileError as exc:  # fail closed: the file that revokes a token may be the damaged one
-            raise WaportError(INTERNAL, f"the token store cannot be read: {exc}") from None
+            if str(exc) != self.reported:  # once per damage, for the operator; the caller learns no path
+                self.reported = str(exc)
+                log.error("every request is refused until the token file is repaired: %s", exc)
+            raise WaportError(INTERNAL, "the token store cannot be read; see the waport API log") from None
         if record is None:
             raise WaportError(UNAUTHORIZED, "unknown, revoked or expired token")
         return Caller(record.id, record.company)

@@ -33,7 +33,8 @@ log = logging.getLogger("waport.api")
 
 NOBLOCK, EVENTS, POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
 REPLAY_SECONDS = 600.0  # Last-Event-ID reaches back this far
-REPLAY_MAX = 200_000  # events kept at most, whatever their age (memory bound)
+REPLAY_BYTES = 64 << 20  # events kept at most, whatever their age (memory bound): the window may be shorter
+READ_BATCH = 1000  # events read per wake-up before the loop serves requests again
 CLIENT_QUEUE = 1000  # events a slow SSE client may lag behind before it is dropped
 
 
@@ -135,6 +136,7 @@ class EventHub:
         self.boot = f"{int(time.time() * 1000) % 10**10:x}{os.getpid() % 4096:03x}"
         self.clock = clock
         self.kept: collections.deque[tuple[int, float, str, str, bytes]] = collections.deque()
+        self.kept_bytes = 0
         self.numbers = itertools.count(1)
         self.subscribers: set[Subscriber] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -163,20 +165,26 @@ class EventHub:
         self.listening = False
         self.sock.setsockopt(zmq.UNSUBSCRIBE, b"")
         self.kept.clear()  # nothing after this is recorded: replaying older events would hide the gap
+        self.kept_bytes = 0
 
     def read_events(self) -> None:
-        while self.sock.getsockopt(EVENTS) & POLLIN:
+        for _ in range(READ_BATCH):
+            if not self.sock.getsockopt(EVENTS) & POLLIN:
+                return
             frames = self.sock.recv_multipart(NOBLOCK)
-            if len(frames) != 2:
+            if len(frames) != 2 or not self.listening:  # late ones after an unsubscribe are not recorded
                 continue
             company, _, type_ = frames[0].decode(errors="replace").partition(".")
             self.add(company, type_, frames[1])
+        assert self.loop is not None
+        self.loop.call_soon(self.read_events)  # more waits: after the requests that came meanwhile
 
     def add(self, company: str, type_: str, body: bytes) -> None:
         n, now = next(self.numbers), self.clock()
         self.kept.append((n, now, company, type_, body))
-        while self.kept and (now - self.kept[0][1] > REPLAY_SECONDS or len(self.kept) > REPLAY_MAX):
-            self.kept.popleft()
+        self.kept_bytes += len(body)
+        while self.kept and (now - self.kept[0][1] > REPLAY_SECONDS or self.kept_bytes > REPLAY_BYTES):
+            self.kept_bytes -= len(self.kept.popleft()[4])
         for sub in list(self.subscribers):
             if sub.wants(company, type_):
                 try:
@@ -194,14 +202,20 @@ class EventHub:
     def event_id(self, n: int) -> str:
         return f"{self.boot}-{n}"
 
+    def newest(self) -> int:
+        return self.kept[-1][0] if self.kept else 0
+
     def after(self, last_event_id: str | None) -> int:
-        """The number after which a reconnecting client resumes (0: everything kept)."""
+        """The number after which a reconnecting client resumes: a new client (or an id from the future)
+        starts from now, an id of this run where it was, an id of an earlier run from all that is kept."""
         if not last_event_id:
-            return self.kept[-1][0] if self.kept else 0  # a new client starts from now
+            return self.newest()
         boot, _, n = last_event_id.partition("-")
-        if boot == self.boot and n.isdigit():
-            return int(n)
-        return 0
+        if boot != self.boot:
+            return 0
+        if not (n.isascii() and n.isdigit()) or int(n) > self.newest():
+            return self.newest()
+        return int(n)
 
     async def stream(self, company: str | None, type_: str | None, last_event_id: str | None,
                      keepalive: float = 15.0) -> AsyncIterator[bytes]:
@@ -213,6 +227,8 @@ class EventHub:
             start = self.after(last_event_id)
             replay = [(n, body) for n, _, c, t, body in self.kept if n > start and sub.wants(c, t)]
             yield b"retry: 2000\n\n"
+            if last_event_id and self.kept and self.kept[0][0] > start + 1:
+                yield b": events before these are no longer kept (10 minutes, 64 MiB)\n\n"
             for n, body in replay:
                 yield self.frame(n, body)
             last = replay[-1][0] if replay else start

@@ -9,12 +9,15 @@ and this one is still described there, for the OpenAPI document.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from api.app import JSON, MAX_BODY, Api, error_parts
-from ipc.errors import BAD_REQUEST, INTERNAL, WaportError
+from api.app import JSON, MAX_BODY, Api, error_parts, idempotency_key
+from ipc.errors import BAD_REQUEST, WaportError
 
+log = logging.getLogger("waport.api")
 PREFIX, SUFFIX = "/v1/sessions/", "/messages"
+INTERNAL_BODY = b'{"error":{"code":"internal","message":"internal error; see the waport API log"}}'
 ASGIApp = Any
 
 
@@ -32,23 +35,23 @@ class FastSend:
         await self.app(scope, receive, send)
 
     async def send_message(self, scope: dict[str, Any], receive: Any, send: Any, company: str) -> None:
-        authorization = key = None
+        authorization, keys = None, []
         for name, value in scope["headers"]:
-            if name == b"authorization":
+            if name == b"authorization" and authorization is None:
                 authorization = value.decode("latin-1")
             elif name == b"idempotency-key":
-                key = value.decode("utf-8", "replace")
+                keys.append(value.decode("latin-1"))
         status, headers, body = 202, {}, b""
         try:
+            caller = self.api.auth.check(authorization)  # before the body is read: no token, no work
+            key = idempotency_key(keys)
             raw = await read_body(receive)
-            body = await self.api.send(authorization, company, raw, key)
+            body = await self.api.send(caller, company, raw, key)
         except WaportError as exc:
             status, headers, body = error_parts(exc)
         except Exception:  # noqa: BLE001 - as api.app.guarded: a body, never a traceback
-            import logging
-
-            logging.getLogger("waport.api").exception("POST %s failed", scope["path"])
-            status, headers, body = error_parts(WaportError(INTERNAL, "internal error; see the waport API log"))
+            log.exception("POST %s failed", scope["path"])
+            status, headers, body = 500, {}, INTERNAL_BODY
         raw_headers = [(b"content-type", JSON.encode()), (b"content-length", str(len(body)).encode())]
         raw_headers += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
         await send({"type": "http.response.start", "status": status, "headers": raw_headers})

@@ -112,7 +112,8 @@ AUTH_ERRORS = {401: error("no token, or an unknown, revoked or expired one"),
 COMPANY_ERRORS = {400: error("invalid company id or input"), **AUTH_ERRORS,
                   404: error("unknown company (start it with PUT first)"), 504: error("waportd did not answer in time"),
                   500: error("internal error")}
-COMPANY = {"name": "company", "in": "path", "required": True, "schema": {"type": "string"},
+COMPANY = {"name": "company", "in": "path", "required": True,
+           "schema": {"type": "string", "pattern": COMPANY_PATTERN, "maxLength": 50},
            "description": f"company id, {COMPANY_PATTERN} (anything else: 400 invalid_company_id)"}
 
 
@@ -143,9 +144,9 @@ class Operation:
 
 HEALTH = Operation("health", "The daemon's health (the /healthz body)",
                    {200: Health, 503: {"model": Health, "description": "degraded: something needs a person"},
-                    504: error("waportd did not answer in time")}, secured=False, tags=["daemon"])
+                    504: error("waportd did not answer within 3 s")}, secured=False, tags=["daemon"])
 LIST_SESSIONS = Operation("listSessions", "Every session (a company token sees its own)",
-                          {200: Sessions, **AUTH_ERRORS, 504: error("waportd did not answer")})
+                          {200: Sessions, 401: AUTH_ERRORS[401], 504: error("waportd did not answer")})
 PUT_SESSION = Operation("putSession", "Create and start a session (201), or start a known one (200)",
                         {200: SessionRecord, 201: SessionRecord, **COMPANY_ERRORS,
                          409: error("capacity: max_companies reached")}, [COMPANY])
@@ -173,7 +174,7 @@ SEND = Operation("sendMessage", "Send a message: durable (journaled) once answer
                   429: {"model": Error, "description": "rate_limited", "headers": {"Retry-After": {
                       "description": "seconds to wait, at least 1", "schema": {"type": "integer"}}}}},
                  [COMPANY, {"name": "Idempotency-Key", "in": "header", "required": False,
-                            "schema": {"type": "string"},
+                            "schema": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[ -~]+$"},
                             "description": "1-200 characters; a key seen before returns the first answer, "
                                            "and nothing is sent again"}], SendRequest, tags=["messages"])
 LIST_MESSAGES = Operation("listMessages", "Recent messages, both directions",

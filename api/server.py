@@ -21,17 +21,12 @@ from api.app import Api, build
 from api.auth import Auth
 from api.daemon import ControlLink, EventHub
 from api.fastpath import FastSend
+from api.httpbounds import BoundedHttpTools
 from ipc.logfmt import LineFormatter, under_journald
+from ipc.validation import parse_listen
 
 log = logging.getLogger("waport.api")
 TOKENS_FILE = "api-tokens.json"
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise SystemExit(f"api: --listen must be HOST:PORT, got {listen!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def make_app(run_dir: str, state_dir: str):  # noqa: ANN201 - a FastAPI app
@@ -68,13 +63,16 @@ def main(argv: list[str] | None = None) -> None:
     handler.setFormatter(LineFormatter(journald=under_journald(sys.stderr), program="api"))
     logging.getLogger().handlers[:] = [handler]
     logging.getLogger().setLevel(args.log_level.upper())
-    host, port = parse_listen(args.listen)
+    try:
+        host, port = parse_listen(args.listen, "http_listen")  # ":8480": every interface, as metrics_listen
+    except ValueError as exc:
+        raise SystemExit(f"api: {exc}") from None
     app = make_app(args.run_dir, args.state_dir)
     # No access log: request lines would carry company ids at INFO for every send; errors are logged.
+    # uvicorn says where it listens once it does (and why not, when the port is taken).
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="on",
-                            server_header=False, date_header=False, timeout_graceful_shutdown=5,
-                            h11_max_incomplete_event_size=64 * 1024)
-    log.info("HTTP API on http://%s:%d (OpenAPI at /v1/openapi.json)", host, port)
+                            server_header=False, date_header=False, timeout_graceful_shutdown=3,
+                            http=BoundedHttpTools)
     uvicorn.Server(config).run()
 
 

@@ -242,7 +242,10 @@ def iso_seconds(ts: Any) -> str:
     """An ISO time to the second: token times need no milliseconds."""
     if not _is_number(ts):
         return NONE
-    return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
+    try:
+        return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
+    except (OverflowError, OSError, ValueError):  # a time no calendar holds: say it, never crash the listing
+        return str(ts)
 
 
 def tokens_table(tokens: Sequence[dict[str, Any]]) -> str:

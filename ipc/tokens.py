@@ -40,6 +40,9 @@ _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
+MAX_LIFETIME = 100 * 365 * 86400.0  # a date every tool can still print
+
+
 class TokenFileError(Exception):
     """The token file exists but cannot be used (unreadable, not JSON, wrong shape).
 
@@ -166,8 +169,10 @@ class TokenStore:
         """A new token: (its record, the token itself — which nothing keeps: show it once)."""
         if company is not None:
             validate_company(company)
-        if expires_in_seconds is not None and not (_time(expires_in_seconds) and expires_in_seconds > 0):
-            raise WaportError(BAD_REQUEST, "a token's lifetime must be more than 0 seconds")
+        lifetime = expires_in_seconds
+        if lifetime is not None and not (_time(lifetime) and 0 < lifetime <= MAX_LIFETIME):
+            raise WaportError(BAD_REQUEST, "a token's lifetime must be more than 0 seconds and at most 100 years "
+                                           "(no --expires: it never expires)")
         token = TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
         token_id = ID_PREFIX + secrets.token_hex(6)
         while token_id in self.records:

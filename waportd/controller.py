@@ -18,6 +18,7 @@ from ipc.errors import (
     BAD_REQUEST,
     CAPACITY,
     INTERNAL,
+    NOT_FOUND,
     UNKNOWN_COMPANY,
     WaportError,
 )
@@ -137,9 +138,10 @@ class Controller:
             raise WaportError(CAPACITY, f"this host already has {len(self.roster)} companies, its limit "
                                         f"(max_companies = {limit}): delete one or raise max_companies",
                               limit=limit)
+        created = self.roster.get(name) is None
         company = self.roster.want(name)
         company.start()
-        ok(self.record(company))
+        ok({**self.record(company), "created": created})
 
     def cmd_stop(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
         company = self.known(args)
@@ -194,7 +196,7 @@ class Controller:
         if message_id is not None:
             found = self.messages.journal(name).by_id(str(message_id))
             if found is None:
-                raise WaportError(BAD_REQUEST, f"no message {message_id!r} in {name}'s journal")
+                raise WaportError(NOT_FOUND, f"no message {message_id!r} in {name}'s journal")
             ok({"company": name, "message": found.public()})
             return
         ok(self.messages.listing(name, limit))

@@ -16,7 +16,7 @@ from waportd.services import Services
 
 log = logging.getLogger("waport.arbiter")
 
-# A helper that keeps failing is retried forever, never more often than once a minute.
+# A helper that keeps failing is retried forever, at most about a minute apart.
 POLICY = RestartPolicy(base_delay=0.5, factor=2.0, max_delay=60.0, jitter=0.1, reset_after=60.0, max_restarts=0)
 
 
@@ -57,14 +57,21 @@ class Helper:
         return True
 
     def on_timer(self, what: Any, when: float, now: float) -> None:
-        if not self.services.shutting_down and self.pid is None:
+        if self.services.shutting_down or self.pid is not None:
+            return
+        try:
             self.start()
+        except OSError as exc:  # fork failed (EAGAIN, ENOMEM): try again after the next delay, never give up
+            self.failures += 1
+            delay = POLICY.delay(self.failures)
+            log.error("cannot start the %s: %s; trying again in %.1f s", self.name, exc, delay)
+            self.services.timers.at(now + delay, self.key, ("restart", None))
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(5)
+                self.proc.wait(8)  # the API's own graceful shutdown takes up to 3 s
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()

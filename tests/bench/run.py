@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -20,6 +21,7 @@ RUNS = {
     "scale": ["bench_scale.py", "--companies", "1000"],
     "scale-exec": ["bench_scale.py", "--companies", "200", "--spawn", "exec"],
     "send": ["bench_send.py", "--companies", "100"],
+    "http": ["bench_http.py", "--companies", "100"],
     "supervisord": ["bench_supervisord.py", "--workers", "500"],
 }
 
@@ -44,6 +46,9 @@ def write_markdown() -> str:
              "the journals afterwards. At 1,000 sends/s the whole pipeline (load client, supervisor, 100 workers,",
              "simulated network) keeps the two cores about 92% busy (/proc/stat), so the tail is queueing behind",
              "CPU contention and varies from run to run (see the closing notes of issue 6).", "",
+             "`http_100`: sends through the HTTP API, driven by wrk with a Lua script: `paced_500` is 10",
+             "connections each waiting 20 ms between requests (about 500/s), `max` 64 connections as fast as",
+             "answered; CPU per request of the API process and of the supervisor from /proc over each phase.", "",
              "`host_speed_kops` (every benchmark): thousands of JSON round trips per second on one core, timed",
              "right after the run. The same VM type is 10-20% slower on some days than on others; compare",
              "figures from different days through it.", ""]
@@ -78,6 +83,9 @@ def main() -> None:
     args = ap.parse_args()
     if not args.render_only:
         for name in args.only or list(RUNS):
+            if name == "http" and shutil.which("wrk") is None:
+                print("== http: skipped, wrk is missing (apt-get install wrk)", flush=True)
+                continue
             print(f"== {name}", flush=True)
             subprocess.run([sys.executable, *RUNS[name]], cwd=HERE, check=True)
         if not args.only:
