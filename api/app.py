@@ -290,6 +290,37 @@ async def event_stream(api: Api, request: Request) -> Response:
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
+async def put_webhook(api: Api, request: Request) -> Response:
+    company = api.company_of(request, api.caller(request))
+    body = await read_json(request)
+    result = await api.call("webhook_set", {"company": company, "url": body.get("url"), "events": body.get("events")})
+    created = result.pop("created", False)
+    return ok(result, 201 if created else 200)
+
+
+def webhook_call(cmd: str) -> Handler:
+    async def handler(api: Api, request: Request) -> Response:
+        company = api.company_of(request, api.caller(request))
+        return ok(await api.call(cmd, {"company": company}))
+
+    return handler
+
+
+async def webhook_deliveries(api: Api, request: Request) -> Response:
+    company = api.company_of(request, api.caller(request))
+    raw = request.query_params.get("limit", "50")
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 1000:
+        raise WaportError(BAD_REQUEST, "limit must be a whole number from 1 to 1000")
+    return ok(await api.call("webhook_deliveries", {"company": company, "limit": int(raw)}))
+
+
+async def replay_webhook(api: Api, request: Request) -> Response:
+    company = api.company_of(request, api.caller(request))
+    body = await read_json(request)
+    return ok(await api.call("webhook_replay", {"company": company, "dead": body.get("dead") is True,
+                                                "since": body.get("since")}))
+
+
 # ---------------------------------------------------------------- the app
 
 
@@ -330,6 +361,12 @@ def build(api: Api) -> FastAPI:
     route(f"{s}/messages", "GET", list_messages, schemas.LIST_MESSAGES)
     route(f"{s}/messages/{{message_id}}", "GET", get_message, schemas.GET_MESSAGE)
     route("/v1/events", "GET", event_stream, schemas.EVENTS)
+    route(f"{s}/webhook", "PUT", put_webhook, schemas.PUT_WEBHOOK)
+    route(f"{s}/webhook", "GET", webhook_call("webhook_show"), schemas.GET_WEBHOOK)
+    route(f"{s}/webhook", "DELETE", webhook_call("webhook_delete"), schemas.DELETE_WEBHOOK)
+    route(f"{s}/webhook/rotate", "POST", webhook_call("webhook_rotate"), schemas.ROTATE_WEBHOOK)
+    route(f"{s}/webhook/deliveries", "GET", webhook_deliveries, schemas.WEBHOOK_DELIVERIES)
+    route(f"{s}/webhook/replay", "POST", replay_webhook, schemas.REPLAY_WEBHOOK)
 
     generate = app.openapi
 

@@ -103,6 +103,41 @@ class Message(Open):
     message_id: str
 
 
+class WebhookRequest(BaseModel):
+    url: str = Field(description="http:// or https:// URL the company's events are POSTed to", max_length=2048)
+    events: list[str] | None = Field(None, description="event types (default: message, receipt, sent, "
+                                                       "send_failed, state)")
+
+
+class WebhookEndpoint(Open):
+    company: str
+    url: str
+    events: list[str]
+    scope: Literal["company", "global"]
+    disabled: dict[str, Any] | None = Field(None, description="set after the endpoint answered 410")
+
+
+class WebhookSecret(WebhookEndpoint):
+    secret: str = Field(description="whsec_…: shown this once; verify deliveries with it (Standard Webhooks)")
+
+
+class WebhookDeliveries(Open):
+    company: str
+    endpoint: WebhookEndpoint | None
+    counts: dict[str, int]
+    events: list[dict[str, Any]]
+
+
+class ReplayRequest(BaseModel):
+    dead: bool = Field(False, description="the dead events")
+    since: float | str | None = Field(None, description="every event since: a unix time, or a duration back (1h)")
+
+
+class Replayed(BaseModel):
+    company: str
+    replayed: int
+
+
 def error(description: str) -> dict[str, Any]:
     return {"model": Error, "description": description}
 
@@ -195,3 +230,22 @@ EVENTS = Operation("events", "Server-Sent Events: one DESIGN §4 event per `data
                     {"name": "type", "in": "query", "required": False, "schema": {"type": "string"}},
                     {"name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "string"}}],
                    tags=["events"])
+
+WEBHOOK_ERRORS = {**COMPANY_ERRORS, 404: error("no webhook endpoint")}
+PUT_WEBHOOK = Operation("putWebhook", "Set the company's webhook endpoint: a new secret, shown once (201 new, 200 "
+                        "replaced; a disabled endpoint is enabled again)",
+                        {200: WebhookSecret, 201: WebhookSecret, **COMPANY_ERRORS}, [COMPANY], WebhookRequest,
+                        tags=["webhooks"])
+GET_WEBHOOK = Operation("getWebhook", "Where the company's events go (its own endpoint or the global one)",
+                        {200: WebhookEndpoint, **WEBHOOK_ERRORS}, [COMPANY], tags=["webhooks"])
+DELETE_WEBHOOK = Operation("deleteWebhook", "Remove the company's own endpoint", {200: Deleted, **WEBHOOK_ERRORS},
+                           [COMPANY], tags=["webhooks"])
+ROTATE_WEBHOOK = Operation("rotateWebhook", "A new secret (shown once); the previous one signs too for 24 h",
+                           {200: WebhookSecret, **WEBHOOK_ERRORS}, [COMPANY], tags=["webhooks"])
+WEBHOOK_DELIVERIES = Operation("webhookDeliveries", "Pending, dead and recent deliveries with their last attempt",
+                               {200: WebhookDeliveries, **COMPANY_ERRORS},
+                               [COMPANY, {"name": "limit", "in": "query", "required": False,
+                                          "schema": {"type": "integer", "minimum": 1, "maximum": 1000,
+                                                     "default": 50}}], tags=["webhooks"])
+REPLAY_WEBHOOK = Operation("replayWebhook", "Deliver events again (same webhook-id and seq): dead ones, or since a "
+                           "time", {200: Replayed, **COMPANY_ERRORS}, [COMPANY], ReplayRequest, tags=["webhooks"])

@@ -28,7 +28,7 @@ from cli.client import (
     unreachable,
 )
 from cli.eventstream import EventStream
-from ipc import events
+from ipc import events, webhooks
 from ipc.control import DaemonUnreachable
 from ipc.validation import parse_duration
 
@@ -510,6 +510,124 @@ def token_revoke(settings: Settings, token_id: str) -> None:
         print_json(result)
     else:
         click.echo(f"{render.scalar(result.get('id'))}: {render.scalar(result.get('state'))}")
+
+
+@cli.group()
+def webhook() -> None:
+    """Webhook endpoints (DESIGN.md §10): set, show, rotate, delete, replay; `secret` makes one for the config.
+
+    \b
+    A company's own endpoint replaces the config's webhook_url for that company.
+    Its secret is printed once, when it is set or rotated.
+    """
+
+
+def _print_secret(result: dict[str, Any], what: str) -> None:
+    click.echo(render.scalar(result.get("secret")))
+    click.echo(f"{render.scalar(result.get('company'))}: {what} {render.scalar(result.get('url'))} (events "
+               f"{','.join(result.get('events') or [])}). This is the only time the secret is shown: store it now.",
+               err=True)
+
+
+@webhook.command("set")
+@click.argument("company")
+@click.argument("url")
+@click.option("--events", "events_", metavar="T,...",
+              help="Event types to deliver (default: message,receipt,sent,send_failed,state).")
+@global_options
+@pass_settings
+def webhook_set(settings: Settings, company: str, url: str, events_: str | None) -> None:
+    """Deliver COMPANY's events to URL, signed with a new secret (printed once). Enables a disabled endpoint."""
+    args: dict[str, Any] = {"company": company, "url": url}
+    if events_ is not None:
+        args["events"] = events_
+    result = call(settings, "webhook_set", **args)
+    if settings.json:
+        print_json(result)
+    else:
+        _print_secret(result, "webhook endpoint")
+
+
+@webhook.command("show")
+@click.argument("company")
+@global_options
+@pass_settings
+def webhook_show(settings: Settings, company: str) -> None:
+    """The endpoint COMPANY's events go to (its own, or the config's webhook_url); never the secret."""
+    result = call(settings, "webhook_show", company=company)
+    if settings.json:
+        print_json(result)
+    else:
+        click.echo(render.webhook_endpoint(result))
+
+
+@webhook.command("rotate")
+@click.argument("company")
+@global_options
+@pass_settings
+def webhook_rotate(settings: Settings, company: str) -> None:
+    """A new secret for COMPANY's endpoint (printed once); the previous one keeps signing for 24 h."""
+    result = call(settings, "webhook_rotate", company=company)
+    if settings.json:
+        print_json(result)
+    else:
+        _print_secret(result, "new secret for")
+
+
+@webhook.command("delete")
+@click.argument("company")
+@global_options
+@pass_settings
+def webhook_delete(settings: Settings, company: str) -> None:
+    """Remove COMPANY's own endpoint (its events go to the config's webhook_url, if any)."""
+    result = call(settings, "webhook_delete", company=company)
+    if settings.json:
+        print_json(result)
+    else:
+        click.echo(f"{render.scalar(result.get('company'))}: webhook endpoint deleted")
+
+
+@webhook.command("replay")
+@click.argument("company")
+@click.option("--dead", is_flag=True, help="The dead events (not delivered within webhook_max_age, or disabled).")
+@click.option("--since", metavar="TS", help="Every event since TS: a unix time or a duration back (1h, 30m).")
+@global_options
+@pass_settings
+def webhook_replay(settings: Settings, company: str, dead: bool, since: str | None) -> None:
+    """Deliver COMPANY's events again, with their own id and seq (receivers de-duplicate by webhook-id)."""
+    if not dead and since is None:
+        raise click.UsageError("say what to replay: --dead, --since TS, or both")
+    args: dict[str, Any] = {"company": company, "dead": dead}
+    if since is not None:
+        try:
+            args["since"] = float(since)
+        except ValueError:
+            args["since"] = since
+    result = call(settings, "webhook_replay", **args)
+    if settings.json:
+        print_json(result)
+    else:
+        click.echo(f"{render.scalar(result.get('company'))}: {result.get('replayed', 0)} events to deliver again")
+
+
+@webhook.command("secret")
+def webhook_secret() -> None:
+    """Print a new secret for the config's webhook_secret (nothing is sent to waportd)."""
+    click.echo(webhooks.new_secret())
+
+
+@cli.command("webhooks")
+@click.argument("company")
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@global_options
+@pass_settings
+def webhooks_(settings: Settings, company: str, limit: int) -> None:
+    """COMPANY's webhook deliveries: pending, dead and recent events, each with its last attempt."""
+    result = call(settings, "webhook_deliveries", company=company, limit=limit)
+    if settings.json:
+        print_json(result)
+    else:
+        click.echo(render.deliveries(result))
 
 
 def main() -> None:

@@ -264,3 +264,35 @@ def tokens_table(tokens: Sequence[dict[str, Any]]) -> str:
         for t in tokens
     ]
     return table(TOKEN_COLUMNS, rows)
+
+
+DELIVERY_COLUMNS = ("SEQ", "TYPE", "STATUS", "ATTEMPTS", "LAST-ATTEMPT", "LAST-RESULT", "NEXT-ATTEMPT", "ID")
+
+
+def webhook_endpoint(ep: dict[str, Any]) -> str:
+    """`waportctl webhook show`: where a company's events go, and whether that endpoint still takes them."""
+    scope = "the config's webhook_url" if ep.get("scope") == "global" else "own"
+    lines = [f"url:      {scalar(ep.get('url'))} ({scope})",
+             f"events:   {','.join(ep.get('events') or [])}"]
+    if ep.get("previous_secret_valid_until"):
+        lines.append(f"rotated:  the previous secret signs too until {iso_seconds(ep['previous_secret_valid_until'])}")
+    disabled = ep.get("disabled")
+    lines.append(f"state:    disabled since {iso_seconds(disabled.get('at'))} ({scalar(disabled.get('reason'))}); "
+                 "`waportctl webhook set` enables it" if disabled else "state:    enabled")
+    return "\n".join(lines)
+
+
+def deliveries(result: dict[str, Any]) -> str:
+    """`waportctl webhooks COMPANY`: counts, then the events (pending and dead first)."""
+    counts = result.get("counts") or {}
+    ep = result.get("endpoint")
+    head = f"{scalar(result.get('company'))}: " + (
+        f"{scalar(ep.get('url'))}{' (disabled)' if ep.get('disabled') else ''}" if ep else "no webhook endpoint")
+    head += f"; pending {counts.get('pending', 0)}, dead {counts.get('dead', 0)}, delivered {counts.get('ok', 0)}"
+    rows = []
+    for e in result.get("events") or []:
+        last = scalar(e.get("last_status")) if e.get("last_status") is not None else scalar(e.get("last_error"))
+        rows.append([scalar(e.get("seq")), scalar(e.get("type")), scalar(e.get("status")), scalar(e.get("attempts")),
+                     iso_seconds(e.get("last_attempt_at")), last[:60], iso_seconds(e.get("next_attempt_at")),
+                     scalar(e.get("id"))])
+    return head + ("\n" + table(DELIVERY_COLUMNS, rows) if rows else "")

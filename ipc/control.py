@@ -38,6 +38,13 @@ COMMANDS = (
     "token_create",
     "token_list",
     "token_revoke",
+    "webhook_set",
+    "webhook_show",
+    "webhook_rotate",
+    "webhook_delete",
+    "webhook_deliveries",
+    "webhook_replay",
+    "webhook_report",  # the delivery process's outcomes (internal)
 )
 
 MAX_REQUEST_BYTES = 1 << 20

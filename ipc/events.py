@@ -22,6 +22,7 @@ RESTART = "restart"
 RECONNECT_FAILED = "reconnect_failed"
 HEALTH_CHECK_FAILED = "health_check_failed"
 RATE_LIMITED = "rate_limited"
+WEBHOOK_DISABLED = "webhook_disabled"  # an endpoint answered 410 (DESIGN.md §10)
 
 TYPES = frozenset(
     {
@@ -41,6 +42,7 @@ TYPES = frozenset(
         RECONNECT_FAILED,
         HEALTH_CHECK_FAILED,
         RATE_LIMITED,
+        WEBHOOK_DISABLED,
     }
 )
 

@@ -27,6 +27,7 @@ SENT = "sent"
 SEND_FAILED = "send_failed"
 UNCERTAIN = "uncertain"
 PENDING = (QUEUED, SENDING)
+ENDED = (SENT, SEND_FAILED, UNCERTAIN)
 _OPEN_SQL = "status != 'sent'"  # literally the outbox_open index's condition
 
 _SCHEMA = """

@@ -8,6 +8,7 @@ CONTROL_SOCK = "control.sock"
 EVENTS_SOCK = "events.sock"
 WORKERS_SOCK = "workers.sock"
 SIMNET_SOCK = "simnet.sock"
+WEBHOOKS_SOCK = "webhooks.sock"  # the supervisor nudges the webhook delivery process here
 
 
 def endpoint(run_dir: str, name: str) -> str:

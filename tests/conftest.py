@@ -14,6 +14,7 @@ import builtins
 import contextlib
 import dis
 import inspect
+import json
 import multiprocessing
 import os
 import shutil
@@ -24,6 +25,7 @@ import tempfile
 import threading
 import time
 import types
+import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -418,8 +420,6 @@ class EventTap:
         self.seen: list[dict[str, Any]] = []
 
     def pump(self, wait_ms: int = 0) -> None:
-        import json
-
         while self.sock.poll(wait_ms):
             topic, body = self.sock.recv_multipart()
             event = json.loads(body)
@@ -510,3 +510,60 @@ def redis_server(short_tmp: str) -> Iterator[RedisServer]:
     server = RedisServer(short_tmp)
     yield server
     server.stop()
+
+
+class WebhookReceiver:
+    """tests/webhook_receiver.py as a process: it checks signatures with the `standardwebhooks` library and
+    records every request; it can go down and come back on the same port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "webhook_receiver.py"),
+                                      "--port", str(self.port)], stdout=subprocess.PIPE, cwd=ROOT)
+        assert self.proc.stdout is not None
+        assert int(self.proc.stdout.readline()) == self.port
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/hook/{name}"
+
+    def admin(self, what: str, body: dict[str, Any]) -> None:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/admin/{what}", json.dumps(body).encode(),
+                                     {"content-type": "application/json"})
+        urllib.request.urlopen(req, timeout=5).read()
+
+    def secrets(self, name: str, *secrets: str) -> None:
+        self.admin("secrets", {"path": f"/hook/{name}", "secrets": list(secrets)})
+
+    def behave(self, name: str = "*", **how: Any) -> None:
+        self.admin("behave", {"path": f"/hook/{name}" if name != "*" else "*", **how})
+
+    def received(self) -> list[dict[str, Any]]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/received", timeout=5) as resp:
+            return json.loads(resp.read())
+
+    def delivered(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Requests answered 2xx (the ones that count as delivered), at `name`'s path or all."""
+        return [r for r in self.received() if 200 <= r["answered"] < 300
+                and (name is None or r["path"] == f"/hook/{name}")]
+
+
+    @staticmethod
+    def all_valid(records: list[dict[str, Any]]) -> bool:
+        """Every request verified by the reference library with one of the secrets set for its path."""
+        return all(r.get("valid") and any(v is True for v in r["valid"].values()) for r in records)
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    r = WebhookReceiver()
+    yield r
+    r.stop()

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from conftest import Daemon, SimNetProcess, free_port, wait_for
+from conftest import Daemon, SimNetProcess, WebhookReceiver, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -745,6 +745,39 @@ def test_waportd_restarts_a_killed_api_and_accepted_sends_are_delivered(api: Api
 
 CHECKS = ["not_a_server_error", "status_code_conformance", "content_type_conformance",
           "response_schema_conformance", "response_headers_conformance"]
+
+
+def test_webhook_routes_set_show_rotate_list_replay_delete(api: Api, receiver: WebhookReceiver) -> None:
+    api.create("acme")
+    company_token = api.d.ctl("token_create", company="acme")["token"]
+    r = api.put("/v1/sessions/acme/webhook", headers=bearer(company_token),
+                json={"url": receiver.url("acme"), "events": ["message"]})
+    assert r.status_code == 201, r.text
+    secret = r.json()["secret"]
+    receiver.secrets("acme", secret)
+    assert api.put("/v1/sessions/acme/webhook", json={"url": receiver.url("acme"), "events": ["message"]},
+                   ).status_code == 200  # replaced: a new secret
+    error_of(api.put("/v1/sessions/acme/webhook", json={"url": "file:///etc/passwd"}), 400, "bad_request")
+    error_of(api.put("/v1/sessions/acme/webhook", json={"url": receiver.url("x"), "events": ["nope"]}), 400,
+             "bad_request")
+    error_of(api.put("/v1/sessions/beta/webhook", headers=bearer(company_token), json={"url": receiver.url("b")}),
+             403, "forbidden")
+    shown = api.get("/v1/sessions/acme/webhook").json()
+    assert shown["url"] == receiver.url("acme") and "secret" not in shown
+    rotated = api.post("/v1/sessions/acme/webhook/rotate").json()
+    receiver.secrets("acme", rotated["secret"])
+    api.net.call("inbound", company="acme", **{"from": "15550100001"}, text="hi", id="H-1")
+    got = wait_for(lambda: receiver.delivered("acme"), what="the webhook")
+    assert WebhookReceiver.all_valid(got) and got[0]["data"]["id"] == "H-1"
+    listing = wait_for(lambda: (x := api.get("/v1/sessions/acme/webhook/deliveries").json())["counts"]["ok"] and x,
+                       what="the delivery listed")
+    assert listing["events"][0]["type"] == "message" and listing["events"][0]["last_status"] == 204
+    error_of(api.post("/v1/sessions/acme/webhook/replay", json={}), 400, "bad_request")
+    assert api.post("/v1/sessions/acme/webhook/replay", json={"since": "1h"}).json()["replayed"] == 1
+    wait_for(lambda: len(receiver.delivered("acme")) == 2, what="the replay")
+    assert len({r["id"] for r in receiver.delivered("acme")}) == 1  # the same webhook-id
+    assert api.delete("/v1/sessions/acme/webhook").json() == {"company": "acme", "deleted": True}
+    error_of(api.get("/v1/sessions/acme/webhook"), 404, "not_found")
 
 
 def test_answers_conform_to_the_openapi_document(api: Api, short_tmp: str) -> None:

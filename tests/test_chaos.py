@@ -20,6 +20,7 @@ from conftest import processes_using, wait_for
 from ipc.control import ControlClient, DaemonUnreachable
 from ipc.errors import WaportError
 from ipc.journal import Journal
+from ipc.webhooks import new_secret
 
 COMPANIES = [f"co{i}" for i in range(6)]
 SOAK_SECONDS = float(os.environ.get("WAPORT_SOAK_SECONDS", "60"))
@@ -69,13 +70,16 @@ def pending(d) -> int:
     return total
 
 
-def test_chaos_soak(daemon_factory, simnet, redis_server, short_tmp):
+def test_chaos_soak(daemon_factory, simnet, redis_server, short_tmp, receiver):
     seed = int(os.environ.get("WAPORT_SOAK_SEED", random.randrange(10**6)))
     print(f"\nchaos soak: seed {seed}, {SOAK_SECONDS:g} s")
     rng = random.Random(seed)
+    secret = new_secret()
+    receiver.secrets("all", secret)
     d = daemon_factory(sim_endpoint=simnet.endpoint, companies=COMPANIES, redis_url=redis_server.url,
                        rate_limit_max=1_000_000, restart_base_delay=0.2, restart_max_delay=1.0,
-                       max_restarts=1000, heartbeat_interval=0.5, stop_timeout=3).start()
+                       max_restarts=1000, heartbeat_interval=0.5, stop_timeout=3, webhook_url=receiver.url("all"),
+                       webhook_secret=secret, webhook_events="message", webhook_retry_scale=0.01).start()
     wait_for(lambda: all(d.status(c)["state"] == "connected" for c in COMPANIES), timeout=30, what="connected")
     traffic = Traffic(d.run_dir, random.Random(seed + 1))
     traffic.start()
@@ -86,7 +90,7 @@ def test_chaos_soak(daemon_factory, simnet, redis_server, short_tmp):
     while time.monotonic() < deadline:
         company = rng.choice(COMPANIES)
         fault = rng.choice(["kill", "kill", "stop", "drop", "drop", "logout", "ban", "redis", "daemon", "inbound",
-                            "inbound", "inbound"])
+                            "inbound", "inbound", "webhooks"])
         try:
             if fault in ("kill", "stop"):
                 pid = d.status(company)["pid"]
@@ -108,6 +112,15 @@ def test_chaos_soak(daemon_factory, simnet, redis_server, short_tmp):
                 daemon_kills += 1
                 d.kill()
                 d.start()
+            elif fault == "webhooks":  # the delivery process killed, or the receiver failing for a while
+                delivery = next((c for c in psutil.Process(d.proc.pid).children()
+                                 if "webhook_delivery" in " ".join(c.cmdline())), None)
+                if rng.random() < 0.5 and delivery is not None:
+                    delivery.kill()
+                else:
+                    receiver.behave(status=503)
+                    time.sleep(rng.uniform(0.2, 1.0))
+                    receiver.behave(status=204)
             elif fault == "inbound":
                 msg_id = f"IN-{len(inbound)}"
                 simnet.call("inbound", company=company, **{"from": "15550100001"}, text="hello", id=msg_id)
@@ -176,6 +189,21 @@ def test_chaos_soak(daemon_factory, simnet, redis_server, short_tmp):
         wait_for(lambda: not missing_from_inbox(), timeout=30, what="every inbound message in waport:inbox")
     except AssertionError:
         raise AssertionError(f"not in waport:inbox: {sorted(missing_from_inbox())}") from None
+
+    # webhooks: every inbound message delivered, signed, with one webhook-id per message
+    def missing_webhooks() -> set[tuple[str, str]]:
+        return set(inbound) - {(r["company"], r["data"]["id"]) for r in receiver.delivered("all")}
+
+    try:
+        wait_for(lambda: not missing_webhooks(), timeout=60, what="every inbound message at the webhook")
+    except AssertionError:
+        raise AssertionError(f"no webhook for: {sorted(missing_webhooks())}") from None
+    hooks = receiver.delivered("all")
+    assert receiver.all_valid(hooks)
+    ids: dict[tuple[str, str], set[str]] = {}
+    for r in hooks:
+        ids.setdefault((r["company"], r["data"]["id"]), set()).add(r["id"])
+    assert all(len(v) == 1 for v in ids.values()), "a redelivered message kept its webhook-id"
 
     # no orphans: after a clean stop nothing of ours is left
     assert d.terminate(timeout=60) == 0

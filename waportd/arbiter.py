@@ -35,10 +35,12 @@ from waportd.ops import Ops
 from waportd.redis_bridge import EVENTS, RedisBridge
 from waportd.roster import Roster
 from waportd.services import Clock, Kill, Services, Spawner, SystemClock
+from waportd.webhooks import Webhooks
 from waportd.workerlink import WorkerLink
 
 log = logging.getLogger("waport.arbiter")
 
+RECOVER_OUTCOMES = 200  # latest sends looked at for outcomes a killed worker journaled but never reported
 TIMER_BATCH = 20  # timers fired per loop turn: 1,000 companies start a batch a turn, the sockets answer meanwhile
 # Keys a reload does not change (a restart of waportd does).
 RESTART_ONLY = ("state_dir", "run_dir", "backend", "sim_endpoint", "metrics_listen", "http_listen")
@@ -65,7 +67,7 @@ class Arbiter:
         self.bridge = RedisBridge(cfg.redis_url, self.wake, cfg.stream_maxlen) if cfg.redis_url else None
         self.bus = EventBus(counters, functools.partial(self.bridge.put_stream, EVENTS) if self.bridge else None)
         self.services = Services(
-            cfg, spawner or spawner_for(cfg), kill, self.link.send, self.bus.publish,
+            cfg, spawner or spawner_for(cfg), kill, self.link.send, self.publish,
             self.bridge.put_mirror if self.bridge else _no_mirror, clock=clock or SystemClock(),
             counters=counters, sim_endpoint=cfg.sim_endpoint,
         )  # fmt: skip
@@ -73,7 +75,10 @@ class Arbiter:
         self.helpers: dict[Any, helpers.Helper] = {}  # the demo network, the HTTP API: by timer key
         self.ops = Ops(self.services, self.roster, self.bridge, helper_pids=self.helper_pids)
         self.messages = MessageDesk(self.services, self.roster, self.bridge, self.ops.metrics.observe_send_latency)
-        self.controller = Controller(self.services, self.roster, self.messages, self.ops, self.reload)
+        self.webhooks = Webhooks(self.services, self.bus.publish, self.ops.metrics.observe_webhook_latency,
+                                 self.start_webhook_delivery)
+        self.ops.webhook_pending = lambda: self.webhooks.pending
+        self.controller = Controller(self.services, self.roster, self.messages, self.ops, self.reload, self.webhooks)
         self.signals: list[int] = []
         self.child_exited = True
         self.next_mirror = 0.0
@@ -83,6 +88,10 @@ class Arbiter:
     @property
     def cfg(self) -> Config:
         return self.services.cfg
+
+    def publish(self, company: str, type_: str, data: dict[str, Any], ts: float | None = None) -> None:
+        """Every event: through the webhook record (if an endpoint wants it) to the events socket."""
+        self.webhooks.publish(company, type_, data, ts)
 
     @property
     def counters(self) -> Counter[tuple[Any, ...]]:
@@ -102,6 +111,8 @@ class Arbiter:
         self.link.sock = self.bind(zmq.ROUTER, paths.WORKERS_SOCK)
         self.link.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.bus.sock = self.bind(zmq.XPUB, paths.EVENTS_SOCK)  # XPUB: it tells us who subscribes to what
+        self.webhooks.nudge_sock = self.bind(zmq.PUSH, paths.WEBHOOKS_SOCK)
+        self.webhooks.open()  # may start the delivery process: after the sockets it talks to
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
@@ -122,6 +133,11 @@ class Arbiter:
         self.helpers[helper.key] = helper
         helper.start()
 
+    def start_webhook_delivery(self) -> None:
+        """The first endpoint (config or `webhook set`) starts the delivery process; it stays until we stop."""
+        if helpers.WEBHOOKS not in self.helpers and self.webhooks.nudge_sock is not None:
+            self.add_helper(helpers.webhook_delivery(self.services))
+
     def helper_pids(self) -> set[int]:
         return {pid for h in list(self.helpers.values()) if (pid := h.pid) is not None}
 
@@ -134,7 +150,7 @@ class Arbiter:
     def bind(self, kind: int, name: str) -> zmq.Socket:
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
-        if kind == zmq.XPUB:
+        if kind in (zmq.XPUB, zmq.PUSH):
             sock.setsockopt(zmq.SNDHWM, 100_000)
         else:
             sock.setsockopt(zmq.RCVHWM, 100_000)
@@ -179,7 +195,8 @@ class Arbiter:
         self.handle_signals()
         self.messages.take_bridge_results()
         self.messages.flush()  # durable before any send is answered
-        self.messages.flush_acks()
+        if self.webhooks.flush():  # webhook events on disk before they are published
+            self.messages.flush_acks()  # and before a worker hears its inbound messages are safe
         self.reap_children()
         now = self.services.clock.monotonic()
         self.fire_timers(now)
@@ -195,7 +212,7 @@ class Arbiter:
         deadline = self.services.timers.next_deadline()
         if deadline is not None:
             soon.append(deadline)
-        if self.messages.batch:  # a journal was busy: its sends wait for the next turn
+        if self.messages.batch or self.webhooks.batch:  # a store was busy: the next turn tries again
             soon.append(now + 0.005)
         return max(0, int((min(soon) - now) * 1000)) + 1
 
@@ -237,6 +254,7 @@ class Arbiter:
             pass  # already awake, or not set up
 
     def close(self) -> None:
+        self.webhooks.close()
         if self.bridge:
             self.bridge.stop()
         self.messages.close()
@@ -244,12 +262,12 @@ class Arbiter:
         self.ops.close()
         for helper in self.helpers.values():
             helper.stop()
-        for name in (paths.CONTROL_SOCK, paths.WORKERS_SOCK, paths.EVENTS_SOCK):
+        for name in (paths.CONTROL_SOCK, paths.WORKERS_SOCK, paths.EVENTS_SOCK, paths.WEBHOOKS_SOCK):
             try:
                 os.unlink(os.path.join(self.cfg.run_dir, name))
             except OSError:
                 pass
-        for sock in (self.control, self.link.sock, self.bus.sock):
+        for sock in (self.control, self.link.sock, self.bus.sock, self.webhooks.nudge_sock):
             if sock is not None:
                 sock.close(0)
         for company in self.roster:
@@ -321,6 +339,9 @@ class Arbiter:
         for one in protocol.unbatch(msg):  # in order: a batch's state change and its messages as they came
             if not company.heard(one):
                 self.route(company, one)
+            elif one.type == protocol.READY and company.ready and self.webhooks.endpoints:
+                self.webhooks.recover_outcomes(company.name, self.messages.journal(company.name).recent_outbound(
+                    RECOVER_OUTCOMES))
 
     def route(self, company: Company, msg: protocol.Message) -> None:
         """What a worker said that is not about its own life: to the owner of each kind."""
@@ -383,8 +404,13 @@ class Arbiter:
             log.warning("reload: %s change only at restart; keeping the running values", ", ".join(fixed))
             new = dataclasses.replace(new, **{k: getattr(self.cfg, k) for k in fixed})
         before = self.roster.wanted()
+        delivery_changed = helpers.webhook_args(new) != helpers.webhook_args(self.cfg)
         self.services.reconfigure(new)
         self.messages.reconfigure(new)
+        self.webhooks.configure(new)
+        if delivery_changed and helpers.WEBHOOKS in self.helpers:
+            self.helpers.pop(helpers.WEBHOOKS).stop()  # again with the new settings
+            self.start_webhook_delivery()
         started, stopped = self.roster.reconfigured(before)
         for name in started:
             self.roster.add(name).start()

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ipc import jsonsafe
+from ipc import jsonsafe, webhooks
 from ipc.errors import WaportError
 from ipc.validation import parse_duration as parse_seconds
 from ipc.validation import parse_listen, validate_company
@@ -55,6 +55,14 @@ class Config:
     worker_nice: int = 5  # added to the supervisor's nice value for workers: busy workers never starve it
     http_listen: str = ""  # the HTTP API (DESIGN.md §9), run as a supervised child; "" = off
     max_companies: int = 2000  # companies this host may know; `start` of one more answers `capacity`
+    # Webhooks (DESIGN.md §10): the endpoint of every company without one of its own ("" = none).
+    webhook_url: str = ""
+    webhook_secret: str = field(default="", repr=False)  # whsec_ + base64 of 24-64 random bytes
+    webhook_events: tuple[str, ...] = ()  # () = the defaults: message, receipt, sent, send_failed, state
+    webhook_timeout: float = 15.0  # a 2xx within it is a success
+    webhook_max_age: float = 86400.0  # an event not delivered by then is dead
+    webhook_concurrency: int = 16  # requests in flight per endpoint
+    webhook_retry_scale: float = 1.0  # multiplies the retry schedule (5 s, 30 s, 2 min, ...): tests, impatient ops
     source: str = field(default="", compare=False)  # the file it came from, for messages
 
 
@@ -69,6 +77,8 @@ _DURATIONS = {
     "rate_limit_window",
     "pairing_timeout",
     "connect_timeout",
+    "webhook_timeout",
+    "webhook_max_age",
 }
 _BACKENDS = ("neonize", "sim")
 _UNIT_BYTES = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1024**2,
@@ -105,7 +115,7 @@ def _coerce(key: str, value: Any) -> Any:
     if key == "memory_limit":
         return parse_bytes(key, value)
     if key in ("max_restarts", "rate_limit_max", "rate_limit_company_max", "stream_maxlen", "worker_nice",
-               "max_companies"):
+               "max_companies", "webhook_concurrency"):
         try:
             n = int(value)
         except (TypeError, ValueError):
@@ -114,8 +124,8 @@ def _coerce(key: str, value: Any) -> Any:
             raise ConfigError(f"{key}: must be a whole number >= 0")
         if key == "worker_nice" and n > 19:
             raise ConfigError("worker_nice: must be between 0 and 19")
-        if key == "max_companies" and n < 1:
-            raise ConfigError("max_companies: must be a whole number >= 1")
+        if key in ("max_companies", "webhook_concurrency") and n < 1:
+            raise ConfigError(f"{key}: must be a whole number >= 1")
         return n
     if key == "http_listen":
         if not isinstance(value, str):
@@ -126,13 +136,15 @@ def _coerce(key: str, value: Any) -> Any:
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
         return value.strip()
-    if key in ("restart_factor", "restart_jitter"):
+    if key in ("restart_factor", "restart_jitter", "webhook_retry_scale"):
         try:
             x = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: {value!r} is not a number") from None
         if key == "restart_factor" and x < 1:
             raise ConfigError("restart_factor: must be >= 1")
+        if key == "webhook_retry_scale" and not 0 < x <= 100:
+            raise ConfigError("webhook_retry_scale: must be in (0, 100]")
         if key == "restart_jitter" and not 0 <= x < 1:
             raise ConfigError("restart_jitter: must be in [0, 1)")
         return x
@@ -159,6 +171,18 @@ def _coerce(key: str, value: Any) -> Any:
         if not isinstance(value, dict):
             raise ConfigError("sim_options: expected a table of options for the sim backend")
         return dict(value)
+    if key in ("webhook_url", "webhook_secret", "webhook_events"):
+        try:
+            if key == "webhook_events":
+                return webhooks.validate_events(value, key)
+            if isinstance(value, str) and not value.strip():
+                return ""
+            if key == "webhook_url":
+                return webhooks.validate_url(value, key)
+            webhooks.secret_key(value, key)
+            return value
+        except WaportError as exc:
+            raise ConfigError(exc.message) from None
     if key == "worker_spawn":
         if value not in ("auto", "zygote", "exec"):
             raise ConfigError(f"worker_spawn: {value!r} is not one of auto, zygote, exec")
@@ -205,4 +229,9 @@ def load(
     coerced = {key: _coerce(key, value) for key, value in values.items()}
     if coerced.get("heartbeat_interval", 1) <= 0:
         raise ConfigError("heartbeat_interval: must be > 0")
+    if coerced.get("webhook_url") and not coerced.get("webhook_secret"):
+        raise ConfigError("webhook_secret: required with webhook_url (`waportctl webhook secret` makes one)")
+    for key in ("webhook_timeout", "webhook_max_age"):
+        if coerced.get(key, 1) <= 0:
+            raise ConfigError(f"{key}: must be > 0")
     return Config(source=source if os.path.exists(source) else "", **coerced)

@@ -30,6 +30,7 @@ from waportd.messages import MessageDesk
 from waportd.ops import Ops
 from waportd.roster import Roster
 from waportd.services import Services
+from waportd.webhooks import Webhooks
 
 log = logging.getLogger("waport.control")
 
@@ -39,8 +40,9 @@ WORKER_TIMEOUT = 30.0
 
 class Controller:
     def __init__(self, services: Services, roster: Roster, messages: MessageDesk, ops: Ops,
-                 reload: Callable[[], dict[str, list[str]]]) -> None:
+                 reload: Callable[[], dict[str, list[str]]], webhooks: Webhooks | None = None) -> None:
         self.services = services
+        self.webhooks = webhooks
         self.roster = roster
         self.messages = messages
         self.ops = ops
@@ -64,7 +66,10 @@ class Controller:
             counters[("control", req.cmd if req.cmd in control.COMMANDS else "unknown", exc.code)] += 1
             respond(control.error_reply(req.id, exc))
 
-        handler = getattr(self, f"cmd_{req.cmd}", None) if req.cmd in control.COMMANDS else None
+        handler = None
+        if req.cmd in control.COMMANDS:  # webhook commands are answered by their owner
+            owner = self.webhooks if req.cmd.startswith("webhook_") else self
+            handler = getattr(owner, f"cmd_{req.cmd}", None)
         if handler is None:
             known = ", ".join(control.COMMANDS)
             fail(WaportError(BAD_REQUEST, f"unknown command {req.cmd!r}; known: {known}"))
@@ -169,6 +174,8 @@ class Controller:
 
         def remove() -> None:
             self.messages.forget(company.name)  # its journal closed before its directory goes
+            if self.webhooks is not None:
+                self.webhooks.forget(company.name)
             company.delete_data()
             self.roster.forget(company.name)
             ok({"company": company.name, "deleted": True})

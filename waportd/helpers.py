@@ -12,6 +12,7 @@ from ipc import paths
 from ipc.files import make_dir
 from waportd import process
 from waportd.backoff import RestartPolicy
+from waportd.config import Config
 from waportd.services import Services
 
 log = logging.getLogger("waport.arbiter")
@@ -93,3 +94,21 @@ def http_api(services: Services) -> Helper:
     cfg = services.cfg
     return Helper("HTTP API", ["-m", "api", "--listen", cfg.http_listen, "--run-dir", cfg.run_dir,
                                "--state-dir", cfg.state_dir, "--log-level", cfg.log_level], services)
+
+
+WEBHOOKS = ("helper", "webhook delivery")
+
+
+def webhook_args(cfg: Config) -> list[str]:
+    return ["--timeout", str(cfg.webhook_timeout), "--max-age", str(cfg.webhook_max_age),
+            "--concurrency", str(cfg.webhook_concurrency), "--retry-scale", str(cfg.webhook_retry_scale),
+            "--log-level", cfg.log_level]
+
+
+def webhook_delivery(services: Services) -> Helper:
+    """Webhook delivery (DESIGN.md §10): reads the store, posts, records; never in our loop."""
+    cfg = services.cfg
+    helper = Helper("webhook delivery", ["-m", "waportd.webhook_delivery", "--run-dir", cfg.run_dir,
+                                         "--state-dir", cfg.state_dir, *webhook_args(cfg)], services)
+    assert helper.key == WEBHOOKS
+    return helper

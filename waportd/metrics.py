@@ -34,6 +34,7 @@ from waportd.resources import Sample
 log = logging.getLogger("waport.metrics")
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+WEBHOOK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0, 3600.0, 21600.0, 86400.0)
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Snapshot:
     backend: str = ""
     pid: int = 0
     uptime: float = 0.0
+    webhook_pending: dict[str, int] = field(default_factory=dict)
 
 
 # name -> (help, label names) of the per-key counters in Arbiter.counters; the key's first item
@@ -87,6 +89,8 @@ COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                     "see the log).", ()),
     "unknown_worker": ("waport_unknown_worker_frames", "Frames from a worker the supervisor does not know (an "
                        "old incarnation, a stray): it is told to stop.", ()),
+    "webhook": ("waport_webhook_deliveries", "Webhook delivery attempts and their end, by outcome (ok, retry, "
+                "dead, disabled).", ("company", "outcome")),
     "refused_transition": ("waport_refused_transitions", "State changes the transition table refused (a bug: "
                            "see the log).", ("from", "to")),
 }
@@ -164,6 +168,12 @@ class ArbiterCollector(Collector):
         yield threads
         yield fds
 
+        webhook = GaugeMetricFamily("waport_webhook_pending", "Webhook events not delivered yet (not dead).",
+                                    labels=["company"])
+        for company, n in sorted(snap.webhook_pending.items()):
+            webhook.add_metric([company], n)
+        yield webhook
+
         if snap.redis != "disabled":
             redis_up = GaugeMetricFamily("waport_redis_up", "1 when Redis answers.")
             redis_up.add_metric([], 1 if snap.redis == "up" else 0)
@@ -180,12 +190,19 @@ class Metrics:
             "waport_send_latency_seconds", "From accepting a message to the network accepting it.",
             buckets=LATENCY_BUCKETS, registry=self.registry,
         )
+        self.webhook_latency = Histogram(
+            "waport_webhook_delivery_seconds", "From an event to its webhook endpoint's 2xx.",
+            buckets=WEBHOOK_BUCKETS, registry=self.registry,
+        )
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
 
     def observe_send_latency(self, seconds: float) -> None:
         self.send_latency.observe(max(0.0, float(seconds)))
+
+    def observe_webhook_latency(self, seconds: float) -> None:
+        self.webhook_latency.observe(max(0.0, float(seconds)))
 
     def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
         """The scrape body and its content type (OpenMetrics when the scraper asks for it)."""

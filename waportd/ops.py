@@ -58,6 +58,7 @@ class Ops:
         self.next_sample = 0.0
         self.to_sample: deque[str] = deque()  # companies still to sample in this pass
         self.next_status = 0.0
+        self.webhook_pending: Callable[[], dict[str, int]] = dict  # set by the arbiter: the delivery's last report
 
     # ------------------------------------------------------------ arbiter hooks
 
@@ -192,6 +193,7 @@ class Ops:
             backend=sv.cfg.backend,
             pid=os.getpid(),
             uptime=time.time() - self.started_at,
+            webhook_pending=dict(self.webhook_pending()),
         )
 
     def redis_state(self) -> str:
