@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import logging
 import os
-import sys
 from collections.abc import AsyncIterator
 
 import uvicorn
@@ -22,7 +21,7 @@ from api.auth import Auth
 from api.daemon import ControlLink, EventHub
 from api.fastpath import FastSend
 from api.httpbounds import BoundedHttpTools
-from ipc.logfmt import LineFormatter, under_journald
+from ipc.logfmt import log_to_stderr
 from ipc.validation import parse_listen
 
 log = logging.getLogger("waport.api")
@@ -59,10 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--state-dir", required=True)
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LineFormatter(journald=under_journald(sys.stderr), program="api"))
-    logging.getLogger().handlers[:] = [handler]
-    logging.getLogger().setLevel(args.log_level.upper())
+    log_to_stderr(args.log_level, "api")
     try:
         host, port = parse_listen(args.listen, "http_listen")  # ":8480": every interface, as metrics_listen
     except ValueError as exc:

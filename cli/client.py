@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -95,3 +96,13 @@ def call(settings: Settings, cmd: str, **args: Any) -> dict[str, Any]:
 
 def print_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def answer(settings: Any, result: dict[str, Any], text: Callable[[dict[str, Any]], str | None]) -> None:
+    """The reply's result as JSON with --json, else as `text` says (None: nothing more to print)."""
+    if settings.json:
+        print_json(result)
+        return
+    line = text(result)
+    if line is not None:
+        click.echo(line)

@@ -23,6 +23,7 @@ from cli.client import (
     EXIT_ERROR,
     WORKER_BOUND_TIMEOUT,
     Settings,
+    answer,
     call,
     print_json,
     unreachable,
@@ -542,10 +543,7 @@ def webhook_set(settings: Settings, company: str, url: str, events_: str | None)
     if events_ is not None:
         args["events"] = events_
     result = call(settings, "webhook_set", **args)
-    if settings.json:
-        print_json(result)
-    else:
-        _print_secret(result, "webhook endpoint")
+    answer(settings, result, lambda result: _print_secret(result, "webhook endpoint"))
 
 
 @webhook.command("show")
@@ -555,10 +553,7 @@ def webhook_set(settings: Settings, company: str, url: str, events_: str | None)
 def webhook_show(settings: Settings, company: str) -> None:
     """The endpoint COMPANY's events go to (its own, or the config's webhook_url); never the secret."""
     result = call(settings, "webhook_show", company=company)
-    if settings.json:
-        print_json(result)
-    else:
-        click.echo(render.webhook_endpoint(result))
+    answer(settings, result, lambda result: render.webhook_endpoint(result))
 
 
 @webhook.command("rotate")
@@ -568,10 +563,7 @@ def webhook_show(settings: Settings, company: str) -> None:
 def webhook_rotate(settings: Settings, company: str) -> None:
     """A new secret for COMPANY's endpoint (printed once); the previous one keeps signing for 24 h."""
     result = call(settings, "webhook_rotate", company=company)
-    if settings.json:
-        print_json(result)
-    else:
-        _print_secret(result, "new secret for")
+    answer(settings, result, lambda result: _print_secret(result, "new secret for"))
 
 
 @webhook.command("delete")
@@ -581,10 +573,7 @@ def webhook_rotate(settings: Settings, company: str) -> None:
 def webhook_delete(settings: Settings, company: str) -> None:
     """Remove COMPANY's own endpoint (its events go to the config's webhook_url, if any)."""
     result = call(settings, "webhook_delete", company=company)
-    if settings.json:
-        print_json(result)
-    else:
-        click.echo(f"{render.scalar(result.get('company'))}: webhook endpoint deleted")
+    answer(settings, result, lambda result: f"{render.scalar(result.get('company'))}: webhook endpoint deleted")
 
 
 @webhook.command("replay")
@@ -604,10 +593,8 @@ def webhook_replay(settings: Settings, company: str, dead: bool, since: str | No
         except ValueError:
             args["since"] = since
     result = call(settings, "webhook_replay", **args)
-    if settings.json:
-        print_json(result)
-    else:
-        click.echo(f"{render.scalar(result.get('company'))}: {result.get('replayed', 0)} events to deliver again")
+    answer(settings, result,
+           lambda r: f"{render.scalar(r.get('company'))}: {r.get('replayed', 0)} events to deliver again")
 
 
 @webhook.command("secret")
@@ -624,10 +611,7 @@ def webhook_secret() -> None:
 def webhooks_(settings: Settings, company: str, limit: int) -> None:
     """COMPANY's webhook deliveries: pending, dead and recent events, each with its last attempt."""
     result = call(settings, "webhook_deliveries", company=company, limit=limit)
-    if settings.json:
-        print_json(result)
-    else:
-        click.echo(render.deliveries(result))
+    answer(settings, result, lambda result: render.deliveries(result))
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from collections.abc import Mapping
 from typing import IO
 
@@ -118,3 +119,14 @@ class CompanyTag(logging.Filter):
         if not getattr(record, "company", None):
             record.company = self.company
         return True
+
+
+def log_to_stderr(level: str, program: str = "waportd", stream: IO[str] | None = None) -> logging.Handler:
+    """Every process of ours logs one way: the root's one handler, on stderr, journald-aware."""
+    stream = sys.stderr if stream is None else stream
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(LineFormatter(journald=under_journald(stream), program=program))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    return handler

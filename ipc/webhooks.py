@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import email.utils
 import hashlib
 import hmac
@@ -31,6 +32,8 @@ JITTER = 0.1
 OLD_SECRET_VALID = 24 * 3600.0  # `webhook rotate` keeps the previous secret this long
 MAX_URL = 2048
 GLOBAL = "*"  # the endpoint row of `webhook_url` in the store: every company without one of its own
+# waport_webhook_delivery_seconds (event -> 2xx): the delivery process counts, waportd exports.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0, 3600.0, 21600.0, 86400.0)
 
 # Attempt outcomes (metric label `outcome` of waport_webhook_deliveries_total).
 OK, RETRY, DEAD, DISABLED = "ok", "retry", "dead", "disabled"
@@ -147,3 +150,8 @@ def parse_retry_after(value: str | None, now: float | None = None, cap: float = 
     if seconds != seconds:  # NaN
         return None
     return min(max(seconds, 0.0), cap)
+
+
+def bucket_of(seconds: float) -> int:
+    """Index into LATENCY_BUCKETS (len(LATENCY_BUCKETS) for +Inf) of the first bound >= seconds."""
+    return bisect.bisect_left(LATENCY_BUCKETS, seconds)

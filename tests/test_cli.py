@@ -685,3 +685,39 @@ def test_token_round_trip_against_a_real_daemon(daemon_factory: Callable[..., An
     assert run("token", "create", "--expires", "soon").returncode == 2
     logs = d.logs()
     assert token_id in logs and token not in logs and admin["token"] not in logs
+
+
+SECRET = "whsec_" + "A" * 43 + "="
+
+
+def test_webhook_set_prints_the_secret_once_and_sends_the_events(run_dir: str,
+                                                                 daemon: Callable[..., FakeDaemon]) -> None:
+    endpoint = {"company": "acme", "url": "https://h/x", "events": ["message", "sent"], "scope": "company",
+                "disabled": None, "previous_secret_valid_until": None}
+    fake = daemon(webhook_set={**endpoint, "secret": SECRET, "created": True}, webhook_show=endpoint,
+                  webhook_replay={"company": "acme", "replayed": 3})
+    result = ctl(run_dir, "webhook", "set", "acme", "https://h/x", "--events", "message,sent")
+    assert (result.exit_code, result.stdout) == (0, SECRET + "\n")
+    assert "only time the secret is shown" in result.stderr
+    shown = ctl(run_dir, "webhook", "show", "acme")
+    assert "https://h/x (own)" in shown.stdout and "enabled" in shown.stdout and SECRET not in shown.stdout
+    assert ctl(run_dir, "webhook", "replay", "acme", "--since", "1h").stdout == "acme: 3 events to deliver again\n"
+    assert ctl(run_dir, "webhook", "replay", "acme").exit_code == 2  # say what to replay
+    assert fake.sent() == [("webhook_set", {"company": "acme", "url": "https://h/x", "events": "message,sent"}),
+                           ("webhook_show", {"company": "acme"}),
+                           ("webhook_replay", {"company": "acme", "dead": False, "since": "1h"})]
+
+
+def test_webhook_secret_is_made_here_and_deliveries_are_a_table(run_dir: str,
+                                                                daemon: Callable[..., FakeDaemon]) -> None:
+    made = ctl(run_dir, "webhook", "secret").stdout.strip()
+    assert made.startswith("whsec_") and made != ctl(run_dir, "webhook", "secret").stdout.strip()
+    daemon(webhook_deliveries={"company": "acme", "endpoint": None, "counts": {"pending": 1, "ok": 0, "dead": 0},
+                               "events": [{"id": "evt_1", "seq": 7, "type": "message", "status": "pending",
+                                           "attempts": 2, "last_attempt_at": 1_700_000_000.0, "last_status": None,
+                                           "last_error": "no answer within 15 s",
+                                           "next_attempt_at": 1_700_000_030.0}]})
+    lines = ctl(run_dir, "webhooks", "acme").stdout.splitlines()
+    assert lines[0] == "acme: no webhook endpoint; pending 1, dead 0, delivered 0"
+    assert lines[1].split()[:4] == ["SEQ", "TYPE", "STATUS", "ATTEMPTS"]
+    assert lines[2].split()[:4] == ["7", "message", "pending", "2"] and "no answer" in lines[2]

@@ -108,3 +108,8 @@ def test_ids_are_stable_for_the_same_message_and_fresh_otherwise() -> None:
     assert a == wh.event_id("acme", "message", {"id": "WA1"}) and a.startswith("evt_")
     assert a != wh.event_id("beta", "message", {"id": "WA1"}) != wh.event_id("acme", "sent", {"message_id": "WA1"})
     assert wh.event_id("acme", "state", {"state": "connected"}) != wh.event_id("acme", "state", {"state": "connected"})
+
+
+def test_latency_buckets_are_upper_bounds() -> None:
+    assert wh.bucket_of(0.0) == 0 and wh.bucket_of(0.005) == 0 and wh.bucket_of(0.006) == 1
+    assert wh.bucket_of(1e9) == len(wh.LATENCY_BUCKETS)  # +Inf

@@ -75,9 +75,9 @@ class Arbiter:
         self.helpers: dict[Any, helpers.Helper] = {}  # the demo network, the HTTP API: by timer key
         self.ops = Ops(self.services, self.roster, self.bridge, helper_pids=self.helper_pids)
         self.messages = MessageDesk(self.services, self.roster, self.bridge, self.ops.metrics.observe_send_latency)
-        self.webhooks = Webhooks(self.services, self.bus.publish, self.ops.metrics.observe_webhook_latency,
-                                 self.start_webhook_delivery)
-        self.ops.webhook_pending = lambda: self.webhooks.pending
+        self.webhooks = Webhooks(self.services, self.bus.publish, self.start_webhook_delivery)
+        self.ops.webhook_figures = lambda: (self.webhooks.pending, self.webhooks.latency_counts,
+                                            self.webhooks.latency_sum)
         self.controller = Controller(self.services, self.roster, self.messages, self.ops, self.reload, self.webhooks)
         self.signals: list[int] = []
         self.child_exited = True

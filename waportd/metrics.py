@@ -20,21 +20,21 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from ipc import validation
+from ipc import validation, webhooks
 from ipc.states import ALL, ATTENTION, CONNECTED
 from waportd.resources import Sample
 
 log = logging.getLogger("waport.metrics")
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
-WEBHOOK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0, 3600.0, 21600.0, 86400.0)
+WEBHOOK_BUCKETS = webhooks.LATENCY_BUCKETS
 
 
 @dataclass
@@ -64,7 +64,7 @@ class Snapshot:
     backend: str = ""
     pid: int = 0
     uptime: float = 0.0
-    webhook_pending: dict[str, int] = field(default_factory=dict)
+    webhook: tuple[dict[str, int], list[int], float] = ({}, [], 0.0)  # pending per company, latency counts, sum
 
 
 # name -> (help, label names) of the per-key counters in Arbiter.counters; the key's first item
@@ -168,11 +168,21 @@ class ArbiterCollector(Collector):
         yield threads
         yield fds
 
+        pending_by_company, counts, total = snap.webhook
         webhook = GaugeMetricFamily("waport_webhook_pending", "Webhook events not delivered yet (not dead).",
                                     labels=["company"])
-        for company, n in sorted(snap.webhook_pending.items()):
+        for company, n in sorted(dict(pending_by_company).items()):
             webhook.add_metric([company], n)
         yield webhook
+        latency = HistogramMetricFamily("waport_webhook_delivery_seconds", "From an event to its webhook "
+                                        "endpoint's 2xx.")
+        cumulative, buckets = 0, []
+        for bound, n in zip([*map(str, WEBHOOK_BUCKETS), "+Inf"], list(counts) or [0] * (len(WEBHOOK_BUCKETS) + 1),
+                            strict=True):
+            cumulative += n
+            buckets.append((bound, cumulative))
+        latency.add_metric([], buckets, total)
+        yield latency
 
         if snap.redis != "disabled":
             redis_up = GaugeMetricFamily("waport_redis_up", "1 when Redis answers.")
@@ -190,19 +200,12 @@ class Metrics:
             "waport_send_latency_seconds", "From accepting a message to the network accepting it.",
             buckets=LATENCY_BUCKETS, registry=self.registry,
         )
-        self.webhook_latency = Histogram(
-            "waport_webhook_delivery_seconds", "From an event to its webhook endpoint's 2xx.",
-            buckets=WEBHOOK_BUCKETS, registry=self.registry,
-        )
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
 
     def observe_send_latency(self, seconds: float) -> None:
         self.send_latency.observe(max(0.0, float(seconds)))
-
-    def observe_webhook_latency(self, seconds: float) -> None:
-        self.webhook_latency.observe(max(0.0, float(seconds)))
 
     def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
         """The scrape body and its content type (OpenMetrics when the scraper asks for it)."""

@@ -58,7 +58,8 @@ class Ops:
         self.next_sample = 0.0
         self.to_sample: deque[str] = deque()  # companies still to sample in this pass
         self.next_status = 0.0
-        self.webhook_pending: Callable[[], dict[str, int]] = dict  # set by the arbiter: the delivery's last report
+        # Set by the arbiter: pending per company, latency bucket counts and sum, as the delivery reported them.
+        self.webhook_figures: Callable[[], tuple[dict[str, int], list[int], float]] = lambda: ({}, [], 0.0)
 
     # ------------------------------------------------------------ arbiter hooks
 
@@ -193,7 +194,7 @@ class Ops:
             backend=sv.cfg.backend,
             pid=os.getpid(),
             uptime=time.time() - self.started_at,
-            webhook_pending=dict(self.webhook_pending()),
+            webhook=self.webhook_figures(),
         )
 
     def redis_state(self) -> str:

@@ -22,7 +22,6 @@ import json
 import logging
 import random
 import signal
-import sys
 import time
 import uuid
 from collections import Counter
@@ -34,7 +33,7 @@ import zmq
 
 from ipc import __version__, paths
 from ipc import webhooks as policy
-from ipc.logfmt import LineFormatter, under_journald
+from ipc.logfmt import log_to_stderr
 from ipc.webhooks import GLOBAL
 from ipc.webhookstore import DEAD, OK, PENDING, Busy, Endpoint, Event, Settled, WebhookStore, path_in
 
@@ -46,6 +45,7 @@ POLL = 1.0  # seconds between looks at the store when nobody nudges
 FLUSH = 0.05  # attempt results written at most this late (a crash before: delivered again, same id)
 REPORT = 0.5  # outcomes to waportd's metrics
 PRUNE = 60.0
+CHECKPOINT = 1.0
 DEAD_KEPT = 7 * 86400.0  # dead events stay visible (and replayable) a week at least
 SWEEP = 1.0  # seconds between a lane's looks for events past webhook_max_age
 PAUSE_AFTER = 2  # endpoint failures in a row before a lane pauses
@@ -118,7 +118,8 @@ class Delivery:
         self.cursor = 0
         self.settled: list[Settled] = []
         self.outcomes: Counter[tuple[str, str]] = Counter()
-        self.latencies: list[float] = []
+        self.latency_counts = [0] * (len(policy.LATENCY_BUCKETS) + 1)  # since the last report
+        self.latency_sum = 0.0
         self.newly_disabled: list[tuple[str, str, int]] = []
         self.look = asyncio.Event()
         self.rng = random.Random()
@@ -240,7 +241,9 @@ class Delivery:
         ev.attempts += 1
         if verdict.outcome == policy.OK:
             lane.streak = 0
-            self.latencies.append(done - ev.created)
+            seconds = max(0.0, done - ev.created)
+            self.latency_counts[policy.bucket_of(seconds)] += 1
+            self.latency_sum += seconds
             self.finish(lane, ev, OK, done, status, None, policy.OK)
             return
         if verdict.outcome == policy.DISABLED:
@@ -308,16 +311,18 @@ class Delivery:
 
     def report(self) -> dict[str, Any] | None:
         pending = {c: len(lane.events) for c, lane in self.lanes.items()}
-        if not (self.outcomes or self.latencies or self.newly_disabled or pending != self.reported_pending):
+        if not (self.outcomes or self.newly_disabled or pending != self.reported_pending):
             return None
         self.reported_pending = pending
-        args = {"outcomes": [[c, o, n] for (c, o), n in self.outcomes.items()], "latencies": self.latencies,
+        args = {"outcomes": [[c, o, n] for (c, o), n in self.outcomes.items()],
+                "latency": {"counts": self.latency_counts, "sum": self.latency_sum},
                 "pending": pending, "disabled": self.newly_disabled}
-        self.outcomes, self.latencies, self.newly_disabled = Counter(), [], []
+        self.outcomes, self.newly_disabled = Counter(), []
+        self.latency_counts, self.latency_sum = [0] * (len(policy.LATENCY_BUCKETS) + 1), 0.0
         return args
 
     async def housekeeping(self, control: zmq.Socket) -> None:
-        next_report = next_prune = 0.0
+        next_report = next_prune = next_checkpoint = 0.0
         while not self.stopping:
             await asyncio.sleep(FLUSH)
             self.flush()
@@ -332,12 +337,14 @@ class Delivery:
                 with contextlib.suppress(zmq.ZMQError):
                     while control.recv(zmq.NOBLOCK):
                         pass
+            if now >= next_checkpoint:  # waportd never checkpoints (its loop must not): the WAL stays small
+                next_checkpoint = now + CHECKPOINT
+                self.store.checkpoint()
             if now >= next_prune:
                 next_prune = now + PRUNE
                 wall = time.time()
                 with contextlib.suppress(Busy):
                     self.store.prune(wall - self.max_age, wall - max(DEAD_KEPT, self.max_age))
-                    self.store.checkpoint()
 
     async def watch(self, nudges: zmq.Socket) -> None:
         """Nudges from waportd (`new`, `endpoints`, `reload COMPANY`), and a look at the store every second."""
@@ -401,10 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--retry-scale", type=float, default=1.0)
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LineFormatter(journald=under_journald(sys.stderr), program="webhooks"))
-    logging.getLogger().handlers[:] = [handler]
-    logging.getLogger().setLevel(args.log_level.upper())
+    log_to_stderr(args.log_level, "webhooks")
     store = WebhookStore(path_in(args.state_dir), busy_ms=1000)
     try:
         asyncio.run(Delivery(store, args.run_dir, args.timeout, args.max_age, args.concurrency,

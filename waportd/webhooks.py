@@ -32,15 +32,12 @@ from waportd.services import Publish, Services
 log = logging.getLogger("waport.webhooks")
 
 LISTING = 50  # events `webhooks COMPANY` shows
-ReportLatency = Callable[[float], None]
 
 
 class Webhooks:
-    def __init__(self, services: Services, publish: Publish, observe_latency: ReportLatency,
-                 start_delivery: Callable[[], None]) -> None:
+    def __init__(self, services: Services, publish: Publish, start_delivery: Callable[[], None]) -> None:
         self.services = services
         self.publish_now = publish  # the events socket and streams
-        self.observe_latency = observe_latency
         self.start_delivery = start_delivery
         self.store: WebhookStore | None = None  # opened by `open` (tests of other owners run without it)
         self.endpoints: dict[str, Endpoint] = {}
@@ -49,6 +46,8 @@ class Webhooks:
         self.batch: list[tuple[str, str, dict[str, Any], float | None, tuple | None]] = []
         self.recorded = 0  # events in the batch that go to the store
         self.pending: dict[str, int] = {}  # per company, as the delivery process last reported
+        self.latency_counts = [0] * (len(policy.LATENCY_BUCKETS) + 1)  # event -> 2xx, all reports added up
+        self.latency_sum = 0.0
         self.nudge_sock: zmq.Socket | None = None
 
     # ------------------------------------------------------------ set-up
@@ -284,8 +283,10 @@ class Webhooks:
         counters = self.services.counters
         for company, outcome, n in args.get("outcomes", []):
             counters[("webhook", str(company), str(outcome))] += int(n)
-        for seconds in args.get("latencies", []):
-            self.observe_latency(float(seconds))
+        latency = args.get("latency")
+        if isinstance(latency, dict) and len(latency.get("counts", ())) == len(self.latency_counts):
+            self.latency_counts = [a + int(b) for a, b in zip(self.latency_counts, latency["counts"], strict=True)]
+            self.latency_sum += float(latency.get("sum", 0.0))
         pending = args.get("pending")
         if isinstance(pending, dict):
             self.pending = {str(c): int(n) for c, n in pending.items()}

@@ -6,8 +6,9 @@ receiver at 200 events/s, and what a dead endpoint with 10,000 pending events co
 - `drain`: the delivery process is stopped (SIGSTOP) while `--backlog` inbound messages are recorded,
   then let go: deliveries/s from the receiver's first to its last request.
 - `latency_200`: inbound messages at 200/s; event `ts` -> the receiver's request (same clock).
-- `dead_endpoint`: control-socket sends at 200/s, accept latency and supervisor CPU, once with no
-  endpoint and once with every company's endpoint refusing connections and 10,000 events pending.
+- `dead_endpoint`: control-socket sends at 200/s, accept latency and supervisor CPU: with no endpoint,
+  with a live one (recording each `sent` event costs the supervisor a little), and with every company's
+  endpoint refusing connections and 10,000 events pending (the figure to compare with the live one).
 The receiver (tests/webhook_receiver.py) skips signature checks here: its CPU is the daemon's loss.
 """
 
@@ -94,6 +95,9 @@ def main() -> None:
             return out
 
         figures["dead_endpoint"] = {"without_webhooks": send_phase()}
+        for c in companies:  # the cost of recording: the same events to a live endpoint
+            d.ctl("webhook_set", company=c, url=f"{hook}/hook/{c}", events="message,sent")
+        figures["dead_endpoint"]["live_endpoint"] = send_phase()
         for c in companies:
             d.ctl("webhook_set", company=c, url="http://127.0.0.1:9/hook", events="message,sent")  # refused
         inbound_burst(net, companies, args.backlog, "dead")

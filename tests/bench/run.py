@@ -22,6 +22,7 @@ RUNS = {
     "scale-exec": ["bench_scale.py", "--companies", "200", "--spawn", "exec"],
     "send": ["bench_send.py", "--companies", "100"],
     "http": ["bench_http.py", "--companies", "100"],
+    "webhooks": ["bench_webhooks.py", "--companies", "20"],
     "supervisord": ["bench_supervisord.py", "--workers", "500"],
 }
 
@@ -49,6 +50,11 @@ def write_markdown() -> str:
              "`http_100`: sends through the HTTP API, driven by wrk with a Lua script: `paced_500` is 10",
              "connections each waiting 20 ms between requests (about 500/s), `max` 64 connections as fast as",
              "answered; CPU per request of the API process and of the supervisor from /proc over each phase.", "",
+             "`webhooks_20`: `drain` delivers a backlog of 10,000 events (recorded while the delivery process was",
+             "stopped) to a local receiver; `latency_200` is event `ts` -> the receiver's request at 200 inbound",
+             "messages/s; `dead_endpoint` is control-socket sends at 200/s with no endpoint, with a live one",
+             "(each `sent` event recorded) and with every endpoint refusing connections and 10,000 events pending.",
+             "",
              "`host_speed_kops` (every benchmark): thousands of JSON round trips per second on one core, timed",
              "right after the run. The same VM type is 10-20% slower on some days than on others; compare",
              "figures from different days through it.", ""]
