@@ -153,7 +153,12 @@ def test_chaos_soak(daemon_factory, simnet, redis_server, short_tmp, receiver):
     except AssertionError:
         stuck = {c: (r["state"], r["reason"]) for c in COMPANIES if (r := d.status(c))["state"] != "connected"}
         raise AssertionError(f"not reconnected (seed {seed}): {stuck}\n{d.logs()}") from None
-    wait_for(lambda: pending(d) == 0, timeout=120, what="the outboxes to drain")
+    try:
+        # (a person still re-pairs what a late logout takes down meanwhile, as above)
+        wait_for(lambda: all_back() and pending(d) == 0, timeout=120, what="the outboxes to drain")
+    except AssertionError:
+        left = {c: (d.ctl("messages", company=c, limit=1)["counts"], d.status(c)["state"]) for c in COMPANIES}
+        raise AssertionError(f"outboxes not drained (seed {seed}): {left}\n{d.logs()}") from None
 
     at_network = Counter(m["id"] for m in simnet.call("sent")["messages"])
     # Every message's outcome, straight from the journals (`messages` lists only the latest 1,000).

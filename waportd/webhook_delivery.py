@@ -64,7 +64,7 @@ class Lane:
     full: bool = False  # more pending in the store than held here
     streak: int = 0  # endpoint failures in a row
     paused_until: float = 0.0
-    busy: bool = False
+    current: Event | None = None  # the attempt in flight
     next_sweep: float = 0.0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -93,6 +93,15 @@ class Lane:
             if ev is not None:
                 return ev, 0.0
         return None, (self.waiting[0][0] - now) if self.waiting else POLL * 30
+
+    def retry_now(self) -> None:
+        """Every waiting event is due again, and the lane's pause is over."""
+        self.paused_until, self.streak = 0.0, 0
+        for _, n in self.waiting:
+            if n in self.events:
+                heapq.heappush(self.ready, (self.events[n].seq, n))
+        self.waiting = []
+        self.wake.set()
 
     def later(self, ev: Event) -> None:
         heapq.heappush(self.waiting, (ev.next_at, ev.n))
@@ -129,8 +138,15 @@ class Delivery:
     # ------------------------------------------------------------ reading the store
 
     def load_endpoints(self) -> None:
+        """A lane whose endpoint changed (a new URL, secret, or enabled again) stops waiting out the old one's
+        trouble: the pauses and retry times were about that endpoint."""
+        before = {c: self.endpoint_of(c) for c in self.lanes}
         self.endpoints = self.store.endpoints()
         self.disabled = self.store.disabled()
+        for company, old in before.items():
+            new = self.endpoint_of(company)
+            if new is not None and (old is None or (old.url, old.secret) != (new.url, new.secret)):
+                self.lanes[company].retry_now()
 
     def endpoint_of(self, company: str) -> Endpoint | None:
         ep = self.endpoints.get(company) or self.endpoints.get(GLOBAL)
@@ -166,11 +182,10 @@ class Delivery:
     def reload_lane(self, company: str) -> None:
         """After a replay or a delete: the store says what is pending now."""
         lane = self.lane(company)
-        keep = {n: ev for n, ev in lane.events.items() if lane.busy}  # an attempt in flight settles itself
         lane.events, lane.ready, lane.waiting, lane.max_seq, lane.full = {}, [], [], 0, True
         lane.paused_until, lane.streak = 0.0, 0
-        for ev in keep.values():
-            lane.events[ev.n] = ev
+        if lane.current is not None:  # the attempt in flight settles itself
+            lane.events[lane.current.n] = lane.current
         self.refill(lane)
         lane.wake.set()
 
@@ -209,11 +224,11 @@ class Delivery:
                     else "no webhook endpoint"
                 self.finish(lane, ev, DEAD, now, None, why, policy.DEAD)
                 continue
-            lane.busy = True
+            lane.current = ev
             try:
                 await self.attempt(lane, ev, ep)
             finally:
-                lane.busy = False
+                lane.current = None
 
     async def attempt(self, lane: Lane, ev: Event, ep: Endpoint) -> None:
         limit = self.limits.get(ep.url)
