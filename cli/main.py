@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 error reply, 2 usage, 3 daemon unreachable.
 
 from __future__ import annotations
 
+import base64
 import os
 import sys
 import time
@@ -612,6 +613,71 @@ def webhooks_(settings: Settings, company: str, limit: int) -> None:
     """COMPANY's webhook deliveries: pending, dead and recent events, each with its last attempt."""
     result = call(settings, "webhook_deliveries", company=company, limit=limit)
     answer(settings, result, lambda result: render.deliveries(result))
+
+
+MEDIA_CHUNK = 760 << 10  # raw bytes per media_put / media_get frame (under 1 MiB once base64-encoded)
+
+
+@cli.group()
+def media() -> None:
+    """The media store (DESIGN.md §11): put a file in, get one out. waportctl reads and writes the files;
+    waportd never opens a path you name."""
+
+
+@media.command("put")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, readable=True))
+@click.option("--mimetype", help="The file's MIME type (default: guessed from its name).")
+@click.option("--company", help="The company that will send it (a company token may then read it).")
+@global_options
+@pass_settings
+def media_put(settings: Settings, path: str, mimetype: str | None, company: str | None) -> None:
+    """Store the file PATH; prints its media id (for `send --image` and the like)."""
+    import mimetypes
+
+    mimetype = mimetype or mimetypes.guess_type(path)[0] or "application/octet-stream"
+    upload, result = None, {}
+    with open(path, "rb") as fh:
+        chunk = fh.read(MEDIA_CHUNK)
+        while True:
+            following = fh.read(MEDIA_CHUNK)
+            args: dict[str, Any] = {"data": base64.b64encode(chunk).decode()}
+            if upload is not None:
+                args["upload"] = upload
+            if not following:
+                args.update(last=True, mimetype=mimetype, filename=os.path.basename(path))
+                if company is not None:
+                    args["company"] = company
+            result = call(settings, "media_put", **args)
+            if not following:
+                break
+            upload, chunk = result["upload"], following
+    answer(settings, result, lambda r: f"{r.get('media_id')} ({r.get('size')} bytes, {r.get('mimetype')})")
+
+
+@media.command("get")
+@click.argument("media_id")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, writable=True),
+              help="Where to write the file.")
+@global_options
+@pass_settings
+def media_get(settings: Settings, media_id: str, output: str) -> None:
+    """Write the stored file MEDIA_ID to OUTPUT (checked against its SHA-256)."""
+    import hashlib
+
+    digest, offset, size = hashlib.sha256(), 0, 0
+    with open(output, "wb") as fh:
+        while True:
+            result = call(settings, "media_get", media_id=media_id, offset=offset)
+            data = base64.b64decode(result.get("data") or "")
+            fh.write(data)
+            digest.update(data)
+            offset += len(data)
+            size = result.get("size", offset)
+            if result.get("eof") or not data:
+                break
+    if digest.hexdigest() != result.get("sha256"):
+        raise click.ClickException(f"{output}: the bytes do not match the stored SHA-256")
+    click.echo(f"{output}: {size} bytes", err=True)
 
 
 def main() -> None:

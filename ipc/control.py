@@ -45,6 +45,8 @@ COMMANDS = (
     "webhook_deliveries",
     "webhook_replay",
     "webhook_report",  # the delivery process's outcomes (internal)
+    "media_put",
+    "media_get",
 )
 
 MAX_REQUEST_BYTES = 1 << 20

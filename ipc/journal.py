@@ -60,6 +60,41 @@ CREATE TABLE IF NOT EXISTS inbox (
 );
 CREATE INDEX IF NOT EXISTS inbox_undelivered ON inbox(delivered, received);
 """
+# Schema versions (PRAGMA user_version; the schema above is version 1). A journal written by an older
+# version upgrades in place, one step after another, each in one transaction (DESIGN.md §11).
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1 -> 2: rich messages: a send's type and that type's fields (JSON); an inbound message's extra fields.
+    ("ALTER TABLE outbox ADD COLUMN type TEXT NOT NULL DEFAULT 'text'",
+     "ALTER TABLE outbox ADD COLUMN payload TEXT",
+     "ALTER TABLE inbox ADD COLUMN payload TEXT"),
+)
+SCHEMA_VERSION = 1 + len(MIGRATIONS)
+
+
+class NewerJournal(Exception):
+    """A journal written by a newer waport: opening it with this one could lose what it records."""
+
+
+def migrate(db: sqlite3.Connection) -> int:
+    """Bring the journal to SCHEMA_VERSION; safe when the worker and the supervisor open it at once."""
+    for _ in range(len(MIGRATIONS) + 1):
+        version = max(1, db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise NewerJournal(f"journal schema {version} is newer than this waport's {SCHEMA_VERSION}")
+        if version == SCHEMA_VERSION:
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")  # a fresh journal says so
+            return version
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if max(1, db.execute("PRAGMA user_version").fetchone()[0]) == version:  # not done meanwhile
+                for statement in MIGRATIONS[version - 1]:
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {version + 1}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+    raise AssertionError("unreachable: every step raises the version")
 
 
 @dataclass
@@ -127,6 +162,7 @@ class Journal:
         if not checkpoints:
             self.db.execute("PRAGMA wal_autocheckpoint=0")
         self.db.executescript(_SCHEMA)
+        migrate(self.db)
 
     @property
     def db(self) -> sqlite3.Connection:

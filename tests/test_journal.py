@@ -101,3 +101,32 @@ def test_a_busy_journal_refuses_the_batch_whole_instead_of_blocking(tmp_path):
     assert supervisor.db.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
     assert [new for _, new in supervisor.enqueue_many("acme", [("15550109999", "a", None, "control")])] == [True]
     assert supervisor.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+
+
+def test_a_journal_of_the_previous_version_upgrades_in_place(tmp_path) -> None:
+    """Journals written before schema versions (issue 15) open, keep every row and gain the new columns."""
+    import sqlite3
+
+    from ipc import journal as J
+
+    path = str(tmp_path / "journal.db")
+    old = sqlite3.connect(path, isolation_level=None)
+    old.execute("PRAGMA journal_mode=WAL")
+    old.executescript(J._SCHEMA)  # what the previous version created, user_version 0
+    old.execute("INSERT INTO outbox(message_id, recipient, text, status, created, updated) "
+                "VALUES ('3EB0OLD', '15550109999', 'hi', 'queued', 1, 1)")
+    old.close()
+    journal = J.Journal(path)
+    try:
+        assert journal.db.execute("PRAGMA user_version").fetchone()[0] == J.SCHEMA_VERSION
+        row = journal.db.execute("SELECT message_id, type, payload FROM outbox").fetchone()
+        assert row == ("3EB0OLD", "text", None)
+        assert [m.message_id for m in journal.take_queued(10)] == ["3EB0OLD"]
+    finally:
+        journal.close()
+    again = J.Journal(path)  # opening an upgraded journal changes nothing
+    assert again.db.execute("PRAGMA user_version").fetchone()[0] == J.SCHEMA_VERSION
+    again.db.execute(f"PRAGMA user_version = {J.SCHEMA_VERSION + 1}")
+    again.close()
+    with pytest.raises(J.NewerJournal):
+        J.Journal(path)

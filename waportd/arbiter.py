@@ -30,6 +30,7 @@ from waportd.config import Config, ConfigError
 from waportd.controller import Controller
 from waportd.eventbus import EventBus
 from waportd.locks import FileLock
+from waportd.media import MediaDesk
 from waportd.messages import MessageDesk
 from waportd.ops import Ops
 from waportd.redis_bridge import EVENTS, RedisBridge
@@ -78,7 +79,9 @@ class Arbiter:
         self.webhooks = Webhooks(self.services, self.bus.publish, self.start_webhook_delivery)
         self.ops.webhook_figures = lambda: (self.webhooks.pending, self.webhooks.latency_counts,
                                             self.webhooks.latency_sum)
-        self.controller = Controller(self.services, self.roster, self.messages, self.ops, self.reload, self.webhooks)
+        self.media = MediaDesk(self.services)
+        self.controller = Controller(self.services, self.roster, self.messages, self.ops, self.reload, self.webhooks,
+                                     self.media)
         self.signals: list[int] = []
         self.child_exited = True
         self.next_mirror = 0.0
@@ -255,6 +258,7 @@ class Arbiter:
 
     def close(self) -> None:
         self.webhooks.close()
+        self.media.close()
         if self.bridge:
             self.bridge.stop()
         self.messages.close()
@@ -315,6 +319,7 @@ class Arbiter:
             self.next_mirror = now + 30
             self.messages.mirror_all()
             self.messages.limiter.memory.prune(wall)
+            self.media.prune(wall)
         beat = now >= self.next_beat_out  # liveness is checked more often than we beat
         if beat:
             self.next_beat_out = now + self.cfg.heartbeat_interval

@@ -62,6 +62,8 @@ class Config:
     webhook_timeout: float = 15.0  # a 2xx within it is a success
     webhook_max_age: float = 86400.0  # an event not delivered by then is dead
     webhook_concurrency: int = 16  # requests in flight per endpoint
+    media_max_bytes: int = 64 << 20  # DESIGN.md §11: larger media is refused (media_too_large)
+    media_retention: float = 7 * 86400.0  # stored media kept this long (unless a queued send needs it)
     webhook_retry_scale: float = 1.0  # multiplies the retry schedule (5 s, 30 s, 2 min, ...): tests, impatient ops
     source: str = field(default="", compare=False)  # the file it came from, for messages
 
@@ -79,6 +81,7 @@ _DURATIONS = {
     "connect_timeout",
     "webhook_timeout",
     "webhook_max_age",
+    "media_retention",
 }
 _BACKENDS = ("neonize", "sim")
 _UNIT_BYTES = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1024**2,
@@ -112,7 +115,7 @@ def parse_bytes(key: str, value: Any) -> int:
 def _coerce(key: str, value: Any) -> Any:
     if key in _DURATIONS:
         return parse_duration(key, value)
-    if key == "memory_limit":
+    if key in ("memory_limit", "media_max_bytes"):
         return parse_bytes(key, value)
     if key in ("max_restarts", "rate_limit_max", "rate_limit_company_max", "stream_maxlen", "worker_nice",
                "max_companies", "webhook_concurrency"):

@@ -26,6 +26,7 @@ from ipc.states import ALIVE, CONNECTED, PAIRING
 from ipc.tokens import TOKENS_FILE, TokenFileError, TokenStore
 from ipc.validation import normalize_phone, parse_duration, validate_company
 from waportd.company import Company
+from waportd.media import MediaDesk
 from waportd.messages import MessageDesk
 from waportd.ops import Ops
 from waportd.roster import Roster
@@ -40,9 +41,10 @@ WORKER_TIMEOUT = 30.0
 
 class Controller:
     def __init__(self, services: Services, roster: Roster, messages: MessageDesk, ops: Ops,
-                 reload: Callable[[], dict[str, list[str]]], webhooks: Webhooks | None = None) -> None:
+                 reload: Callable[[], dict[str, list[str]]], webhooks: Webhooks | None = None,
+                 media: MediaDesk | None = None) -> None:
         self.services = services
-        self.webhooks = webhooks
+        self.owners = {"webhook_": webhooks, "media_": media}  # commands answered by their owner, by prefix
         self.roster = roster
         self.messages = messages
         self.ops = ops
@@ -67,8 +69,8 @@ class Controller:
             respond(control.error_reply(req.id, exc))
 
         handler = None
-        if req.cmd in control.COMMANDS:  # webhook commands are answered by their owner
-            owner = self.webhooks if req.cmd.startswith("webhook_") else self
+        if req.cmd in control.COMMANDS:
+            owner = next((o for prefix, o in self.owners.items() if req.cmd.startswith(prefix)), self)
             handler = getattr(owner, f"cmd_{req.cmd}", None)
         if handler is None:
             known = ", ".join(control.COMMANDS)
@@ -174,8 +176,9 @@ class Controller:
 
         def remove() -> None:
             self.messages.forget(company.name)  # its journal closed before its directory goes
-            if self.webhooks is not None:
-                self.webhooks.forget(company.name)
+            webhooks = self.owners["webhook_"]
+            if webhooks is not None:
+                webhooks.forget(company.name)
             company.delete_data()
             self.roster.forget(company.name)
             ok({"company": company.name, "deleted": True})
