@@ -321,6 +321,107 @@ async def replay_webhook(api: Api, request: Request) -> Response:
                                                 "since": body.get("since")}))
 
 
+MEDIA_CHUNK = 760 << 10  # raw bytes per media_put frame (the daemon's limit: under 1 MiB once encoded)
+MEDIA_REQUEST_MAX = (64 << 20) + (1 << 20)  # a request body no media can need (media_max_bytes is the daemon's)
+
+
+async def put_media(api: Api, request: Request) -> Response:
+    """`POST /v1/media`: multipart (one `file` part) or the raw bytes with their Content-Type; streamed to the
+    store in chunks, never held whole. A company token's upload belongs to its company."""
+    caller = api.caller(request)
+    company = request.query_params.get("company") or caller.company
+    if company is not None:
+        validate_company(company)
+        caller.may_act_on(company)
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > MEDIA_REQUEST_MAX):
+        raise WaportError(MEDIA_TOO_LARGE, f"a media upload is at most {MEDIA_REQUEST_MAX} bytes")
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        if length is None:  # the form is spooled before it is read: its size must be known and bounded first
+            raise WaportError(BAD_REQUEST, "a multipart upload needs a Content-Length")
+        try:
+            form = await request.form(max_files=1, max_fields=4)
+        except Exception as exc:  # noqa: BLE001 - a malformed multipart body (no boundary, cut short, ...)
+            raise WaportError(BAD_REQUEST, f"multipart: {exc}"[:200]) from None
+        part = form.get("file")
+        if part is None or isinstance(part, str):
+            raise WaportError(BAD_REQUEST, "multipart: one part named `file` with the bytes")
+        mimetype = part.content_type or "application/octet-stream"
+        filename = part.filename
+        chunks = iter_file(part)
+    else:
+        mimetype, filename = ctype or "application/octet-stream", request.query_params.get("filename")
+        chunks = request.stream()
+    upload, size, last = None, 0, b""
+    try:
+        async for chunk in rechunk(chunks):
+            if last:
+                result = await api.call("media_put", media_args(last, upload))
+                upload = result["upload"]
+            size += len(chunk)
+            if size > MEDIA_REQUEST_MAX:
+                raise WaportError(MEDIA_TOO_LARGE, f"a media upload is at most {MEDIA_REQUEST_MAX} bytes")
+            last = chunk
+        if not last:
+            raise WaportError(BAD_REQUEST, "no bytes: an empty file is no media")
+        result = await api.call("media_put", {**media_args(last, upload), "last": True, "mimetype": mimetype,
+                                              "filename": filename, "company": company})
+    finally:
+        if ctype.startswith("multipart/form-data"):
+            await form.close()
+    return ok(result, 201)
+
+
+def media_args(chunk: bytes, upload: str | None) -> dict[str, Any]:
+    import base64
+
+    args: dict[str, Any] = {"data": base64.b64encode(chunk).decode()}
+    if upload is not None:
+        args["upload"] = upload
+    return args
+
+
+async def iter_file(part: Any) -> Any:
+    while chunk := await part.read(MEDIA_CHUNK):
+        yield chunk
+
+
+async def rechunk(chunks: Any) -> Any:
+    """Any sizes in, MEDIA_CHUNK out (the last one shorter)."""
+    buf = bytearray()
+    async for piece in chunks:
+        buf += piece
+        while len(buf) >= MEDIA_CHUNK:
+            yield bytes(buf[:MEDIA_CHUNK])
+            del buf[:MEDIA_CHUNK]
+    if buf:
+        yield bytes(buf)
+
+
+async def get_media(api: Api, request: Request) -> Response:
+    """`GET /v1/media/{media_id}`: the bytes, streamed chunk by chunk; a company token reads its company's."""
+    import base64
+
+    caller = api.caller(request)
+    media_id = request.path_params["media_id"]
+    args = {"media_id": media_id, "offset": 0, **({"company": caller.company} if caller.company else {})}
+    first = await api.call("media_get", args)
+
+    async def body() -> Any:
+        reply = first
+        while True:
+            data = base64.b64decode(reply["data"])
+            yield data
+            if reply["eof"] or not data:
+                return
+            reply = await api.call("media_get", {**args, "offset": reply["offset"] + len(data)})
+
+    return StreamingResponse(body(), media_type=first["mimetype"], headers={
+        "Content-Length": str(first["size"]), "ETag": f'"{first["sha256"]}"', "Cache-Control": "private, max-age=86400",
+        "X-Content-Type-Options": "nosniff", "Content-Disposition": "attachment"})
+
+
 # ---------------------------------------------------------------- the app
 
 
@@ -367,6 +468,8 @@ def build(api: Api) -> FastAPI:
     route(f"{s}/webhook/rotate", "POST", webhook_call("webhook_rotate"), schemas.ROTATE_WEBHOOK)
     route(f"{s}/webhook/deliveries", "GET", webhook_deliveries, schemas.WEBHOOK_DELIVERIES)
     route(f"{s}/webhook/replay", "POST", replay_webhook, schemas.REPLAY_WEBHOOK)
+    route("/v1/media", "POST", put_media, schemas.PUT_MEDIA)
+    route("/v1/media/{media_id}", "GET", get_media, schemas.GET_MEDIA)
 
     generate = app.openapi
 

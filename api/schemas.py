@@ -160,6 +160,7 @@ class Operation:
     parameters: list[dict[str, Any]] = field(default_factory=list)
     body: type[BaseModel] | None = None
     secured: bool = True
+    raw_body: dict[str, Any] | None = None  # a request body's content map, when it is not one JSON model
     tags: list[str] = field(default_factory=lambda: ["sessions"])
 
     def fastapi(self) -> dict[str, Any]:
@@ -169,6 +170,8 @@ class Operation:
         if self.body is not None:
             extra["requestBody"] = {"required": True, "content": {"application/json": {
                 "schema": self.body.model_json_schema(ref_template="#/components/schemas/{model}")}}}
+        if self.raw_body is not None:
+            extra["requestBody"] = {"required": True, "content": self.raw_body}
         if self.secured:
             extra["security"] = [{"bearer": []}]
         responses = {status: (a if isinstance(a, dict) else {"model": a}) for status, a in self.answers.items()}
@@ -249,3 +252,31 @@ WEBHOOK_DELIVERIES = Operation("webhookDeliveries", "Pending, dead and recent de
                                                      "default": 50}}], tags=["webhooks"])
 REPLAY_WEBHOOK = Operation("replayWebhook", "Deliver events again (same webhook-id and seq): dead ones, or since a "
                            "time", {200: Replayed, **COMPANY_ERRORS}, [COMPANY], ReplayRequest, tags=["webhooks"])
+
+class MediaStored(BaseModel):
+    media_id: str = Field(description="the SHA-256 of the bytes, hex")
+    size: int
+    mimetype: str
+    sha256: str
+
+
+MEDIA_ID = {"name": "media_id", "in": "path", "required": True,
+            "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}
+PUT_MEDIA = Operation("putMedia", "Store a file: multipart (a part named `file`) or the raw bytes with their "
+                      "Content-Type; at most media_max_bytes (64 MiB)",
+                      {201: MediaStored, 400: error("no bytes, or a bad MIME type"), **AUTH_ERRORS,
+                       413: error("media_too_large"), 504: error("waportd did not answer in time"),
+                       500: error("internal error")},
+                      [{"name": "company", "in": "query", "required": False,
+                        "schema": {"type": "string", "pattern": COMPANY_PATTERN},
+                        "description": "the company that will send it (a company token: its own)"},
+                       {"name": "filename", "in": "query", "required": False, "schema": {"type": "string"}}],
+                      tags=["media"], raw_body={
+                          "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+                              "file": {"type": "string", "format": "binary"}}}},
+                          "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}})
+GET_MEDIA = Operation("getMedia", "A stored file's bytes (a company token: media its company sent or received)",
+                      {200: {"description": "the bytes", "content": {"application/octet-stream": {
+                          "schema": {"type": "string", "format": "binary"}}}},
+                       400: error("not a media id"), **AUTH_ERRORS, 404: error("no such media (or not yours)"),
+                       504: error("waportd did not answer in time")}, [MEDIA_ID], tags=["media"])

@@ -819,3 +819,39 @@ database = "none"
     assert "passed" in run.stdout
     assert api.client.get("/v1/health").status_code == 200
     assert api.metric("waport_loop_errors_total") == 0
+
+
+def test_media_up_and_down_raw_and_multipart_scoped_to_a_company(api: Api) -> None:
+    import hashlib
+    import os as os_
+
+    data = os_.urandom(2_000_000)
+    company_token = api.d.ctl("token_create", company="acme")["token"]
+    r = api.post("/v1/media", headers={**bearer(company_token), "Content-Type": "image/png"}, content=data)
+    assert r.status_code == 201, r.text
+    stored = r.json()
+    assert stored == {"media_id": hashlib.sha256(data).hexdigest(), "size": len(data), "mimetype": "image/png",
+                      "sha256": hashlib.sha256(data).hexdigest()}
+    back = api.get(f"/v1/media/{stored['media_id']}", headers=bearer(company_token))
+    assert back.status_code == 200 and back.content == data and back.headers["content-type"] == "image/png"
+    other = api.d.ctl("token_create", company="beta")["token"]
+    error_of(api.get(f"/v1/media/{stored['media_id']}", headers=bearer(other)), 404, "not_found")
+    doc = b"%PDF-1.4 menu"
+    r = api.post("/v1/media", files={"file": ("menu.pdf", doc, "application/pdf")})
+    assert r.status_code == 201 and r.json()["mimetype"] == "application/pdf", r.text
+    assert api.get(f"/v1/media/{r.json()['media_id']}").content == doc  # an admin reads any
+    import http.client
+    import json as json_
+
+    host, port = api.url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.putrequest("POST", "/v1/media")
+    for k, v in {**api.auth, "Content-Type": "image/png", "Content-Length": str(1 << 40)}.items():
+        conn.putheader(k, v)
+    conn.endheaders()  # a terabyte announced, nothing sent: refused before any byte is read
+    answer = conn.getresponse()
+    assert answer.status == 413 and json_.loads(answer.read())["error"]["code"] == "media_too_large"
+    conn.close()
+    error_of(api.post("/v1/media", headers={"Content-Type": "image/png"}, content=b""), 400, "bad_request")
+    error_of(api.get("/v1/media/not-a-hash"), 400, "bad_request")
+    error_of(api.post("/v1/media", headers={"Authorization": "Bearer nope"}, content=b"x"), 401, "unauthorized")
