@@ -38,6 +38,7 @@ from ipc.errors import (
     MESSAGE_TOO_LONG,
     NOT_CONNECTED,
     NOT_FOUND,
+    NOT_IMPLEMENTED,
     RATE_LIMITED,
     TIMEOUT,
     UNAUTHORIZED,
@@ -54,6 +55,7 @@ STATUS = {
     BAD_REQUEST: 400, INVALID_COMPANY_ID: 400, INVALID_PHONE: 400, MESSAGE_TOO_LONG: 400,
     UNAUTHORIZED: 401, FORBIDDEN: 403, UNKNOWN_COMPANY: 404, NOT_FOUND: 404,
     NOT_CONNECTED: 409, CAPACITY: 409, MEDIA_TOO_LARGE: 413, RATE_LIMITED: 429, TIMEOUT: 504, INTERNAL: 500,
+    NOT_IMPLEMENTED: 501,
 }
 MAX_BODY = 256 * 1024  # JSON bodies; media has routes of its own (§11)
 CONTROL_TIMEOUT = 10.0
@@ -321,6 +323,22 @@ async def replay_webhook(api: Api, request: Request) -> Response:
                                                 "since": body.get("since")}))
 
 
+def chat_action(cmd: str) -> Handler:
+    """`POST .../read {chat, message_ids}` and `.../typing {chat, state}`: the worker does them (§11)."""
+
+    async def handler(api: Api, request: Request) -> Response:
+        company = api.company_of(request, api.caller(request))
+        body = await read_json(request)
+        args = {"company": company, "chat": body.get("chat")}
+        if cmd == "read":
+            args["message_ids"] = body.get("message_ids")
+        else:
+            args["state"] = body.get("state", "composing")
+        return ok(await api.call(cmd, args, WORKER_TIMEOUT))
+
+    return handler
+
+
 MEDIA_CHUNK = 760 << 10  # raw bytes per media_put frame (the daemon's limit: under 1 MiB once encoded)
 MEDIA_REQUEST_MAX = (64 << 20) + (1 << 20)  # a request body no media can need (media_max_bytes is the daemon's)
 
@@ -468,6 +486,8 @@ def build(api: Api) -> FastAPI:
     route(f"{s}/webhook/rotate", "POST", webhook_call("webhook_rotate"), schemas.ROTATE_WEBHOOK)
     route(f"{s}/webhook/deliveries", "GET", webhook_deliveries, schemas.WEBHOOK_DELIVERIES)
     route(f"{s}/webhook/replay", "POST", replay_webhook, schemas.REPLAY_WEBHOOK)
+    route(f"{s}/read", "POST", chat_action("read"), schemas.READ)
+    route(f"{s}/typing", "POST", chat_action("typing"), schemas.TYPING)
     route("/v1/media", "POST", put_media, schemas.PUT_MEDIA)
     route("/v1/media/{media_id}", "GET", get_media, schemas.GET_MEDIA)
 

@@ -280,3 +280,21 @@ GET_MEDIA = Operation("getMedia", "A stored file's bytes (a company token: media
                           "schema": {"type": "string", "format": "binary"}}}},
                        400: error("not a media id"), **AUTH_ERRORS, 404: error("no such media (or not yours)"),
                        504: error("waportd did not answer in time")}, [MEDIA_ID], tags=["media"])
+
+
+class ReadRequest(BaseModel):
+    chat: str = Field(description="a phone number or a JID")
+    message_ids: list[str] = Field(min_length=1, max_length=100)
+
+
+class TypingRequest(BaseModel):
+    chat: str = Field(description="a phone number or a JID")
+    state: Literal["composing", "recording", "paused"] = "composing"
+
+
+READ = Operation("markRead", "Mark messages of a chat read", {200: Open, **COMPANY_ERRORS,
+                 409: error("not_connected: the session is not connected")}, [COMPANY], ReadRequest,
+                 tags=["messages"])
+TYPING = Operation("typing", "Show typing, recording or paused to a chat", {200: Open, **COMPANY_ERRORS,
+                   409: error("not_connected: the session is not connected")}, [COMPANY], TypingRequest,
+                   tags=["messages"])

@@ -615,6 +615,31 @@ def webhooks_(settings: Settings, company: str, limit: int) -> None:
     answer(settings, result, lambda result: render.deliveries(result))
 
 
+@cli.command("read")
+@click.argument("company")
+@click.argument("chat")
+@click.argument("message_ids", nargs=-1, required=True, metavar="MSGID...")
+@global_options
+@pass_settings
+def read_(settings: Settings, company: str, chat: str, message_ids: tuple[str, ...]) -> None:
+    """Mark messages of CHAT (a phone number or a JID) read: the sender sees blue ticks."""
+    result = call(settings, "read", company=company, chat=chat, message_ids=list(message_ids))
+    answer(settings, result, lambda r: f"{render.scalar(r.get('company'))}: {r.get('read')} marked read")
+
+
+@cli.command("typing")
+@click.argument("company")
+@click.argument("chat")
+@click.option("--state", type=click.Choice(["composing", "recording", "paused"]), default="composing",
+              show_default=True)
+@global_options
+@pass_settings
+def typing_(settings: Settings, company: str, chat: str, state: str) -> None:
+    """Show CHAT that the company is typing (or recording a voice note, or has paused)."""
+    result = call(settings, "typing", company=company, chat=chat, state=state)
+    answer(settings, result, lambda r: f"{render.scalar(r.get('company'))}: {r.get('state')}")
+
+
 MEDIA_CHUNK = 760 << 10  # raw bytes per media_put / media_get frame (under 1 MiB once base64-encoded)
 
 

@@ -47,6 +47,8 @@ COMMANDS = (
     "webhook_report",  # the delivery process's outcomes (internal)
     "media_put",
     "media_get",
+    "read",
+    "typing",
 )
 
 MAX_REQUEST_BYTES = 1 << 20

@@ -326,6 +326,13 @@ class Journal:
     def delivered(self, ids: list[str]) -> None:
         self.db.executemany("UPDATE inbox SET delivered = 1 WHERE id = ?", [(i,) for i in ids])
 
+    def senders(self, ids: list[str]) -> dict[str, str]:
+        """Who sent each of these inbound messages (a group's read receipts name the sender)."""
+        if not ids:
+            return {}
+        rows = self.db.execute(f"SELECT id, sender FROM inbox WHERE id IN ({','.join('?' * len(ids))})", ids)
+        return {i: sender for i, sender in rows if sender}
+
     def recent_inbound(self, limit: int = 20) -> list[dict[str, Any]]:
         rows = self.db.execute(
             "SELECT id, chat, sender, push_name, type, text, ts, is_group, received, delivered, copies FROM inbox"

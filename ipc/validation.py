@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 from ipc.errors import BAD_REQUEST, INVALID_COMPANY_ID, INVALID_PHONE, MESSAGE_TOO_LONG, WaportError
 
@@ -114,3 +115,21 @@ def mask_phone(phone: str) -> str:
     if len(user) <= 4:
         return "*" * len(user) + at + server
     return user[:2] + "*" * (len(user) - 4) + user[-2:] + at + server
+
+
+PRESENCE_STATES = ("composing", "recording", "paused")
+MAX_READ_IDS = 100
+
+
+def validate_message_ids(value: Any) -> list[str]:
+    """1-100 WhatsApp message ids, each 1-128 characters: what one `read` marks."""
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_READ_IDS or not all(
+            isinstance(v, str) and 0 < len(v) <= 128 and v.isprintable() for v in value):
+        raise WaportError(BAD_REQUEST, f"message_ids: a list of 1-{MAX_READ_IDS} message ids")
+    return list(dict.fromkeys(value))
+
+
+def validate_presence(value: Any) -> str:
+    if value not in PRESENCE_STATES:
+        raise WaportError(BAD_REQUEST, f"state: one of {', '.join(PRESENCE_STATES)}")
+    return str(value)

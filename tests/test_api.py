@@ -855,3 +855,17 @@ def test_media_up_and_down_raw_and_multipart_scoped_to_a_company(api: Api) -> No
     error_of(api.post("/v1/media", headers={"Content-Type": "image/png"}, content=b""), 400, "bad_request")
     error_of(api.get("/v1/media/not-a-hash"), 400, "bad_request")
     error_of(api.post("/v1/media", headers={"Authorization": "Bearer nope"}, content=b"x"), 401, "unauthorized")
+
+
+def test_read_and_typing_over_http(api: Api) -> None:
+    api.create("acme")
+    api.wait_state("acme", "connected")
+    api.net.call("inbound", company="acme", **{"from": "15550100001"}, text="hi", id="WA-9")
+    wait_for(lambda: api.get("/v1/sessions/acme/messages").json()["inbound"], what="the inbound message")
+    r = api.post("/v1/sessions/acme/read", json={"chat": "15550100001", "message_ids": ["WA-9"]})
+    assert r.status_code == 200 and r.json()["read"] == 1, r.text
+    assert api.net.call("reads", company="acme")["reads"][0]["ids"] == ["WA-9"]
+    assert api.post("/v1/sessions/acme/typing", json={"chat": "15550100001"}).json()["state"] == "composing"
+    error_of(api.post("/v1/sessions/acme/typing", json={"chat": "15550100001", "state": "x"}), 400, "bad_request")
+    error_of(api.post("/v1/sessions/acme/read", json={"chat": "15550100001", "message_ids": []}), 400,
+             "bad_request")

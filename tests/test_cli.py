@@ -721,3 +721,13 @@ def test_webhook_secret_is_made_here_and_deliveries_are_a_table(run_dir: str,
     assert lines[0] == "acme: no webhook endpoint; pending 1, dead 0, delivered 0"
     assert lines[1].split()[:4] == ["SEQ", "TYPE", "STATUS", "ATTEMPTS"]
     assert lines[2].split()[:4] == ["7", "message", "pending", "2"] and "no answer" in lines[2]
+
+
+def test_read_and_typing_send_what_was_asked(run_dir: str, daemon: Callable[..., FakeDaemon]) -> None:
+    fake = daemon(read={"company": "acme", "chat": "15550100001", "read": 2},
+                  typing={"company": "acme", "chat": "15550100001", "state": "paused"})
+    assert ctl(run_dir, "read", "acme", "+15550100001", "A", "B").stdout == "acme: 2 marked read\n"
+    assert ctl(run_dir, "typing", "acme", "15550100001", "--state", "paused").stdout == "acme: paused\n"
+    assert ctl(run_dir, "read", "acme", "15550100001").exit_code == 2  # a message id at least
+    assert fake.sent() == [("read", {"company": "acme", "chat": "+15550100001", "message_ids": ["A", "B"]}),
+                           ("typing", {"company": "acme", "chat": "15550100001", "state": "paused"})]

@@ -198,6 +198,26 @@ def test_send_reaches_the_network(connected, simnet):
     assert [(m["message_id"], m["status"]) for m in listing["outbound"]] == [(reply["message_id"], "sent")]
 
 
+def test_read_and_typing_reach_the_network(connected, simnet):
+    simnet.call("inbound", company="acme", **{"from": "15550100001"}, text="hi", id="WA-1")
+    wait_for(lambda: connected.ctl("messages", company="acme")["inbound"], what="the inbound message")
+    assert connected.ctl("read", company="acme", chat="+1 555 010 0001", message_ids=["WA-1"]) == {
+        "company": "acme", "chat": "15550100001", "read": 1}
+    assert [(r["chat"], r["ids"]) for r in simnet.call("reads", company="acme")["reads"]] == [
+        ("15550100001", ["WA-1"])]
+    connected.ctl("typing", company="acme", chat="15550100001", state="recording")
+    assert [p["state"] for p in simnet.call("presence", company="acme")["presence"]] == ["recording"]
+    for bad in ({"chat": "12", "message_ids": ["x"]}, {"chat": "15550100001", "message_ids": []},
+                {"chat": "15550100001", "message_ids": "WA-1"}):
+        assert error_of(connected.ctl, "read", company="acme", **bad).code in ("invalid_phone", "bad_request")
+    assert error_of(connected.ctl, "typing", company="acme", chat="15550100001", state="dancing").code == \
+        "bad_request"
+    connected.ctl("stop", company="acme")
+    connected.wait_state("acme", "stopped")
+    assert error_of(connected.ctl, "read", company="acme", chat="15550100001", message_ids=["x"]).code == \
+        "not_connected"
+
+
 def test_send_validation(connected):
     assert error_of(connected.ctl, "send", company="acme", to="12", text="x").code == "invalid_phone"
     assert error_of(connected.ctl, "send", company="acme", to="15550109999", text="x" * 70000).code == \

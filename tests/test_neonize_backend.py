@@ -69,12 +69,20 @@ class FakeClient:
         self.logouts = 0
         self.stops = 0
         self.stop_delay = 0.0
+        self.reads: list[tuple[Any, ...]] = []
+        self.presences: list[tuple[Any, ...]] = []
 
     def send_message(self, to: Any, message: Any) -> Any:
         if self.send_error is not None:
             raise self.send_error
         self.sent.append((to, message))
         return NZ.SendResponse(ID="3EB0AABBCCDD", Timestamp=1_700_000_000)
+
+    def mark_read(self, *message_ids: str, chat: Any, sender: Any, receipt: Any, timestamp: Any = None) -> None:
+        self.reads.append((message_ids, chat, sender, receipt))
+
+    def send_chat_presence(self, jid: Any, state: Any, media: Any) -> None:
+        self.presences.append((jid, state, media))
 
     def PairPhone(self, phone: str, show_push_notification: bool) -> str:  # noqa: N802 - neonize's name
         if self.pair_error is not None:
@@ -434,6 +442,28 @@ def test_send_text(make: Any) -> None:
     assert recipients == [("15557654321", "s.whatsapp.net", 0), ("120363025246125486", "g.us", 0),
                           ("15557654321", "s.whatsapp.net", 0)]  # fmt: skip
     assert [m.conversation for _, m in client.sent] == ["hello", "to the group", "to the user, not one device"]
+
+
+def test_read_receipts_name_each_sender_and_typing_maps_to_chat_presence(make: Any) -> None:
+    from neonize.utils.enum import ChatPresence, ChatPresenceMedia, ReceiptType
+
+    backend, _, client = make()
+    with pytest.raises(BackendError) as err:
+        backend.mark_read("15557654321", ["A"], {})
+    assert err.value.code == "not_connected"
+    backend, _, client = connected(make)
+    group = "120363025246125486@g.us"
+    backend.mark_read(group, ["A", "B", "C"], {"A": "15550000001", "B": "15550000002"})
+    calls = [(ids, chat.User, chat.Server, sender.User, receipt) for ids, chat, sender, receipt in client.reads]
+    assert calls == [(("A",), "120363025246125486", "g.us", "15550000001", ReceiptType.READ),
+                     (("B",), "120363025246125486", "g.us", "15550000002", ReceiptType.READ),
+                     (("C",), "120363025246125486", "g.us", "120363025246125486", ReceiptType.READ)]
+    for state in ("composing", "recording", "paused"):
+        backend.typing("15557654321", state)
+    assert [(p[0].User, p[1], p[2]) for p in client.presences] == [
+        ("15557654321", ChatPresence.CHAT_PRESENCE_COMPOSING, ChatPresenceMedia.CHAT_PRESENCE_MEDIA_TEXT),
+        ("15557654321", ChatPresence.CHAT_PRESENCE_COMPOSING, ChatPresenceMedia.CHAT_PRESENCE_MEDIA_AUDIO),
+        ("15557654321", ChatPresence.CHAT_PRESENCE_PAUSED, ChatPresenceMedia.CHAT_PRESENCE_MEDIA_TEXT)]
 
 
 @pytest.mark.parametrize(

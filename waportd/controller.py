@@ -24,7 +24,13 @@ from ipc.errors import (
 )
 from ipc.states import ALIVE, CONNECTED, PAIRING
 from ipc.tokens import TOKENS_FILE, TokenFileError, TokenStore
-from ipc.validation import normalize_phone, parse_duration, validate_company
+from ipc.validation import (
+    normalize_phone,
+    parse_duration,
+    validate_company,
+    validate_message_ids,
+    validate_presence,
+)
 from waportd.company import Company
 from waportd.media import MediaDesk
 from waportd.messages import MessageDesk
@@ -221,6 +227,19 @@ class Controller:
         phone = normalize_phone(args.get("phone"))
         self.worker_call(company, "pair_code", {"phone": phone}, ok, fail,
                          shape=lambda r: {"company": company.name, "code": r.get("code")})
+
+    def cmd_read(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
+        """Mark messages read (DESIGN.md §11): checked here, done by the worker's backend."""
+        company = self.known(args)
+        chat, ids = normalize_phone(args.get("chat")), validate_message_ids(args.get("message_ids"))
+        self.worker_call(company, "read", {"chat": chat, "message_ids": ids}, ok, fail,
+                         shape=lambda r: {"company": company.name, **r})
+
+    def cmd_typing(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
+        company = self.known(args)
+        chat, state = normalize_phone(args.get("chat")), validate_presence(args.get("state", "composing"))
+        self.worker_call(company, "typing", {"chat": chat, "state": state}, ok, fail,
+                         shape=lambda r: {"company": company.name, **r})
 
     def cmd_metrics(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
         ok({"metrics": self.metric_samples()})

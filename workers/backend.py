@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from ipc.errors import NOT_IMPLEMENTED
+
 Emit = Callable[[str, dict[str, Any]], None]
 
 
@@ -112,6 +114,14 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def logout(self) -> None:
         """Unlink the device and delete the stored credentials."""
+
+    def mark_read(self, chat: str, message_ids: list[str], senders: dict[str, str]) -> None:
+        """Mark messages of `chat` read; `senders` names who sent each (a group's receipts need it)."""
+        raise BackendError(NOT_IMPLEMENTED, f"the {type(self).__name__} cannot mark messages read")
+
+    def typing(self, chat: str, state: str) -> None:
+        """Show `composing`, `recording` or `paused` to `chat`."""
+        raise BackendError(NOT_IMPLEMENTED, f"the {type(self).__name__} cannot show typing")
 
     @abc.abstractmethod
     def pair_code(self, phone: str) -> str:

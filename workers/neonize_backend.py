@@ -107,6 +107,7 @@ def load_neonize() -> SimpleNamespace:
             from neonize.proto.Neonize_pb2 import JID
             from neonize.proto.waCompanionReg.WAWebProtobufsCompanionReg_pb2 import DeviceProps
             from neonize.proto.waE2E.WAWebProtobufsE2E_pb2 import Message
+            from neonize.utils.enum import ChatPresence, ChatPresenceMedia, ReceiptType
 
             nz_client.Thread = _DaemonThread
             # whatsmeow filters at this level in Go (from neonize's logger): no debug chatter
@@ -115,6 +116,7 @@ def load_neonize() -> SimpleNamespace:
             _NZ = SimpleNamespace(
                 NewClient=nz_client.NewClient, events=events, ProxySettings=ProxySettings,
                 NeonizeError=NeonizeError, JID=JID, DeviceProps=DeviceProps, Message=Message,
+                ChatPresence=ChatPresence, ChatPresenceMedia=ChatPresenceMedia, ReceiptType=ReceiptType,
             )  # fmt: skip
         return _NZ
 
@@ -259,6 +261,36 @@ class NeonizeBackend(Backend):
         finally:
             self._leave()
         return {"message_id": str(response.ID), "ts": epoch_seconds(response.Timestamp)}
+
+    def mark_read(self, chat: str, message_ids: list[str], senders: dict[str, str]) -> None:
+        """Read receipts, one call per sender (whatsmeow needs the sender of a group's messages; in a
+        one-to-one chat, and for ids the journal does not know, it is the chat)."""
+        by_sender: dict[str, list[str]] = {}
+        for msg_id in message_ids:
+            by_sender.setdefault(senders.get(msg_id) or chat, []).append(msg_id)
+        client, nz = self._enter(need=states.CONNECTED)
+        try:
+            for sender, ids in by_sender.items():
+                client.mark_read(*ids, chat=self._jid(nz, chat), sender=self._jid(nz, sender),
+                                 receipt=nz.ReceiptType.READ)
+        except Exception as exc:  # noqa: BLE001 - NeonizeError and friends become protocol errors
+            raise _send_error(exc) from None
+        finally:
+            self._leave()
+
+    def typing(self, chat: str, state: str) -> None:
+        """composing and paused as they are; recording is composing with audio media (a voice note)."""
+        client, nz = self._enter(need=states.CONNECTED)
+        presence = nz.ChatPresence.CHAT_PRESENCE_PAUSED if state == "paused" else \
+            nz.ChatPresence.CHAT_PRESENCE_COMPOSING
+        media = nz.ChatPresenceMedia.CHAT_PRESENCE_MEDIA_AUDIO if state == "recording" else \
+            nz.ChatPresenceMedia.CHAT_PRESENCE_MEDIA_TEXT
+        try:
+            client.send_chat_presence(self._jid(nz, chat), presence, media)
+        except Exception as exc:  # noqa: BLE001
+            raise _send_error(exc) from None
+        finally:
+            self._leave()
 
     def pair_code(self, phone: str) -> str:
         """A phone-number pair code; only while pairing, after the first QR (whatsmeow needs the socket)."""

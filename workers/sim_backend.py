@@ -205,6 +205,12 @@ class SimBackend(Backend):
             pass  # not running, or no answer: unlink locally anyway, pairing starts afresh
         self._delete_creds()
 
+    def mark_read(self, chat: str, message_ids: list[str], senders: dict[str, str]) -> None:
+        self._call("read", {"chat": chat, "ids": message_ids}, need=states.CONNECTED)
+
+    def typing(self, chat: str, state: str) -> None:
+        self._call("typing", {"chat": chat, "state": state}, need=states.CONNECTED)
+
     def pair_code(self, phone: str) -> str:
         if self.phase != states.PAIRING:
             raise BackendError(BAD_REQUEST, f"a pair code is only available while pairing (state {self.phase})")

@@ -64,7 +64,13 @@ from ipc import paths
 from ipc.control import error_reply, ok_reply, parse_request, request_id_of
 from ipc.errors import BAD_REQUEST, INTERNAL, NOT_CONNECTED, UNKNOWN_COMPANY, WaportError
 from ipc.files import write_json_atomic
-from ipc.validation import normalize_phone, validate_company, validate_text
+from ipc.validation import (
+    normalize_phone,
+    validate_company,
+    validate_message_ids,
+    validate_presence,
+    validate_text,
+)
 from ipc.zsocket import NOBLOCK, readable, send_frames
 
 log = logging.getLogger("waport.simnet")
@@ -161,6 +167,8 @@ class SimNet:
         self.live: dict[str, Conn] = {}  # company -> its one live connection
         self.pending: dict[str, list[dict[str, Any]]] = {}  # inbound not yet acknowledged
         self.sent: deque[dict[str, Any]] = deque(maxlen=MAX_SENT)
+        self.read_marks: deque[dict[str, Any]] = deque(maxlen=MAX_SENT)  # `read` from companies
+        self.presences: deque[dict[str, Any]] = deque(maxlen=MAX_SENT)  # typing states from companies
         self.latency = 0.0
         self.outage_until = 0.0
         self._fd_gen: dict[int, int] = {}
@@ -185,6 +193,8 @@ class SimNet:
             "ban": self._ban,
             "outage": self._outage,
             "latency": self._latency,
+            "reads": self._reads,
+            "presence": self._presence_list,
         }
         self.session_commands: dict[str, Callable[[Peer, dict[str, Any]], Result]] = {
             "hello": self._hello,
@@ -194,6 +204,8 @@ class SimNet:
             "pair_code": self._pair_code,
             "logout_device": self._logout_device,
             "bye": self._bye,
+            "read": self._read,
+            "typing": self._presence,
         }
         self._load()
 
@@ -497,6 +509,28 @@ class SimNet:
         else:
             answer()
         return None
+
+    def _read(self, peer: Peer, args: dict[str, Any]) -> Result:
+        """A company marks messages of a chat read (the phone would see blue ticks)."""
+        conn = self._session(peer)
+        ids = validate_message_ids(args.get("ids"))
+        self.read_marks.append({"company": conn.company, "chat": normalize_phone(args.get("chat")), "ids": ids,
+                                "ts": time.time()})
+        return {"read": len(ids)}
+
+    def _presence(self, peer: Peer, args: dict[str, Any]) -> Result:
+        conn = self._session(peer)
+        self.presences.append({"company": conn.company, "chat": normalize_phone(args.get("chat")),
+                               "state": validate_presence(args.get("state")), "ts": time.time()})
+        return {}
+
+    def _reads(self, peer: Peer, args: dict[str, Any]) -> Result:
+        company = args.get("company")
+        return {"reads": [r for r in self.read_marks if company is None or r["company"] == company]}
+
+    def _presence_list(self, peer: Peer, args: dict[str, Any]) -> Result:
+        company = args.get("company")
+        return {"presence": [p for p in self.presences if company is None or p["company"] == company]}
 
     def _receipt(self, company: str, msg_id: str, chat: str) -> None:
         conn = self.live.get(company)

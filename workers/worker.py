@@ -29,7 +29,7 @@ import zmq
 from ipc import exitcodes, protocol, states
 from ipc.errors import BAD_REQUEST, INTERNAL, TIMEOUT, WaportError
 from ipc.journal import Journal
-from ipc.validation import normalize_phone
+from ipc.validation import normalize_phone, validate_message_ids, validate_presence
 from ipc.zsocket import NOBLOCK, readable, send_frames
 from workers import logforward
 from workers.backend import Backend, BackendError, WorkerContext
@@ -245,6 +245,14 @@ class Worker:
             # Backends report it too; the first exit report wins, so this only covers one that did not.
             self.emit("exit", {"reason": "logged_out", "message": "logged out on request"})
             return {"logged_out": True}
+        if cmd == "read":
+            chat, ids = normalize_phone(args.get("chat")), validate_message_ids(args.get("message_ids"))
+            self.backend.mark_read(chat, ids, self.journal.senders(ids))
+            return {"chat": chat, "read": len(ids)}
+        if cmd == "typing":
+            chat, state = normalize_phone(args.get("chat")), validate_presence(args.get("state", "composing"))
+            self.backend.typing(chat, state)
+            return {"chat": chat, "state": state}
         if cmd == "ping":
             return {"pong": True, "state": self.state}
         raise WaportError(BAD_REQUEST, f"unknown worker command {cmd!r}")
