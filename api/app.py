@@ -47,6 +47,7 @@ from ipc.errors import (
 )
 from ipc.jsonsafe import InvalidJSON
 from ipc.jsonsafe import loads as parse_json
+from ipc.mediastore import WIRE_CHUNK, put_args
 from ipc.validation import validate_company
 
 log = logging.getLogger("waport.api")
@@ -339,7 +340,6 @@ def chat_action(cmd: str) -> Handler:
     return handler
 
 
-MEDIA_CHUNK = 760 << 10  # raw bytes per media_put frame (the daemon's limit: under 1 MiB once encoded)
 MEDIA_REQUEST_MAX = (64 << 20) + (1 << 20)  # a request body no media can need (media_max_bytes is the daemon's)
 
 
@@ -375,7 +375,7 @@ async def put_media(api: Api, request: Request) -> Response:
     try:
         async for chunk in rechunk(chunks):
             if last:
-                result = await api.call("media_put", media_args(last, upload))
+                result = await api.call("media_put", put_args(last, upload))
                 upload = result["upload"]
             size += len(chunk)
             if size > MEDIA_REQUEST_MAX:
@@ -383,7 +383,7 @@ async def put_media(api: Api, request: Request) -> Response:
             last = chunk
         if not last:
             raise WaportError(BAD_REQUEST, "no bytes: an empty file is no media")
-        result = await api.call("media_put", {**media_args(last, upload), "last": True, "mimetype": mimetype,
+        result = await api.call("media_put", {**put_args(last, upload), "last": True, "mimetype": mimetype,
                                               "filename": filename, "company": company})
     finally:
         if ctype.startswith("multipart/form-data"):
@@ -391,28 +391,19 @@ async def put_media(api: Api, request: Request) -> Response:
     return ok(result, 201)
 
 
-def media_args(chunk: bytes, upload: str | None) -> dict[str, Any]:
-    import base64
-
-    args: dict[str, Any] = {"data": base64.b64encode(chunk).decode()}
-    if upload is not None:
-        args["upload"] = upload
-    return args
-
-
 async def iter_file(part: Any) -> Any:
-    while chunk := await part.read(MEDIA_CHUNK):
+    while chunk := await part.read(WIRE_CHUNK):
         yield chunk
 
 
 async def rechunk(chunks: Any) -> Any:
-    """Any sizes in, MEDIA_CHUNK out (the last one shorter)."""
+    """Any sizes in, WIRE_CHUNK out (the last one shorter)."""
     buf = bytearray()
     async for piece in chunks:
         buf += piece
-        while len(buf) >= MEDIA_CHUNK:
-            yield bytes(buf[:MEDIA_CHUNK])
-            del buf[:MEDIA_CHUNK]
+        while len(buf) >= WIRE_CHUNK:
+            yield bytes(buf[:WIRE_CHUNK])
+            del buf[:WIRE_CHUNK]
     if buf:
         yield bytes(buf)
 

@@ -32,6 +32,7 @@ from cli.client import (
 from cli.eventstream import EventStream
 from ipc import events, webhooks
 from ipc.control import DaemonUnreachable
+from ipc.mediastore import WIRE_CHUNK, put_args
 from ipc.validation import parse_duration
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -640,9 +641,6 @@ def typing_(settings: Settings, company: str, chat: str, state: str) -> None:
     answer(settings, result, lambda r: f"{render.scalar(r.get('company'))}: {r.get('state')}")
 
 
-MEDIA_CHUNK = 760 << 10  # raw bytes per media_put / media_get frame (under 1 MiB once base64-encoded)
-
-
 @cli.group()
 def media() -> None:
     """The media store (DESIGN.md §11): put a file in, get one out. waportctl reads and writes the files;
@@ -662,12 +660,10 @@ def media_put(settings: Settings, path: str, mimetype: str | None, company: str 
     mimetype = mimetype or mimetypes.guess_type(path)[0] or "application/octet-stream"
     upload, result = None, {}
     with open(path, "rb") as fh:
-        chunk = fh.read(MEDIA_CHUNK)
+        chunk = fh.read(WIRE_CHUNK)
         while True:
-            following = fh.read(MEDIA_CHUNK)
-            args: dict[str, Any] = {"data": base64.b64encode(chunk).decode()}
-            if upload is not None:
-                args["upload"] = upload
+            following = fh.read(WIRE_CHUNK)
+            args = put_args(chunk, upload)
             if not following:
                 args.update(last=True, mimetype=mimetype, filename=os.path.basename(path))
                 if company is not None:

@@ -9,6 +9,7 @@ token reads only those).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -22,13 +23,24 @@ from typing import Any
 from ipc.errors import BAD_REQUEST, MEDIA_TOO_LARGE, NOT_FOUND, WaportError
 from ipc.files import make_dir, write_json_atomic
 
-CHUNK = 1 << 20  # the most bytes one `media_put` / `media_get` frame carries
+CHUNK = 1 << 20  # the most bytes one store write or read takes
+# Raw bytes per `media_put` / `media_get` control frame: under 1 MiB once base64-encoded, envelope included
+# (the control socket's frame limit). The CLI, the HTTP API and waportd all cut media this way.
+WIRE_CHUNK = 760 << 10
 DEFAULT_MAX_BYTES = 64 << 20
 TMP_KEPT = 86400.0  # an upload left unfinished this long is removed by `prune`
 _ID = re.compile(r"^[0-9a-f]{64}$")
 _MIME = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,127}$")
 # Which MIME types each send type takes (DESIGN.md §11); a document takes any.
 KINDS = {"image": ("image/",), "video": ("video/",), "audio": ("audio/",), "document": ("",)}
+
+
+def put_args(chunk: bytes, upload: str | None) -> dict[str, Any]:
+    """The arguments of one `media_put` frame: the chunk, and the upload it continues (None: a new one)."""
+    args: dict[str, Any] = {"data": base64.b64encode(chunk).decode()}
+    if upload is not None:
+        args["upload"] = upload
+    return args
 
 
 @dataclass

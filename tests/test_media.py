@@ -10,7 +10,8 @@ from typing import Any
 
 from fakes import rig
 
-from waportd.media import UPLOAD_IDLE, WIRE_CHUNK
+from ipc.mediastore import WIRE_CHUNK
+from waportd.media import UPLOAD_IDLE
 
 
 def call(r: Any, cmd: str, **args: Any) -> dict[str, Any]:

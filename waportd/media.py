@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ipc.errors import BAD_REQUEST, WaportError
-from ipc.mediastore import MediaStore, Upload
+from ipc.mediastore import WIRE_CHUNK, MediaStore, Upload
 from ipc.validation import validate_company
 from waportd.services import Services
 
 log = logging.getLogger("waport.media")
 
-WIRE_CHUNK = 760 << 10  # raw bytes per frame: under 1 MiB once base64-encoded, envelope included
 MAX_UPLOADS = 64  # unfinished uploads at once
 UPLOAD_IDLE = 60.0
 PRUNE_EVERY = 3600.0  # seconds an unfinished upload may wait for its next chunk

@@ -129,10 +129,10 @@ class Webhooks:
                 self.store.add_events(rows, {r[1]: self.seqs[r[1]] for r in rows})
             except Busy:
                 return False
-        batch, self.batch, self.recorded = self.batch, [], 0
+        batch, recorded, self.batch, self.recorded = self.batch, self.recorded, [], 0
         for company, type_, data, ts, _ in batch:
             self.publish_now(company, type_, data, ts)
-        if any(item[4] is not None for item in batch):
+        if recorded:
             self.nudge(b"new")
         return True
 
