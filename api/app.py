@@ -63,6 +63,8 @@ CONTROL_TIMEOUT = 10.0
 HEALTH_TIMEOUT = 3.0
 WORKER_TIMEOUT = 65.0  # commands that wait on a worker: its 30 s, or a stop's stop_timeout and SIGKILL
 JSON = "application/json"
+SEND_FIELDS = ("text", "type", "media", "filename", "voice", "latitude", "longitude", "name", "message_id", "emoji",
+               "reply_to")  # DESIGN.md §11; the daemon checks them
 
 
 def error_parts(exc: WaportError) -> tuple[int, dict[str, str], bytes]:
@@ -130,11 +132,12 @@ class Api:
 
     async def send(self, caller: Caller, company: str, body: bytes, key: str | None) -> bytes:
         """The send route's work, with no framework around it: one control round trip (the daemon
-        validates `to` and `text` with the same ipc.validation as every other entry point)."""
+        validates the fields with the same ipc.richmessage as every other entry point)."""
         validate_company(company)
         caller.may_act_on(company)
         data = json_object(body)
-        args: dict[str, Any] = {"company": company, "to": data.get("to"), "text": data.get("text")}
+        args: dict[str, Any] = {k: data[k] for k in SEND_FIELDS if k in data}
+        args.update(company=company, to=data.get("to"))
         if key is not None:
             args["idempotency_key"] = key
         result = await self.call("send", args)

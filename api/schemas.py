@@ -70,8 +70,21 @@ class PairingCodeRequest(BaseModel):
 
 
 class SendRequest(BaseModel):
+    """DESIGN.md §11: `type` and that type's fields; any type may carry `reply_to`."""
+
     to: str = Field(description="a phone number (7-15 digits) or a full JID (…@s.whatsapp.net, …@g.us)")
-    text: str = Field(min_length=1, max_length=65536)
+    type: Literal["text", "image", "video", "audio", "document", "location", "reaction"] = "text"
+    text: str | None = Field(None, min_length=1, max_length=65536,
+                             description="the message (type text), a caption (media) or a location's name")
+    media: str | None = Field(None, pattern="^[0-9a-f]{64}$", description="a media id from POST /v1/media")
+    filename: str | None = Field(None, min_length=1, max_length=255)
+    voice: bool | None = Field(None, description="audio only: a voice note")
+    latitude: float | None = Field(None, ge=-90, le=90)
+    longitude: float | None = Field(None, ge=-180, le=180)
+    name: str | None = Field(None, max_length=1000)
+    message_id: str | None = Field(None, min_length=1, max_length=128, description="reaction: the message")
+    emoji: str | None = Field(None, max_length=16, description="reaction: the emoji; empty removes it")
+    reply_to: str | None = Field(None, min_length=1, max_length=128, description="the message this answers")
 
 
 class SendResult(Open):
@@ -209,6 +222,8 @@ PAIRING_CODE = Operation("pairingCode", "Pair by phone number: a code to type on
                          [COMPANY], PairingCodeRequest)
 SEND = Operation("sendMessage", "Send a message: durable (journaled) once answered",
                  {202: SendResult, **COMPANY_ERRORS, 409: error("not_connected: stopped or needs a person"),
+                  404: error("unknown company, media or message (reply_to, reaction)"),
+                  413: error("media_too_large"),
                   429: {"model": Error, "description": "rate_limited", "headers": {"Retry-After": {
                       "description": "seconds to wait, at least 1", "schema": {"type": "integer"}}}}},
                  [COMPANY, {"name": "Idempotency-Key", "in": "header", "required": False,

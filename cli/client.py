@@ -28,7 +28,8 @@ DEFAULT_TIMEOUT = 10.0
 # Commands the daemon answers only once a worker has acted (its worker calls wait up to 30 s, a
 # stop up to stop_timeout and the kill): a 10 s wait would report a busy daemon as unreachable.
 WORKER_BOUND_TIMEOUT = 60.0
-WORKER_BOUND = frozenset({"stop", "restart", "logout", "delete", "send", "pair_code"})
+WORKER_BOUND = frozenset({"stop", "restart", "logout", "delete", "send", "pair_code", "read", "typing"})
+MEDIA_FETCH_TIMEOUT = 130.0  # the daemon gives a download 120 s (three attempts)
 
 START_HINT = "is it running? (start it with `systemctl start waportd` or `waportd`)"
 
@@ -44,6 +45,8 @@ class Settings:
     def timeout_for(self, cmd: str) -> float:
         if self.timeout is not None:
             return self.timeout
+        if cmd == "media_fetch":
+            return MEDIA_FETCH_TIMEOUT
         return WORKER_BOUND_TIMEOUT if cmd in WORKER_BOUND else DEFAULT_TIMEOUT
 
 

@@ -223,23 +223,62 @@ def delete(settings: Settings, company: str, yes: bool) -> None:
         click.echo(f"{company}: deleted")
 
 
+MEDIA_FLAGS = ("image", "video", "audio", "document")
+
+
 @cli.command()
 @click.argument("company")
 @click.argument("to")
-@click.argument("text")
+@click.argument("text", required=False)
+@click.option("--image", type=click.Path(exists=True, dir_okay=False), help="Send this picture (TEXT: caption).")
+@click.option("--video", type=click.Path(exists=True, dir_okay=False), help="Send this video (TEXT: caption).")
+@click.option("--audio", type=click.Path(exists=True, dir_okay=False), help="Send this audio file.")
+@click.option("--voice", is_flag=True, help="With --audio: send it as a voice note.")
+@click.option("--document", type=click.Path(exists=True, dir_okay=False),
+              help="Send this file as a document (TEXT: caption).")
+@click.option("--location", metavar="LAT,LON", help="Send a location (TEXT: its name).")
+@click.option("--react", nargs=2, metavar="MSGID EMOJI", help="React to message MSGID (EMOJI \"\" removes it).")
+@click.option("--reply-to", metavar="MSGID", help="Send as a reply to message MSGID.")
 @click.option("--idempotency-key", help="Send at most once per key: a repeat returns the first result.")
 @click.option("--wait", is_flag=True, help="Wait until the message is sent or has failed (exit 1 if it failed).")
 @click.option("--wait-timeout", type=click.FloatRange(min=0), default=60.0, show_default=True,
               help="Seconds --wait waits before giving up (exit 1).")
 @global_options
 @pass_settings
-def send(settings: Settings, company: str, to: str, text: str, idempotency_key: str | None,
+def send(settings: Settings, company: str, to: str, text: str | None, image: str | None, video: str | None,
+         audio: str | None, voice: bool, document: str | None, location: str | None,
+         react: tuple[str, str] | None, reply_to: str | None, idempotency_key: str | None,
          wait: bool, wait_timeout: float) -> None:
-    """Send TEXT from COMPANY to TO (a phone number or a JID).
+    """Send TEXT from COMPANY to TO (a phone number or a JID), or a picture, video, audio, document,
+    location or reaction (DESIGN.md §11); a file is read here and stored in waportd's media store first.
 
     The answer `queued` means the message is journaled and will be sent; --wait waits for the outcome.
     """
-    args: dict[str, Any] = {"company": company, "to": to, "text": text}
+    files = {kind: path for kind, path in zip(MEDIA_FLAGS, (image, video, audio, document), strict=True) if path}
+    kinds = [*files, *(["location"] if location else []), *(["reaction"] if react else [])]
+    if len(kinds) > 1:
+        raise click.UsageError(f"one kind of message at a time, not {' and '.join(kinds)}")
+    if voice and "audio" not in files:
+        raise click.UsageError("--voice goes with --audio")
+    args: dict[str, Any] = {"company": company, "to": to, **({"type": kinds[0]} if kinds else {})}
+    if text is not None:
+        args["text"] = text
+    elif not kinds:
+        raise click.UsageError("nothing to send: give TEXT, or a file, --location or --react")
+    for kind, path in files.items():
+        args["media"] = store_file(settings, path, None, company)["media_id"]
+        if kind == "document":
+            args["filename"] = os.path.basename(path)
+        if voice:
+            args["voice"] = True
+    if location:
+        args.update(location_args(location))
+        if text is not None:
+            args["name"] = args.pop("text")
+    if react:
+        args.update(message_id=react[0], emoji=react[1])
+    if reply_to:
+        args["reply_to"] = reply_to
     if idempotency_key is not None:
         args["idempotency_key"] = idempotency_key
     result = call(settings, "send", **args)
@@ -655,6 +694,21 @@ def media() -> None:
 @pass_settings
 def media_put(settings: Settings, path: str, mimetype: str | None, company: str | None) -> None:
     """Store the file PATH; prints its media id (for `send --image` and the like)."""
+    result = store_file(settings, path, mimetype, company)
+    answer(settings, result, lambda r: f"{r.get('media_id')} ({r.get('size')} bytes, {r.get('mimetype')})")
+
+
+def location_args(text: str) -> dict[str, float]:
+    lat, _, lon = text.partition(",")
+    try:
+        return {"latitude": float(lat), "longitude": float(lon)}
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: LAT,LON in degrees, e.g. 52.52,13.405",
+                                 param_hint="--location") from None
+
+
+def store_file(settings: Settings, path: str, mimetype: str | None, company: str | None) -> dict[str, Any]:
+    """Read PATH here and put it in waportd's store in chunks: `{media_id, size, mimetype, sha256}`."""
     import mimetypes
 
     mimetype = mimetype or mimetypes.guess_type(path)[0] or "application/octet-stream"
@@ -672,7 +726,7 @@ def media_put(settings: Settings, path: str, mimetype: str | None, company: str 
             if not following:
                 break
             upload, chunk = result["upload"], following
-    answer(settings, result, lambda r: f"{r.get('media_id')} ({r.get('size')} bytes, {r.get('mimetype')})")
+    return result
 
 
 @media.command("get")
@@ -699,6 +753,26 @@ def media_get(settings: Settings, media_id: str, output: str) -> None:
     if digest.hexdigest() != result.get("sha256"):
         raise click.ClickException(f"{output}: the bytes do not match the stored SHA-256")
     click.echo(f"{output}: {size} bytes", err=True)
+
+
+@media.command("fetch")
+@click.argument("company")
+@click.argument("message_id")
+@global_options
+@pass_settings
+def media_fetch(settings: Settings, company: str, message_id: str) -> None:
+    """Download the media of COMPANY's inbound message MESSAGE_ID again (after a failed download)."""
+    result = call(settings, "media_fetch", company=company, message_id=message_id)
+    media = result.get("media") or {}
+
+    def line(_r: dict[str, Any]) -> str:
+        if media.get("status") == "stored":
+            return f"{message_id}: stored as {media.get('id')} ({media.get('size')} bytes, {media.get('mimetype')})"
+        return f"{message_id}: failed: {render.scalar(media.get('error'))}"
+
+    answer(settings, result, line)
+    if media.get("status") != "stored":
+        sys.exit(1)
 
 
 def main() -> None:

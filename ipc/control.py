@@ -47,6 +47,7 @@ COMMANDS = (
     "webhook_report",  # the delivery process's outcomes (internal)
     "media_put",
     "media_get",
+    "media_fetch",
     "read",
     "typing",
 )

@@ -11,6 +11,7 @@ power loss can drop the last transactions.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import sqlite3
@@ -63,9 +64,11 @@ CREATE INDEX IF NOT EXISTS inbox_undelivered ON inbox(delivered, received);
 # Schema versions (PRAGMA user_version; the schema above is version 1). A journal written by an older
 # version upgrades in place, one step after another, each in one transaction (DESIGN.md §11).
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    # 1 -> 2: rich messages: a send's type and that type's fields (JSON); an inbound message's extra fields.
+    # 1 -> 2: rich messages: a send's type, that type's fields (JSON) and WhatsApp's id for it (a reply or
+    # a reaction quotes that one); an inbound message's extra fields (media, location, reaction, reply).
     ("ALTER TABLE outbox ADD COLUMN type TEXT NOT NULL DEFAULT 'text'",
      "ALTER TABLE outbox ADD COLUMN payload TEXT",
+     "ALTER TABLE outbox ADD COLUMN wa_id TEXT",
      "ALTER TABLE inbox ADD COLUMN payload TEXT"),
 )
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
@@ -110,6 +113,13 @@ class Outgoing:
     updated: float
     attempts: int = 0
     source: str = "control"
+    type: str = "text"
+    payload: str | None = None  # the type's fields, JSON
+    wa_id: str | None = None
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        return json.loads(self.payload) if self.payload else {}
 
     def result(self) -> dict[str, Any]:
         """What `send` answers, now or for a repeated idempotency key."""
@@ -122,13 +132,16 @@ class Outgoing:
         return {"direction": "out", "message_id": self.message_id, "idempotency_key": self.idempotency_key,
                 "to": self.recipient, "text": self.text, "status": self.status, "error": self.error,
                 "sent_ts": self.sent_ts, "created": self.created, "updated": self.updated,
-                "attempts": self.attempts}
+                "attempts": self.attempts, "type": self.type, **self.fields}
 
 
 _OUT_COLUMNS = (
-    "message_id, idempotency_key, recipient, text, status, error, sent_ts, created, updated, attempts, source"
+    "message_id, idempotency_key, recipient, text, status, error, sent_ts, created, updated, attempts, source,"
+    " type, payload, wa_id"
 )
 _IN_COLUMNS = ("id", "chat", "sender", "push_name", "type", "text", "ts", "is_group")
+_IN_SELECT = "id, chat, sender, push_name, type, text, ts, is_group, payload"
+PENDING_MEDIA = "pending"  # an inbound media's status while the worker downloads it: not delivered yet
 
 
 def message_id_for(company: str, idempotency_key: str | None) -> str:
@@ -195,33 +208,38 @@ class Journal:
         return Outgoing(*row) if row else None
 
     def enqueue(
-        self, company: str, recipient: str, text: str, key: str | None, source: str = "control"
+        self, company: str, recipient: str, text: str, key: str | None, source: str = "control",
+        type_: str = "text", fields: dict[str, Any] | None = None,
     ) -> tuple[Outgoing, bool]:
         """Append a send; (the message, True) — or (the first one, False) for a key seen before."""
-        return self._insert(self.db, company, recipient, text, key, source)
+        return self._insert(self.db, company, recipient, text, key, source, type_, fields)
 
     def _insert(
-        self, db: sqlite3.Connection, company: str, recipient: str, text: str, key: str | None, source: str
+        self, db: sqlite3.Connection, company: str, recipient: str, text: str, key: str | None, source: str,
+        type_: str = "text", fields: dict[str, Any] | None = None,
     ) -> tuple[Outgoing, bool]:
         now = time.time()
         message_id = message_id_for(company, key)
+        payload = json.dumps(fields, separators=(",", ":")) if fields else None
         try:
             db.execute(
-                "INSERT INTO outbox (message_id, idempotency_key, recipient, text, status, created, updated, source)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (message_id, key, recipient, text, QUEUED, now, now, source),
+                "INSERT INTO outbox (message_id, idempotency_key, recipient, text, status, created, updated, source,"
+                " type, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (message_id, key, recipient, text, QUEUED, now, now, source, type_, payload),
             )
         except sqlite3.IntegrityError:
             first = self.by_key(key) if key is not None else None
             if first is None:
                 raise
             return first, False
-        return Outgoing(message_id, key, recipient, text, QUEUED, None, None, now, now, 0, source), True
+        return Outgoing(message_id, key, recipient, text, QUEUED, None, None, now, now, 0, source, type_,
+                        payload), True
 
     def enqueue_many(
-        self, company: str, items: list[tuple[str, str, str | None, str]], wait: bool = True
+        self, company: str, items: list[tuple[Any, ...]], wait: bool = True
     ) -> list[tuple[Outgoing, bool]]:
-        """`enqueue` for (recipient, text, key, source) items in one transaction: one commit for many sends.
+        """`enqueue` for (recipient, text, key, source[, type, fields]) items in one transaction: one commit
+        for many sends.
 
         `wait=False`: raise `Busy` (nothing written) at once when the other writer holds the lock.
         """
@@ -235,7 +253,7 @@ class Journal:
                 raise Busy(str(exc)) from None
             raise
         try:
-            out = [self._insert(db, company, recipient, text, key, source) for recipient, text, key, source in items]
+            out = [self._insert(db, company, *item) for item in items]
         except BaseException:
             db.execute("ROLLBACK")
             raise
@@ -255,13 +273,13 @@ class Journal:
     def mark(self, message_id: str, status: str, error: str | None = None, sent_ts: float | None = None) -> None:
         self.mark_many([(message_id, status, error, sent_ts)])
 
-    def mark_many(self, marks: list[tuple[str, str, str | None, float | None]]) -> None:
-        """(message_id, status, error, sent_ts) for each message, in one transaction."""
+    def mark_many(self, marks: list[tuple[Any, ...]]) -> None:
+        """(message_id, status, error, sent_ts[, wa_id]) for each message, in one transaction."""
         now = time.time()
-        rows = [(status, error, sent_ts, now, 1 if status == SENDING else 0, message_id)
-                for message_id, status, error, sent_ts in marks]
-        sql = ("UPDATE outbox SET status = ?, error = ?, sent_ts = COALESCE(?, sent_ts), updated = ?,"
-               " attempts = attempts + ? WHERE message_id = ?")
+        rows = [(m[1], m[2], m[3], m[4] if len(m) > 4 else None, now, 1 if m[1] == SENDING else 0, m[0])
+                for m in marks]
+        sql = ("UPDATE outbox SET status = ?, error = ?, sent_ts = COALESCE(?, sent_ts), wa_id = COALESCE(?, wa_id),"
+               " updated = ?, attempts = attempts + ? WHERE message_id = ?")
         if len(rows) == 1:
             self.db.execute(sql, rows[0])
             return
@@ -304,11 +322,13 @@ class Journal:
 
     def inbox_add(self, msg: dict[str, Any]) -> bool:
         """Journal an inbound message; False if its id was seen before (a redelivery)."""
+        extra = extra_fields(msg)
         values = (msg["id"], msg.get("chat"), msg.get("from"), msg.get("push_name"), msg.get("type"),
-                  msg.get("text"), msg.get("ts"), 1 if msg.get("is_group") else 0, time.time())
+                  msg.get("text"), msg.get("ts"), 1 if msg.get("is_group") else 0, time.time(),
+                  json.dumps(extra, separators=(",", ":")) if extra else None)
         cur = self.db.execute(
-            "INSERT OR IGNORE INTO inbox (id, chat, sender, push_name, type, text, ts, is_group, received)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO inbox (id, chat, sender, push_name, type, text, ts, is_group, received, payload)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             values,
         )
         if cur.rowcount == 1:
@@ -316,12 +336,45 @@ class Journal:
         self.db.execute("UPDATE inbox SET copies = copies + 1 WHERE id = ?", (msg["id"],))
         return False
 
-    def undelivered(self, received_before: float | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    def undelivered(self, received_before: float | None = None, limit: int = 100,
+                    downloading: bool = False) -> list[dict[str, Any]]:
+        """Inbound messages no sink has acknowledged; those whose media is still being fetched only
+        with `downloading` (they go out once it is stored or has failed)."""
         rows = self.db.execute(
-            "SELECT id, chat, sender, push_name, type, text, ts, is_group FROM inbox WHERE delivered = 0"
+            f"SELECT {_IN_SELECT} FROM inbox WHERE delivered = 0"
             " AND received <= ? ORDER BY received LIMIT ?",
             (time.time() if received_before is None else received_before, limit)).fetchall()
-        return [_inbound(r) for r in rows]
+        found = [_inbound(r) for r in rows]
+        return [m for m in found if downloading == (_media_status(m) == PENDING_MEDIA)]
+
+    def inbound(self, msg_id: str) -> dict[str, Any] | None:
+        row = self.db.execute(f"SELECT {_IN_SELECT} FROM inbox WHERE id = ?", (msg_id,)).fetchone()
+        return _inbound(row) if row else None
+
+    def set_inbound_fields(self, msg_id: str, fields: dict[str, Any]) -> None:
+        """Replace the extra fields of an inbound message (its media once fetched)."""
+        self.db.execute("UPDATE inbox SET payload = ? WHERE id = ?",
+                        (json.dumps(fields, separators=(",", ":")) if fields else None, msg_id))
+
+    def reference(self, msg_id: str) -> dict[str, Any] | None:
+        """A message a reply or a reaction points at: WhatsApp's id for it, who wrote it, its text."""
+        row = self.db.execute("SELECT chat, sender, type, text FROM inbox WHERE id = ?", (msg_id,)).fetchone()
+        if row:
+            return {"id": msg_id, "chat": row[0], "from": row[1], "from_me": False, "type": row[2],
+                    "text": row[3] or ""}
+        row = self.db.execute("SELECT recipient, type, text, wa_id, status FROM outbox WHERE message_id = ?"
+                              " OR wa_id = ?", (msg_id, msg_id)).fetchone()
+        if row:
+            return {"id": row[3] or msg_id, "chat": row[0], "from": "", "from_me": True, "type": row[1],
+                    "text": row[2] or "", "status": row[4]}
+        return None
+
+    def queued_media(self) -> set[str]:
+        """Media ids a send not yet out still needs (the store keeps them past media_retention)."""
+        rows = self.db.execute(
+            f"SELECT payload FROM outbox WHERE {_OPEN_SQL} AND status IN (?, ?) AND payload IS NOT NULL",
+            PENDING).fetchall()
+        return {m for (p,) in rows if (m := json.loads(p).get("media"))}
 
     def delivered(self, ids: list[str]) -> None:
         self.db.executemany("UPDATE inbox SET delivered = 1 WHERE id = ?", [(i,) for i in ids])
@@ -335,18 +388,35 @@ class Journal:
 
     def recent_inbound(self, limit: int = 20) -> list[dict[str, Any]]:
         rows = self.db.execute(
-            "SELECT id, chat, sender, push_name, type, text, ts, is_group, received, delivered, copies FROM inbox"
+            f"SELECT {_IN_SELECT}, received, delivered, copies FROM inbox"
             " ORDER BY received DESC LIMIT ?", (limit,)).fetchall()
         out = []
         for r in rows:
-            msg = _inbound(r[:8])
-            msg.update(direction="in", received=r[8], delivered=bool(r[9]), copies=r[10])
+            msg = public_inbound(_inbound(r[:9]))
+            msg.update(direction="in", received=r[9], delivered=bool(r[10]), copies=r[11])
             out.append(msg)
         return out
 
 
 def _inbound(row: tuple) -> dict[str, Any]:
-    msg = dict(zip(_IN_COLUMNS, row, strict=True))
+    msg = dict(zip(_IN_COLUMNS, row[:8], strict=True))
     msg["from"] = msg.pop("sender")
     msg["is_group"] = bool(msg["is_group"])
+    if len(row) > 8 and row[8]:
+        msg.update(json.loads(row[8]))
     return msg
+
+
+def extra_fields(msg: dict[str, Any]) -> dict[str, Any]:
+    """What an inbound message carries beyond the inbox's columns (kept as its payload)."""
+    return {k: v for k, v in msg.items() if k not in _IN_COLUMNS and k != "from"}
+
+
+def public_inbound(msg: dict[str, Any]) -> dict[str, Any]:
+    """An inbound message as consumers see it: without what only the worker reads (`_fetch`)."""
+    return {k: v for k, v in msg.items() if not k.startswith("_")}
+
+
+def _media_status(msg: dict[str, Any]) -> str | None:
+    media = msg.get("media")
+    return media.get("status") if isinstance(media, dict) else None

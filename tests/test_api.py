@@ -869,3 +869,28 @@ def test_read_and_typing_over_http(api: Api) -> None:
     error_of(api.post("/v1/sessions/acme/typing", json={"chat": "15550100001", "state": "x"}), 400, "bad_request")
     error_of(api.post("/v1/sessions/acme/read", json={"chat": "15550100001", "message_ids": []}), 400,
              "bad_request")
+
+
+def test_an_image_and_a_location_sent_over_http(api: Api) -> None:
+    api.create("acme")
+    api.wait_state("acme", "connected")
+    token = bearer(api.d.ctl("token_create", company="acme")["token"])
+    photo = b"\xff\xd8\xff" + bytes(range(256)) * 40
+    stored = api.post("/v1/media", headers={**token, "Content-Type": "image/jpeg"}, content=photo).json()
+    r = api.post("/v1/sessions/acme/messages", headers=token,
+                 json={"to": PHONE, "type": "image", "media": stored["media_id"], "text": "today's cut"})
+    assert r.status_code == 202, r.text
+    image = r.json()["message_id"]
+    r = api.post("/v1/sessions/acme/messages", json={"to": PHONE, "type": "location", "latitude": 48.85,
+                                                       "longitude": 2.35, "name": "the salon"})
+    assert r.status_code == 202, r.text
+    api.wait_message("acme", image, "sent")
+    sent = wait_for(lambda: len(m := api.net.call("sent", company="acme")["messages"]) == 2 and m, what="both sends")
+    assert (sent[0]["type"], sent[0]["sha256"], sent[0]["text"]) == ("image", stored["sha256"], "today's cut")
+    assert (sent[1]["type"], sent[1]["latitude"], sent[1]["name"]) == ("location", 48.85, "the salon")
+    message = api.get(f"/v1/sessions/acme/messages/{image}").json()
+    assert (message["type"], message["media"], message["mimetype"]) == ("image", stored["media_id"], "image/jpeg")
+    error_of(api.post("/v1/sessions/acme/messages", json={"to": PHONE, "type": "image", "media": "0" * 64}),
+             404, "not_found")
+    error_of(api.post("/v1/sessions/acme/messages", json={"to": PHONE, "type": "location", "latitude": 100,
+                                                          "longitude": 0}), 400, "bad_request")

@@ -6,6 +6,7 @@ command and recording what it received, so these tests pin the wire contract of 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import queue
@@ -731,3 +732,45 @@ def test_read_and_typing_send_what_was_asked(run_dir: str, daemon: Callable[...,
     assert ctl(run_dir, "read", "acme", "15550100001").exit_code == 2  # a message id at least
     assert fake.sent() == [("read", {"company": "acme", "chat": "+15550100001", "message_ids": ["A", "B"]}),
                            ("typing", {"company": "acme", "chat": "15550100001", "state": "paused"})]
+
+
+def test_send_with_a_file_stores_it_first_then_sends_it_by_id(run_dir: str, daemon: Callable[..., FakeDaemon],
+                                                               tmp_path: Any) -> None:
+    media_id = "ab" * 32
+    fake = daemon(media_put={"media_id": media_id, "size": 5, "mimetype": "audio/ogg", "sha256": media_id},
+                  send={"message_id": "3EB0A", "status": "queued"})
+    voice = tmp_path / "note.ogg"
+    voice.write_bytes(b"OggS!")
+    result = ctl(run_dir, "send", "acme", "15550100001", "--audio", str(voice), "--voice", "--reply-to", "WA-1")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "acme: queued 3EB0A\n"
+    (put, put_args), (send, send_args) = fake.sent()
+    assert (put, put_args["last"], put_args["mimetype"], put_args["company"]) == (
+        "media_put", True, "audio/ogg", "acme")
+    assert base64.b64decode(put_args["data"]) == b"OggS!"
+    assert (send, send_args) == ("send", {"company": "acme", "to": "15550100001", "type": "audio", "media": media_id,
+                                          "voice": True, "reply_to": "WA-1"})
+
+
+def test_send_location_and_reaction_and_their_usage_errors(run_dir: str, daemon: Callable[..., FakeDaemon]) -> None:
+    fake = daemon(send={"message_id": "3EB0B", "status": "queued"})
+    assert ctl(run_dir, "send", "acme", "15550100001", "The salon", "--location", "52.52,13.405").exit_code == 0
+    assert ctl(run_dir, "send", "acme", "15550100001", "--react", "WA-1", "👍").exit_code == 0
+    assert fake.sent() == [
+        ("send", {"company": "acme", "to": "15550100001", "type": "location", "latitude": 52.52, "longitude": 13.405,
+                  "name": "The salon"}),
+        ("send", {"company": "acme", "to": "15550100001", "type": "reaction", "message_id": "WA-1", "emoji": "👍"})]
+    for args in (["--location", "north"], ["--location", "1,2", "--react", "A", "x"], ["--voice", "hi"], []):
+        result = ctl(run_dir, "send", "acme", "15550100001", *args)
+        assert result.exit_code == 2, (args, result.output)
+    assert len(fake.sent()) == 2  # nothing more was asked of the daemon
+
+
+def test_media_fetch_says_where_the_file_went_or_why_not(run_dir: str, daemon: Callable[..., FakeDaemon]) -> None:
+    outcomes = iter([{"status": "stored", "id": "cd" * 32, "size": 9, "mimetype": "image/jpeg"},
+                     {"status": "failed", "id": None, "error": "timeout: slow"}])
+    daemon(media_fetch=lambda args: {"company": "acme", "message_id": args["message_id"], "media": next(outcomes)})
+    stored = ctl(run_dir, "media", "fetch", "acme", "WA-1")
+    assert (stored.exit_code, stored.stdout) == (0, f"WA-1: stored as {'cd' * 32} (9 bytes, image/jpeg)\n")
+    failed = ctl(run_dir, "media", "fetch", "acme", "WA-1")
+    assert (failed.exit_code, failed.stdout) == (1, "WA-1: failed: timeout: slow\n")

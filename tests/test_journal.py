@@ -130,3 +130,44 @@ def test_a_journal_of_the_previous_version_upgrades_in_place(tmp_path) -> None:
     again.close()
     with pytest.raises(J.NewerJournal):
         J.Journal(path)
+
+
+def test_a_send_keeps_its_type_fields_and_the_network_id_a_reply_will_quote(tmp_path) -> None:
+    journal = J.Journal(str(tmp_path / "journal.db"))
+    media = "ab" * 32
+    image, _ = journal.enqueue("acme", "15550109999", "menu", "k1", "control", "image",
+                               {"media": media, "mimetype": "image/png", "size": 10})
+    journal.enqueue("acme", "15550109999", "hi", None)
+    assert journal.queued_media() == {media}  # the store keeps it while the send waits
+    (taken, text) = journal.take_queued(10)
+    assert (taken.type, taken.fields, text.type, text.fields) == ("image", {"media": media, "mimetype": "image/png",
+                                                                            "size": 10}, "text", {})
+    assert journal.queued_media() == {media}  # sending: still needed
+    journal.mark_many([(image.message_id, J.SENT, None, 5.0, "WA-OUT-1")])
+    assert journal.queued_media() == set()
+    ref = journal.reference(image.message_id)
+    assert ref == journal.reference("WA-OUT-1")
+    assert (ref["id"], ref["from_me"], ref["type"], ref["text"]) == ("WA-OUT-1", True, "image", "menu")
+    public = journal.by_key("k1").public()
+    assert (public["message_id"], public["type"], public["media"]) == (image.message_id, "image", media)
+    assert journal.reference("nobody") is None
+
+
+def test_inbound_extras_are_kept_and_a_message_waiting_for_its_media_is_not_redelivered(tmp_path) -> None:
+    journal = J.Journal(str(tmp_path / "journal.db"))
+    msg = {"id": "WA-1", "chat": "15550100001", "from": "15550100001", "type": "image", "text": "look",
+           "ts": 1.0, "media": {"mimetype": "image/jpeg", "size": 9, "status": "pending"}, "_fetch": {"id": "WA-1"}}
+    journal.inbox_add(msg)
+    journal.inbox_add({"id": "WA-2", "chat": "15550100001", "from": "15550100001", "type": "location",
+                       "text": "", "ts": 2.0, "latitude": 1.5, "longitude": 2.5})
+    later = time.time() + 1
+    assert [m["id"] for m in journal.undelivered(later)] == ["WA-2"]
+    assert journal.undelivered(later)[0]["latitude"] == 1.5
+    (pending,) = journal.undelivered(later, downloading=True)
+    assert pending["_fetch"] == {"id": "WA-1"}  # what the worker downloads it by
+    assert all("_fetch" not in m for m in journal.recent_inbound())
+    journal.set_inbound_fields("WA-1", J.extra_fields({**msg, "media": {"status": "stored", "id": "cd" * 32}}))
+    assert [m["id"] for m in journal.undelivered(later)] == ["WA-1", "WA-2"]
+    assert journal.inbound("WA-1")["media"]["id"] == "cd" * 32
+    assert journal.reference("WA-1") == {"id": "WA-1", "chat": "15550100001", "from": "15550100001",
+                                         "from_me": False, "type": "image", "text": "look"}

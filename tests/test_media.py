@@ -116,3 +116,14 @@ def test_media_past_retention_goes_on_the_hourly_look(tmp_path) -> None:
     r.arbiter.media.next_prune = 0.0
     r.arbiter.media.prune(time.time() + 10_000)
     assert call(r, "media_get", media_id=media_id)["error"]["code"] == "not_found"
+
+
+def test_media_a_queued_send_needs_outlives_media_retention(tmp_path) -> None:
+    import time
+
+    r = rig(tmp_path, media_retention=60)
+    needed = put(r, b"tonight's menu", mimetype="image/png")["result"]["media_id"]
+    spare = put(r, b"last year's menu", mimetype="image/png")["result"]["media_id"]
+    r.arbiter.media.prune(time.time() + 10_000, lambda: {needed})
+    assert get(r, needed) == b"tonight's menu"
+    assert call(r, "media_get", media_id=spare)["error"]["code"] == "not_found"

@@ -9,7 +9,7 @@ import pytest
 
 from ipc import journal as J
 from ipc.errors import BAD_REQUEST, NOT_CONNECTED, TIMEOUT
-from workers.backend import Backend, BackendError, WorkerContext
+from workers.backend import Backend, BackendError, SendItem, WorkerContext
 from workers.outbox import InlineSender, Sender, begin_window
 
 
@@ -23,16 +23,18 @@ class Scripted(Backend):
         self.windows: list[list[str]] = []
         self.statuses_seen: list[set[str]] = []
         self.journal: J.Journal | None = None
+        self.items: list[SendItem] = []
 
-    def send_texts(self, items: list[tuple[str, str, str | None]]) -> list[dict[str, Any] | Exception]:
-        self.windows.append([text for _, text, _ in items])
+    def send_many(self, items: list[SendItem]) -> list[dict[str, Any] | Exception]:
+        self.windows.append([item.text for item in items])
         if self.journal is not None:  # what a crash right now would leave behind
             self.statuses_seen.append({m.status for m in self.journal.recent_outbound(100)
                                        if m.text in self.windows[-1]})
-        return super().send_texts(items)
+        return super().send_many(items)
 
-    def send_text(self, to: str, text: str, message_id: str | None = None) -> dict[str, Any]:
-        outcome = self.script.get(text, {"message_id": message_id, "ts": 1000.0})
+    def send(self, item: SendItem) -> dict[str, Any]:
+        self.items.append(item)
+        outcome = self.script.get(item.text, {"message_id": item.message_id, "ts": 1000.0})
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
@@ -116,15 +118,15 @@ class Inline(Scripted):
 
     def __init__(self, window: int, script: dict[str, Any] | None = None) -> None:
         super().__init__(window, script)
-        self.pending: list[tuple[list[tuple[str, str, str | None]], Any]] = []
+        self.pending: list[tuple[list[SendItem], Any]] = []
 
-    def send_async(self, items: list[tuple[str, str, str | None]], done: Any) -> None:
-        self.windows.append([text for _, text, _ in items])
+    def send_async(self, items: list[SendItem], done: Any) -> None:
+        self.windows.append([item.text for item in items])
         self.pending.append((items, done))
 
     def answer(self) -> None:
         items, done = self.pending.pop(0)
-        done(Backend.send_texts(self, items))
+        done(Backend.send_many(self, items))
 
 
 def inline_sender(journal: J.Journal, backend: Inline) -> tuple[InlineSender, list[tuple[str, dict[str, Any]]]]:
@@ -179,3 +181,29 @@ def test_inline_sender_pauses_after_not_connected_then_looks_again(journal: J.Jo
     sender.tick(time.monotonic() + 0.5)
     backend.answer()
     assert statuses(journal) == {"a": J.SENT} and len(backend.windows) == 2
+
+
+def test_a_rich_send_reaches_the_backend_with_its_file_and_the_message_it_quotes(journal: J.Journal, tmp_path) -> None:
+    journal.inbox_add({"id": "WA-IN", "chat": "15557654321", "from": "15557654321", "type": "text", "text": "hi",
+                       "ts": 1.0})
+    media = "cd" * 32
+    journal.enqueue("acme", "15557654321", "menu", None, "control", "image",
+                    {"media": media, "mimetype": "image/png", "size": 3, "reply_to": "WA-IN"})
+    journal.enqueue("acme", "15557654321", "", None, "control", "reaction", {"reaction_to": "WA-IN", "emoji": "👍"})
+    backend = Scripted(window=4)
+    sender = Sender(journal.path, backend, lambda *_: None, media_root=str(tmp_path / "media"))
+    sender.connected = True
+    sender.drain(journal)
+    image, reaction = backend.items
+    assert image.media_path == str(tmp_path / "media" / "cd" / media)
+    assert (image.type, image.fields["mimetype"], image.quoted["id"], image.quoted["from"]) == (
+        "image", "image/png", "WA-IN", "15557654321")
+    assert (reaction.type, reaction.target["id"], reaction.fields["emoji"], reaction.quoted) == (
+        "reaction", "WA-IN", "👍", None)
+
+
+def test_a_media_send_left_sending_by_a_crash_is_uncertain_not_resent(journal: J.Journal) -> None:
+    journal.enqueue("acme", "15557654321", "", None, "control", "image", {"media": "cd" * 32})
+    begin_window(journal, 1)
+    (lost,) = journal.interrupted()
+    assert lost.type == "image" and statuses(journal) == {"": J.UNCERTAIN}

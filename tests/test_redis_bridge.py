@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 
 from conftest import EventTap, wait_for
@@ -34,6 +36,17 @@ def test_session_mirror_inbox_and_events_streams(daemon_factory, simnet, redis_s
     events = wait_for(lambda: [e for e in stream(r, "waport:events") if e["type"] == "message"], what="events")
     assert json.loads(events[0]["data"])["id"] == "WA-1"
     wait_for(lambda: d.ctl("messages", company="acme")["inbound"][0]["delivered"], what="the ACK to the worker")
+    # a photo: its media fields, never its bytes (DESIGN.md §11)
+    photo = b"\xff\xd8" + bytes(range(256)) * 10
+    simnet.call("inbound", company="acme", **{"from": "15550100001"}, type="image", text="this one",
+                media_b64=base64.b64encode(photo).decode(), mimetype="image/jpeg", id="WA-2", reply_to="WA-1")
+    entry = wait_for(lambda: len(s := stream(r, "waport:inbox")) == 2 and s[1], what="the photo in waport:inbox")
+    digest = hashlib.sha256(photo).hexdigest()
+    assert {k: entry[k] for k in ("type", "text", "media_id", "mimetype", "size", "sha256", "media_status",
+                                  "reply_to")} == {"type": "image", "text": "this one", "media_id": digest,
+                                                   "mimetype": "image/jpeg", "size": str(len(photo)),
+                                                   "sha256": digest, "media_status": "stored", "reply_to": "WA-1"}
+    assert len(json.dumps(entry)) < 1000
 
 
 def test_redis_outage_changes_nothing_but_the_fallback(daemon_factory, simnet, redis_server):

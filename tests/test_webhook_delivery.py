@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import subprocess
@@ -22,8 +24,8 @@ def webhook_config(receiver: WebhookReceiver, secret: str, **extra: Any) -> dict
     return {"webhook_url": receiver.url("all"), "webhook_secret": secret, "webhook_retry_scale": 0.01, **extra}
 
 
-def inbound(net: Any, company: str, msg_id: str) -> None:
-    net.call("inbound", company=company, **{"from": "15550100001"}, text=f"hello {msg_id}", id=msg_id)
+def inbound(net: Any, company: str, msg_id: str, **extra: Any) -> None:
+    net.call("inbound", company=company, **{"from": "15550100001"}, text=f"hello {msg_id}", id=msg_id, **extra)
 
 
 def delivery_pid(d: Any) -> int:
@@ -38,8 +40,10 @@ def test_every_event_signed_in_seq_order_and_counted(daemon_factory, simnet, rec
     d.ctl("start", company="acme")
     d.wait_state("acme", "connected")
     sent = [d.ctl("send", company="acme", to="+15550109999", text=f"m{i}")["message_id"] for i in range(5)]
-    for i in range(5):
+    for i in range(4):
         inbound(simnet, "acme", f"IN-{i}")
+    inbound(simnet, "acme", "IN-4", type="image", media_b64=base64.b64encode(b"\xff\xd8 a photo").decode(),
+            mimetype="image/jpeg")  # the §11 media object, never the bytes
 
     def complete() -> list[dict[str, Any]]:
         got = receiver.delivered("all")
@@ -52,6 +56,9 @@ def test_every_event_signed_in_seq_order_and_counted(daemon_factory, simnet, rec
     assert len({r["id"] for r in got}) == len(got) and all(r["id"] == r["event_id"] for r in got)
     assert {r["data"]["id"] for r in got if r["type"] == "message"} == {f"IN-{i}" for i in range(5)}
     assert {r["data"]["message_id"] for r in got if r["type"] == "sent"} == set(sent)
+    (photo,) = [r["data"] for r in got if r["type"] == "message" and r["data"]["id"] == "IN-4"]
+    assert (photo["type"], photo["media"]["status"], photo["media"]["size"]) == ("image", "stored", 10)
+    assert "media_b64" not in json.dumps(photo) and "_fetch" not in photo
     assert ["starting", "connecting"] == [r["data"]["state"] for r in got if r["type"] == "state"][:2]
 
     listing = wait_for(lambda: (x := d.ctl("webhook_deliveries", company="acme"))["counts"]["pending"] == 0 and x,

@@ -75,11 +75,12 @@ class Arbiter:
         self.roster = Roster(self.services)
         self.helpers: dict[Any, helpers.Helper] = {}  # the demo network, the HTTP API: by timer key
         self.ops = Ops(self.services, self.roster, self.bridge, helper_pids=self.helper_pids)
-        self.messages = MessageDesk(self.services, self.roster, self.bridge, self.ops.metrics.observe_send_latency)
+        self.media = MediaDesk(self.services)
+        self.messages = MessageDesk(self.services, self.roster, self.bridge, self.ops.metrics.observe_send_latency,
+                                    lambda: self.media.store)
         self.webhooks = Webhooks(self.services, self.bus.publish, self.start_webhook_delivery)
         self.ops.webhook_figures = lambda: (self.webhooks.pending, self.webhooks.latency_counts,
                                             self.webhooks.latency_sum)
-        self.media = MediaDesk(self.services)
         self.controller = Controller(self.services, self.roster, self.messages, self.ops, self.reload, self.webhooks,
                                      self.media)
         self.signals: list[int] = []
@@ -319,7 +320,7 @@ class Arbiter:
             self.next_mirror = now + 30
             self.messages.mirror_all()
             self.messages.limiter.memory.prune(wall)
-            self.media.prune(wall)
+            self.media.prune(wall, self.messages.queued_media)
         beat = now >= self.next_beat_out  # liveness is checked more often than we beat
         if beat:
             self.next_beat_out = now + self.cfg.heartbeat_interval

@@ -179,7 +179,9 @@ class Company:
 
     def worker_args(self, generation: int) -> list[str]:
         cfg = self.services.cfg
-        options: dict[str, Any] = {"sim_endpoint": self.services.sim_endpoint, "pairing_timeout": cfg.pairing_timeout}
+        options: dict[str, Any] = {"sim_endpoint": self.services.sim_endpoint, "pairing_timeout": cfg.pairing_timeout,
+                                   "media_dir": os.path.join(cfg.state_dir, "media"),
+                                   "media_max_bytes": cfg.media_max_bytes}
         if cfg.backend == "neonize":
             options["connect_timeout"] = cfg.connect_timeout
         if cfg.backend == "sim":

@@ -43,6 +43,7 @@ log = logging.getLogger("waport.control")
 
 Respond = Callable[[bytes], None]
 WORKER_TIMEOUT = 30.0
+MEDIA_FETCH_TIMEOUT = 120.0  # three attempts at a large download, each bounded by the backend
 
 
 class Controller:
@@ -77,7 +78,8 @@ class Controller:
         handler = None
         if req.cmd in control.COMMANDS:
             owner = next((o for prefix, o in self.owners.items() if req.cmd.startswith(prefix)), self)
-            handler = getattr(owner, f"cmd_{req.cmd}", None)
+            # media_fetch is a worker's errand, which the controller runs, not the media desk
+            handler = getattr(owner, f"cmd_{req.cmd}", None) or getattr(self, f"cmd_{req.cmd}", None)
         if handler is None:
             known = ", ".join(control.COMMANDS)
             fail(WaportError(BAD_REQUEST, f"unknown command {req.cmd!r}; known: {known}"))
@@ -115,7 +117,7 @@ class Controller:
 
     def worker_call(
         self, company: Company, cmd: str, args: dict[str, Any], ok: Callable, fail: Callable,
-        shape: Callable[[dict[str, Any]], dict[str, Any]] = lambda r: r,
+        shape: Callable[[dict[str, Any]], dict[str, Any]] = lambda r: r, timeout: float = WORKER_TIMEOUT,
     ) -> None:
         def on_reply(reply: dict[str, Any]) -> None:
             if reply.get("ok"):
@@ -123,7 +125,7 @@ class Controller:
             else:
                 fail(WaportError.from_dict(reply.get("error")))
 
-        company.request(cmd, args, WORKER_TIMEOUT, on_reply)
+        company.request(cmd, args, timeout, on_reply)
 
     # ------------------------------------------------------------ commands
 
@@ -201,7 +203,7 @@ class Controller:
 
     def cmd_send(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
         """Durable before it answers: `queued` means journaled; the outcome follows as an event."""
-        self.messages.accept(args.get("company"), args.get("to"), args.get("text"), args.get("idempotency_key"), ok)
+        self.messages.accept(args, ok)
 
     def cmd_messages(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
         name = self.known(args).name
@@ -240,6 +242,14 @@ class Controller:
         chat, state = normalize_phone(args.get("chat")), validate_presence(args.get("state", "composing"))
         self.worker_call(company, "typing", {"chat": chat, "state": state}, ok, fail,
                          shape=lambda r: {"company": company.name, **r})
+
+    def cmd_media_fetch(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
+        """Download an inbound message's media again (DESIGN.md §11): the worker does it, with its retries."""
+        company = self.known(args)
+        msg_id = args.get("message_id")
+        if not isinstance(msg_id, str) or not 0 < len(msg_id) <= 128:
+            raise WaportError(BAD_REQUEST, "message_id: the id of an inbound message with media")
+        self.worker_call(company, "media_fetch", {"message_id": msg_id}, ok, fail, timeout=MEDIA_FETCH_TIMEOUT)
 
     def cmd_metrics(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
         ok({"metrics": self.metric_samples()})

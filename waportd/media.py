@@ -54,13 +54,13 @@ class MediaDesk:
             pending.upload.abort()
         self.uploads.clear()
 
-    def prune(self, wall: float) -> None:
-        """Media older than `media_retention` goes (an hourly look from the loop). No send refers to media yet;
-        once sends carry media, the ones a queued send needs are kept (DESIGN.md §11)."""
+    def prune(self, wall: float, needed: Callable[[], set[str]] = set) -> None:
+        """Media older than `media_retention` goes (an hourly look from the loop), except what a send not yet
+        out still needs (`needed()`, asked only when the hour comes: it reads every journal)."""
         if wall < self.next_prune or not os.path.isdir(os.path.join(self.services.cfg.state_dir, "media")):
             return
         self.next_prune = wall + PRUNE_EVERY
-        removed = self.store.prune(wall, self.services.cfg.media_retention)
+        removed = self.store.prune(wall, self.services.cfg.media_retention, needed())
         if removed:
             log.info("%d media files past media_retention removed", len(removed))
 

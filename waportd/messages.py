@@ -15,10 +15,12 @@ from collections.abc import Callable
 from typing import Any
 
 from ipc import events, protocol
-from ipc.errors import BAD_REQUEST, NOT_CONNECTED, RATE_LIMITED, UNKNOWN_COMPANY, WaportError
+from ipc.errors import BAD_REQUEST, NOT_CONNECTED, NOT_FOUND, RATE_LIMITED, UNKNOWN_COMPANY, WaportError
 from ipc.journal import Busy, Journal
+from ipc.mediastore import MediaStore
+from ipc.richmessage import check_media, parse_send
 from ipc.states import REFUSES_SENDS
-from ipc.validation import is_utf8, mask_phone, normalize_phone, validate_company, validate_text
+from ipc.validation import is_utf8, mask_phone, normalize_phone, validate_company
 from waportd.ratelimit import FallbackLimiter, Limits
 from waportd.redis_bridge import INBOX, RedisBridge, client_for
 from waportd.roster import Roster
@@ -33,21 +35,31 @@ SEEN_INBOUND = 100_000
 ACK_IDS = 1000  # ids per ACK frame: far below the 1 MiB frame limit whatever a turn brought in
 
 
+# What a `waport:inbox` entry carries of an inbound message: always, when present, and of its media (§6, §11).
+INBOX_FIELDS = ("id", "chat", "from", "push_name", "type", "text", "ts", "is_group")
+INBOX_EXTRA = ("reply_to", "latitude", "longitude", "name", "emoji", "reaction_to")
+INBOX_MEDIA = {"media_id": "id", "mimetype": "mimetype", "size": "size", "sha256": "sha256", "media_status": "status"}
+# A producer's waport:outbox entry is all strings: the fields of §11 sends it may carry, and the numbers among them.
+STREAM_FIELDS = ("to", "text", "type", "media", "filename", "voice", "latitude", "longitude", "name", "message_id",
+                 "emoji", "reply_to")
+
+
 def limits_of(cfg: Any) -> Limits:
     return Limits(cfg.rate_limit_max, cfg.rate_limit_window, cfg.rate_limit_company_max)
 
 
 class MessageDesk:
     def __init__(self, services: Services, roster: Roster, bridge: RedisBridge | None,
-                 observe_latency: Callable[[float], None]) -> None:
+                 observe_latency: Callable[[float], None], store: Callable[[], MediaStore] | None = None) -> None:
         self.services = services
+        self.store = store
         self.roster = roster
         self.bridge = bridge
         self.observe_latency = observe_latency
         cfg = services.cfg
         self.journals: OrderedDict[str, Journal] = OrderedDict()
         self.seen: OrderedDict[tuple[str, str], None] = OrderedDict()  # inbound already published
-        self.batch: dict[str, list[tuple[str, str, str | None, str, Done]]] = {}
+        self.batch: dict[str, list[tuple[Any, ...]]] = {}  # (recipient, text, key, source, type, fields, on_done)
         self.acks: dict[str, list[str]] = {}  # inbound ids every sink has, sent at the end of the turn
         client = client_for(cfg.redis_url, timeout=0.2) if cfg.redis_url else None
         self.limiter = FallbackLimiter(limits_of(cfg), client)
@@ -81,19 +93,21 @@ class MessageDesk:
 
     # ------------------------------------------------------------ outbound
 
-    def accept(self, company: str, to: Any, text: Any, key: Any, on_done: Done, source: str = "control") -> None:
+    def accept(self, args: dict[str, Any], on_done: Done, source: str = "control") -> None:
         """Validate, de-duplicate, rate limit, then journal with the turn's batch: the one path for every send.
 
-        Refusals raise `WaportError` at once; `on_done(result)` runs after the batch is committed
-        (`flush`), so an answer is never given before the message is durable.
+        `args` are the `send` command's (DESIGN.md §4, §11). Refusals raise `WaportError` at once;
+        `on_done(result)` runs after the batch is committed (`flush`), so an answer is never given
+        before the message is durable.
         """
         sv = self.services
-        company = validate_company(company)
+        company = validate_company(args.get("company"))
         c = self.roster.get(company)
         if c is None:
             raise WaportError(UNKNOWN_COMPANY, f"no session for company {company!r}; start it first")
-        recipient = normalize_phone(to)
-        body = validate_text(text)
+        recipient = normalize_phone(args.get("to"))
+        spec = parse_send(args)
+        key = args.get("idempotency_key")
         if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 200 or not is_utf8(key)):
             raise WaportError(BAD_REQUEST, "idempotency_key must be a string of 1-200 characters")
         journal = self.journal(company)
@@ -102,6 +116,16 @@ class MessageDesk:
             if first is not None:
                 on_done(first.result())
                 return
+        fields = spec.fields
+        info = None
+        if spec.media is not None:
+            store = self.media_store()
+            info = store.info(spec.media)
+            fields = check_media(spec, info, store.max_bytes)
+        for ref in spec.references:
+            if journal.reference(ref) is None:
+                raise WaportError(NOT_FOUND, f"no message {ref[:40]!r} in {company}'s journal to "
+                                             f"{'react' if ref == fields.get('reaction_to') else 'reply'} to")
         if c.state in REFUSES_SENDS or not self.roster.is_wanted(company):
             raise WaportError(NOT_CONNECTED, f"{company} is {c.state} and will not send until it is started "
                                              "(waportctl restart)", state=c.state)
@@ -112,7 +136,21 @@ class MessageDesk:
                        None)
             raise WaportError(RATE_LIMITED, f"too many messages to {mask_phone(recipient)}; retry in "
                                             f"{decision.retry_after_ms} ms", retry_after_ms=decision.retry_after_ms)
-        self.batch.setdefault(company, []).append((recipient, body, key, source, on_done))
+        if info is not None and company not in info.owners:  # the company sent it: its token may read it back
+            self.media_store().record(info.media_id, info.size, info.mimetype, company, None)
+        self.batch.setdefault(company, []).append((recipient, spec.text, key, source, spec.type, fields, on_done))
+
+    def media_store(self) -> MediaStore:
+        if self.store is None:
+            raise WaportError(BAD_REQUEST, "this daemon keeps no media")
+        return self.store()
+
+    def queued_media(self) -> set[str]:
+        """Media that sends not yet out still need, across the companies here (kept past media_retention)."""
+        keep: set[str] = set()
+        for c in self.roster:
+            keep |= self.journal(c.name).queued_media()
+        return keep
 
     def flush(self) -> None:
         """Commit the turn's accepted sends, one transaction per company, then answer and nudge the workers."""
@@ -120,7 +158,7 @@ class MessageDesk:
         batch, self.batch = self.batch, {}
         for company, items in batch.items():
             try:
-                results = self.journal(company).enqueue_many(company, [item[:4] for item in items], wait=False)
+                results = self.journal(company).enqueue_many(company, [item[:6] for item in items], wait=False)
             except Busy:
                 self.batch.setdefault(company, [])[:0] = items  # the worker is writing: next turn, in order
                 continue
@@ -131,7 +169,7 @@ class MessageDesk:
                 c.session.queued += created
                 c.nudge()
             for (message, _), item in zip(results, items, strict=True):
-                item[4](message.result())
+                item[-1](message.result())
 
     def on_outcome(self, company: str, type_: str, data: dict[str, Any]) -> None:
         counters = self.services.counters
@@ -164,8 +202,12 @@ class MessageDesk:
             self.services.counters[("received", company)] += 1
             self.services.publish(company, events.MESSAGE, data, ts)
         if self.bridge:
-            self.bridge.put_stream(INBOX, {"company": company, **{k: data.get(k) for k in (
-                "id", "chat", "from", "push_name", "type", "text", "ts", "is_group")}}, token=key)
+            entry = {"company": company, **{k: data.get(k) for k in INBOX_FIELDS},
+                     **{k: data[k] for k in INBOX_EXTRA if k in data}}
+            media = data.get("media")
+            if isinstance(media, dict):
+                entry.update({name: media.get(k) for name, k in INBOX_MEDIA.items()})
+            self.bridge.put_stream(INBOX, entry, token=key)
         else:
             self.ack(company, msg_id)
 
@@ -205,9 +247,15 @@ class MessageDesk:
             bridge.put_outbox_result(entry_id, {"company": company, "idempotency_key": key, "ts": time.time(),
                                                 **result})
 
+        args: dict[str, Any] = {k: fields[k] for k in STREAM_FIELDS if k in fields}
+        args.update(company=company, idempotency_key=key)
         try:
-            self.accept(company, fields.get("to"), fields.get("text"), key,
-                        lambda r: answer({"ok": True, **r}), source="redis")
+            for number in ("latitude", "longitude"):
+                if number in args:
+                    args[number] = _number(args[number], number)
+            if "voice" in args:
+                args["voice"] = args["voice"].lower() in ("1", "true", "yes")
+            self.accept(args, lambda r: answer({"ok": True, **r}), source="redis")
         except WaportError as exc:
             answer({"ok": False, "status": "rejected", "error": exc.code, "message": exc.message})
 
@@ -216,3 +264,10 @@ class MessageDesk:
         if self.bridge:
             for c in self.roster:
                 self.bridge.put_mirror(c.name, c.record())
+
+
+def _number(value: str, name: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise WaportError(BAD_REQUEST, f"{name}: a number") from None

@@ -3,7 +3,7 @@
 The worker loop does not know which backend runs, only which of two ways its connection runs:
 
 - on threads of its own (neonize: whatsmeow's Go threads run our callbacks): `start()` returns
-  at once; the worker's sender thread calls the blocking `send_texts`;
+  at once; the worker's sender thread calls the blocking `send_many`;
 - inside the worker's loop (`runs_inline`: sim): `start()` opens the connection, then the loop
   polls `loop_sockets()`, calls `loop_step` every turn and sends with `send_async`.
 
@@ -15,7 +15,10 @@ Reports a backend makes with ``emit(type, data)``:
 - ``state``   ``{"state": one of ipc.states.WORKER_REPORTED, "reason": str, "phone"?: str}``
 - ``qr``      ``{"code": str}``                      (also put the state to ``pairing``)
 - ``pair_code`` ``{"code": str}``
-- ``message`` ``{"id", "chat", "from", "push_name", "type", "text", "ts", "is_group"}``
+- ``message`` ``{"id", "chat", "from", "push_name", "type", "text", "ts", "is_group"}`` and, by type
+  (DESIGN.md §11), ``reply_to``, ``latitude``/``longitude``/``name``, ``reaction_to``/``emoji``; a media
+  message adds ``media {mimetype, size, filename?, sha256?}`` and ``_fetch``, a JSON value only the
+  backend reads: the worker journals the message, then calls `fetch_media(_fetch, write)`.
 - ``receipt`` ``{"ids": [str], "type": str, "chat": str}``
 - ``error``   ``{"kind": str, "message": str}``
 - ``reconnect_failed`` ``{"attempt": int, "error": str}`` (sim: one retry failed; it goes on retrying)
@@ -51,6 +54,23 @@ class WorkerContext:
     options: dict[str, Any] = field(default_factory=dict)  # e.g. sim_endpoint, pairing_timeout
 
 
+@dataclass(frozen=True)
+class SendItem:
+    """One message to send: what the journal holds, with what it refers to resolved for the backend."""
+
+    to: str
+    text: str
+    message_id: str | None = None
+    type: str = "text"
+    fields: dict[str, Any] = field(default_factory=dict)  # the type's (DESIGN.md §11): media, mimetype, ...
+    media_path: str | None = None  # the stored file of a media send
+    quoted: dict[str, Any] | None = None  # the message `reply_to` names (`Journal.reference`)
+    target: dict[str, Any] | None = None  # the message a reaction is to
+
+
+Outcome = dict[str, Any] | Exception
+
+
 class BackendError(Exception):
     """A failed backend call; `code` is a control-protocol error code (e.g. not_connected)."""
 
@@ -74,22 +94,25 @@ class Backend(abc.ABC):
         """Close the connection and release resources; idempotent, bounded in time."""
 
     @abc.abstractmethod
-    def send_text(self, to: str, text: str, message_id: str | None = None) -> dict[str, Any]:
+    def send(self, item: SendItem) -> dict[str, Any]:
         """Send and return ``{"message_id": str, "ts": float}``; raise `BackendError`.
 
         Blocking; called from a thread pool, never from the backend's own callbacks.
         """
 
+    def send_text(self, to: str, text: str, message_id: str | None = None) -> dict[str, Any]:
+        return self.send(SendItem(to, text, message_id))
+
     # Sends the backend can have in flight at once. The sender marks a whole window `sending` before
     # it goes out, so a crash makes up to this many `uncertain`: 1 unless the backend pipelines.
     send_window = 1
 
-    def send_texts(self, items: list[tuple[str, str, str | None]]) -> list[dict[str, Any] | Exception]:
-        """Send (to, text, message_id) items; one outcome each, in order: a `send_text` result or the error."""
-        out: list[dict[str, Any] | Exception] = []
-        for to, text, message_id in items:
+    def send_many(self, items: list[SendItem]) -> list[Outcome]:
+        """One outcome per item, in order: a `send` result or the error."""
+        out: list[Outcome] = []
+        for item in items:
             try:
-                out.append(self.send_text(to, text, message_id))
+                out.append(self.send(item))
             except Exception as exc:  # noqa: BLE001 - the sender decides what each failure means
                 out.append(exc)
         return out
@@ -106,8 +129,7 @@ class Backend(abc.ABC):
         """One turn after the loop's poll (`ready`: what it found readable); seconds until the next."""
         return None
 
-    def send_async(self, items: list[tuple[str, str, str | None]],
-                   done: Callable[[list[dict[str, Any] | Exception]], None]) -> None:
+    def send_async(self, items: list[SendItem], done: Callable[[list[Outcome]], None]) -> None:
         """Inline only, on the loop's thread: send now; `done(outcomes)` once all are answered."""
         raise NotImplementedError
 
@@ -122,6 +144,11 @@ class Backend(abc.ABC):
     def typing(self, chat: str, state: str) -> None:
         """Show `composing`, `recording` or `paused` to `chat`."""
         raise BackendError(NOT_IMPLEMENTED, f"the {type(self).__name__} cannot show typing")
+
+    def fetch_media(self, handle: Any, write: Callable[[bytes], None]) -> None:
+        """Download an inbound message's media (`handle`: its `_fetch`), passing the bytes to `write` in
+        chunks of at most 1 MiB; blocking, bounded in time; raise `BackendError`."""
+        raise BackendError(NOT_IMPLEMENTED, f"the {type(self).__name__} cannot download media")
 
     @abc.abstractmethod
     def pair_code(self, phone: str) -> str:

@@ -37,10 +37,10 @@ from types import SimpleNamespace
 from typing import Any
 
 from ipc import states
-from ipc.errors import BAD_REQUEST, INTERNAL, INVALID_PHONE, NOT_CONNECTED, TIMEOUT
+from ipc.errors import BAD_REQUEST, INTERNAL, INVALID_PHONE, NOT_CONNECTED, NOT_IMPLEMENTED, TIMEOUT
 from ipc.states import State
 from ipc.validation import mask_phone
-from workers.backend import Backend, BackendError, Emit, Phase, WorkerContext
+from workers.backend import Backend, BackendError, Emit, Phase, SendItem, WorkerContext
 from workers.inbound import PHONE_SERVERS, epoch_seconds, normalize_message, phone_from_jid
 
 log = logging.getLogger("waport.neonize")
@@ -251,11 +251,13 @@ class NeonizeBackend(Backend):
         if thread is not None and thread is not threading.current_thread():
             thread.join(1.0)
 
-    def send_text(self, to: str, text: str, message_id: str | None = None) -> dict[str, Any]:
-        """Send a text; `message_id` cannot be honoured (whatsmeow makes its own: the one returned)."""
+    def send(self, item: SendItem) -> dict[str, Any]:
+        """Send a message; `message_id` cannot be honoured (whatsmeow makes its own: the one returned)."""
+        if item.type != "text":
+            raise BackendError(NOT_IMPLEMENTED, f"the neonize backend cannot send a {item.type} yet")
         client, nz = self._enter(need=states.CONNECTED)
         try:
-            response = client.send_message(self._jid(nz, to), nz.Message(conversation=text))
+            response = client.send_message(self._jid(nz, item.to), nz.Message(conversation=item.text))
         except Exception as exc:  # noqa: BLE001 - NeonizeError and friends become protocol errors
             raise _send_error(exc) from None
         finally:

@@ -13,6 +13,7 @@ backends that run inside it (sim): no thread hand-off per message.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -21,18 +22,18 @@ import zmq
 
 from ipc import journal as J
 from ipc.errors import NOT_CONNECTED, TIMEOUT
-from workers.backend import Backend, BackendError, Emit
+from workers.backend import Backend, BackendError, Emit, SendItem
 
 log = logging.getLogger("waport.outbox")
 RETRY_PAUSE = 0.5
 
 
 def failure_event(m: J.Outgoing, reason: str, message: str) -> dict[str, Any]:
-    return {"message_id": m.message_id, "idempotency_key": m.idempotency_key, "to": m.recipient,
+    return {"message_id": m.message_id, "idempotency_key": m.idempotency_key, "to": m.recipient, "type": m.type,
             "reason": reason, "message": message}
 
 
-Marks = list[tuple[str, str, str | None, float | None]]
+Marks = list[tuple[str, str, str | None, float | None, str | None]]
 Reports = list[tuple[str, dict[str, Any]]]
 
 
@@ -48,8 +49,17 @@ def begin_window(journal: J.Journal, window: int) -> list[J.Outgoing]:
     return journal.take_queued(max(1, window))
 
 
-def items_of(batch: list[J.Outgoing]) -> list[tuple[str, str, str | None]]:
-    return [(m.recipient, m.text, m.message_id) for m in batch]
+def items_of(journal: J.Journal, batch: list[J.Outgoing], media_root: str | None) -> list[SendItem]:
+    """What the backend sends: the journal's rows, their stored file and the messages they quote found."""
+    items = []
+    for m in batch:
+        fields = m.fields
+        media = fields.get("media")
+        path = os.path.join(media_root, media[:2], media) if media and media_root else None
+        quoted = journal.reference(fields["reply_to"]) if "reply_to" in fields else None
+        target = journal.reference(fields["reaction_to"]) if "reaction_to" in fields else None
+        items.append(SendItem(m.recipient, m.text, m.message_id, m.type, fields, path, quoted, target))
+    return items
 
 
 def settle_window(journal: J.Journal, batch: list[J.Outgoing], outcomes: list[Any]) -> tuple[Reports, bool]:
@@ -59,22 +69,24 @@ def settle_window(journal: J.Journal, batch: list[J.Outgoing], outcomes: list[An
     requeued = False
     for m, outcome in zip(batch, outcomes, strict=True):
         if isinstance(outcome, BackendError) and outcome.code == NOT_CONNECTED:
-            marks.append((m.message_id, J.QUEUED, outcome.message, None))  # nothing went out
+            marks.append((m.message_id, J.QUEUED, outcome.message, None, None))  # nothing went out
             requeued = True
         elif isinstance(outcome, BackendError):
             status = J.UNCERTAIN if outcome.code == TIMEOUT else J.SEND_FAILED
-            marks.append((m.message_id, status, f"{outcome.code}: {outcome.message}", None))
+            marks.append((m.message_id, status, f"{outcome.code}: {outcome.message}", None, None))
             reason = status if status == J.UNCERTAIN else outcome.code
             reports.append(("send_failed", failure_event(m, reason, outcome.message)))
         elif isinstance(outcome, Exception):  # unknown outcome: never resend blindly
             log.error("send of %s failed unexpectedly: %r", m.message_id, outcome)
-            marks.append((m.message_id, J.UNCERTAIN, str(outcome), None))
+            marks.append((m.message_id, J.UNCERTAIN, str(outcome), None, None))
             reports.append(("send_failed", failure_event(m, J.UNCERTAIN, str(outcome))))
         else:
             ts = outcome.get("ts") or time.time()
-            marks.append((m.message_id, J.SENT, None, ts))
+            wa_id = outcome.get("message_id")
+            marks.append((m.message_id, J.SENT, None, ts, wa_id if isinstance(wa_id, str) else None))
             reports.append(("sent", {"message_id": m.message_id, "wa_id": outcome.get("message_id"),
-                                     "idempotency_key": m.idempotency_key, "to": m.recipient, "ts": ts,
+                                     "idempotency_key": m.idempotency_key, "to": m.recipient, "type": m.type,
+                                     "ts": ts,
                                      "latency": max(0.0, time.time() - m.created)}))
     journal.mark_many(marks)
     return reports, requeued
@@ -83,9 +95,10 @@ def settle_window(journal: J.Journal, batch: list[J.Outgoing], outcomes: list[An
 class Sender(threading.Thread):
     """For backends whose send blocks: a thread, so heartbeats never wait for a send."""
 
-    def __init__(self, journal_path: str, backend: Backend, emit: Emit) -> None:
+    def __init__(self, journal_path: str, backend: Backend, emit: Emit, media_root: str | None = None) -> None:
         super().__init__(name="sender", daemon=True)
         self.journal_path = journal_path
+        self.media_root = media_root
         self.backend = backend
         self.emit = emit
         self.connected = False
@@ -123,7 +136,8 @@ class Sender(threading.Thread):
 
     def send_window(self, journal: J.Journal, batch: list[J.Outgoing]) -> bool:
         """Send a window already marked `sending`; False when the backend was not connected after all."""
-        reports, requeued = settle_window(journal, batch, self.backend.send_texts(items_of(batch)))
+        items = items_of(journal, batch, self.media_root)
+        reports, requeued = settle_window(journal, batch, self.backend.send_many(items))
         for type_, data in reports:
             self.emit(type_, data)
         if requeued:
@@ -135,8 +149,9 @@ class Sender(threading.Thread):
 class InlineSender:
     """For backends the worker's loop drives: a window goes out from the loop, its answers come back in it."""
 
-    def __init__(self, journal: J.Journal, backend: Backend, emit: Emit) -> None:
+    def __init__(self, journal: J.Journal, backend: Backend, emit: Emit, media_root: str | None = None) -> None:
         self.journal = journal
+        self.media_root = media_root
         self.backend = backend
         self.emit = emit
         self.connected = False
@@ -172,7 +187,7 @@ class InlineSender:
         self.dirty = len(batch) >= window  # a full window: more may wait
         if batch:
             self.in_flight = batch
-            self.backend.send_async(items_of(batch), self.on_done)
+            self.backend.send_async(items_of(self.journal, batch, self.media_root), self.on_done)
 
     def on_done(self, outcomes: list[Any]) -> None:
         batch, self.in_flight = self.in_flight, None

@@ -28,12 +28,12 @@ from typing import Any
 import zmq
 
 from ipc import jsonsafe, states
-from ipc.errors import BAD_REQUEST, INTERNAL, NOT_CONNECTED, TIMEOUT
+from ipc.errors import BAD_REQUEST, INTERNAL, NOT_CONNECTED, NOT_FOUND, TIMEOUT
 from ipc.files import write_json_atomic
 from ipc.protocol import aligned_delay
 from ipc.states import State
 from ipc.zsocket import readable
-from workers.backend import Backend, BackendError, Emit, Phase, WorkerContext
+from workers.backend import Backend, BackendError, Emit, Outcome, Phase, SendItem, WorkerContext
 from workers.inbound import normalize_message
 from workers.wakeup import Wakeup
 
@@ -46,6 +46,9 @@ REQUEST_TIMEOUT = 10.0
 BYE_WAIT = 0.3
 BACKOFF_MIN = 0.2
 BACKOFF_MAX = 5.0
+MEDIA_CHUNK = 1 << 20  # the most bytes of media one frame carries, either way
+SEND_FIELDS = ("mimetype", "filename", "voice", "latitude", "longitude", "name", "emoji")
+INBOUND_FIELDS = ("reply_to", "latitude", "longitude", "name", "emoji", "reaction_to")
 
 # The hello's answer `{"status": ...}` when the network knows our token (else "pairing"): the
 # network's protocol (workers/simnet.py), not a session state.
@@ -139,8 +142,7 @@ class SimBackend(Backend):
             self._guarded(lambda: self._step(wakeup.r in ready))
         return self._poll_timeout_ms() / 1000
 
-    def send_async(self, items: list[tuple[str, str, str | None]],
-                   done: Callable[[list[dict[str, Any] | Exception]], None]) -> None:
+    def send_async(self, items: list[SendItem], done: Callable[[list[Outcome]], None]) -> None:
         """On the loop's thread: the requests go out now; `done(outcomes)` once all are answered."""
         if self.phase != states.CONNECTED:
             done(self._not_connected(len(items)))
@@ -152,11 +154,23 @@ class SimBackend(Backend):
             if len(replies) == len(items):
                 done([_send_outcome(replies[k]) for k in range(len(items))])
 
-        for i, (to, text, message_id) in enumerate(items):
-            args: dict[str, Any] = {"to": to, "text": text}
-            if message_id:
-                args["id"] = message_id
-            self._request("send", args, functools.partial(settle, i), caller=True)
+        for i, item in enumerate(items):
+            args: dict[str, Any] = {"to": item.to, "text": item.text}
+            if item.message_id:
+                args["id"] = item.message_id
+            if item.type != "text":
+                args["type"] = item.type
+                args.update({k: item.fields[k] for k in SEND_FIELDS if k in item.fields})
+            if item.quoted is not None:
+                args["reply_to"] = item.quoted["id"]
+            if item.target is not None:
+                args["reaction_to"] = item.target["id"]
+            try:
+                attach = media_frames(item)
+            except BackendError as exc:
+                settle(i, {"ok": False, "error": {"code": exc.code, "message": exc.message}})
+                continue
+            self._request("send", args, functools.partial(settle, i), caller=True, attach=attach)
 
     def _not_connected(self, count: int) -> list[dict[str, Any] | Exception]:
         return [BackendError(NOT_CONNECTED, f"not connected (state {self.phase})")] * count
@@ -169,20 +183,20 @@ class SimBackend(Backend):
             self.emit("error", {"kind": "crash", "message": repr(exc)})
             self._exit("crash", message=repr(exc))
 
-    def send_text(self, to: str, text: str, message_id: str | None = None) -> dict[str, Any]:
-        outcome = self.send_texts([(to, text, message_id)])[0]
+    def send(self, item: SendItem) -> dict[str, Any]:
+        outcome = self.send_many([item])[0]
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
 
-    def send_texts(self, items: list[tuple[str, str, str | None]]) -> list[dict[str, Any] | Exception]:
+    def send_many(self, items: list[SendItem]) -> list[Outcome]:
         """From another thread: `send_async` on the loop's thread, waiting for all the answers."""
         if self.phase != states.CONNECTED:
             return self._not_connected(len(items))
-        outcomes: list[dict[str, Any] | Exception] = []
+        outcomes: list[Outcome] = []
 
         def run(fut: Future[Any]) -> None:
-            def done(results: list[dict[str, Any] | Exception]) -> None:
+            def done(results: list[Outcome]) -> None:
                 outcomes.extend(results)
                 if not fut.done():
                     fut.set_result(None)
@@ -210,6 +224,20 @@ class SimBackend(Backend):
 
     def typing(self, chat: str, state: str) -> None:
         self._call("typing", {"chat": chat, "state": state}, need=states.CONNECTED)
+
+    def fetch_media(self, handle: Any, write: Callable[[bytes], None]) -> None:
+        """Chunk after chunk from the network, each request bounded by REQUEST_TIMEOUT."""
+        msg_id = handle.get("id") if isinstance(handle, dict) else None
+        if not isinstance(msg_id, str):
+            raise BackendError(BAD_REQUEST, "no message id to download the media of")
+        offset = 0
+        while True:
+            result = self._call("download", {"id": msg_id, "offset": offset}, need=states.CONNECTED)
+            for chunk in result.get("_data") or ():
+                write(chunk)
+                offset += len(chunk)
+            if result.get("eof") or not result.get("_data") or not len(result["_data"][0]):
+                return
 
     def pair_code(self, phone: str) -> str:
         if self.phase != states.PAIRING:
@@ -276,7 +304,7 @@ class SimBackend(Backend):
         self._drain_calls(run=True)
         sock = self._sock
         while sock is not None and sock is self._sock and readable(sock):
-            self._on_frame(sock.recv())
+            self._on_frame(sock.recv_multipart(copy=False))
         self._check_timers(time.monotonic())
 
     def _poll_timeout_ms(self) -> int:
@@ -413,7 +441,7 @@ class SimBackend(Backend):
             left = deadline - time.monotonic()
             if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
                 break
-            self._on_frame(self._sock.recv())
+            self._on_frame(self._sock.recv_multipart(copy=False))
 
     def _close_socket(self) -> None:
         if self._sock is not None:
@@ -426,18 +454,24 @@ class SimBackend(Backend):
 
     # ------------------------------------------------------------------ frames
 
-    def _request(self, cmd: str, args: dict[str, Any], on_reply: Callable[[Reply], None], caller: bool = False) -> None:
+    def _request(self, cmd: str, args: dict[str, Any], on_reply: Callable[[Reply], None], caller: bool = False,
+                 attach: list[Any] | None = None) -> None:
+        """One request; `attach`: buffers sent after it as frames of their own, not copied (a send's media)."""
         if self._sock is None:
             on_reply({"ok": False, "error": {"code": NOT_CONNECTED, "message": "no connection"}})
             return
         req_id = str(next(self._ids))
         self._pending[req_id] = (time.monotonic() + REQUEST_TIMEOUT, on_reply, caller)
-        self._sock.send(json.dumps({"id": req_id, "cmd": cmd, "args": args}).encode())
+        body = json.dumps({"id": req_id, "cmd": cmd, "args": args}).encode()
+        if attach:
+            self._sock.send_multipart([body, *attach], copy=False)
+        else:
+            self._sock.send(body)
 
-    def _on_frame(self, raw: bytes) -> None:
+    def _on_frame(self, frames: list[zmq.Frame]) -> None:
         self._last_heard = time.monotonic()
         try:
-            msg = jsonsafe.loads(raw)
+            msg = jsonsafe.loads(frames[0].bytes)
         except jsonsafe.InvalidJSON:
             self.emit("error", {"kind": "protocol", "message": "undecodable frame from the network"})
             return
@@ -448,6 +482,8 @@ class SimBackend(Backend):
             return
         entry = self._pending.pop(str(msg.get("id")), None)
         if entry is not None:
+            if len(frames) > 1 and isinstance(msg.get("result"), dict):
+                msg["result"]["_data"] = [f.buffer for f in frames[1:]]  # a download's chunk, not copied
             entry[1](msg)
 
     def _on_heartbeat(self, reply: Reply) -> None:
@@ -461,7 +497,7 @@ class SimBackend(Backend):
                                     content=str(data.get("text", "")), push_name=str(data.get("push_name") or ""),
                                     ts=data.get("ts"), is_group=False)
             if msg is not None:
-                self.emit("message", msg)
+                self.emit("message", {**msg, **inbound_extras(data)})
             self._request("ack", {"company": self.ctx.company, "ids": [data.get("id")]}, _ignore)
         elif event == "receipt":
             self.emit("receipt", {"ids": data.get("ids", []), "type": data.get("type"), "chat": data.get("chat")})
@@ -532,3 +568,29 @@ def _grow(bytes_per_s: int, stop: threading.Event) -> None:
     held: list[bytes] = []
     while not stop.wait(0.1):
         held.append(b"\x01" * (bytes_per_s // 10))
+
+
+def media_frames(item: SendItem) -> list[memoryview]:
+    """A media send's file as frames of at most 1 MiB: read once, sliced without copying."""
+    if item.type not in ("image", "video", "audio", "document"):
+        return []
+    try:
+        with open(item.media_path or "", "rb") as fh:
+            data = fh.read()
+    except OSError:
+        raise BackendError(NOT_FOUND, f"media {str(item.fields.get('media'))[:12]}… is no longer in the store") \
+            from None
+    view = memoryview(data)
+    return [view[i:i + MEDIA_CHUNK] for i in range(0, len(data), MEDIA_CHUNK)]
+
+
+def inbound_extras(data: dict[str, Any]) -> dict[str, Any]:
+    """The §11 fields of a pushed message: its type, location, reaction, reply, and media to download."""
+    out: dict[str, Any] = {k: data[k] for k in INBOUND_FIELDS if k in data}
+    if data.get("type"):
+        out["type"] = str(data["type"])
+    media = data.get("media")
+    if isinstance(media, dict):
+        out["media"] = {k: media[k] for k in ("mimetype", "size", "sha256", "filename") if k in media}
+        out["_fetch"] = {"id": data.get("id")}
+    return out

@@ -15,7 +15,12 @@ Session protocol (backend -> network requests; the network also pushes events to
     A hello for a company that already has a live connection kicks the older one with a
     ``replaced`` push and counts ``stats.replaced``: that is the double-session detector.
 ``heartbeat {}``      every second; ``not_connected`` once the network forgot the connection.
-``send {to, text, id?}`` -> ``{id, ts}`` (delayed by `latency`); a ``receipt`` push follows.
+``send {to, text, id?, type?, ...}`` -> ``{id, ts}`` (delayed by `latency`); a ``receipt`` push follows.
+                      The §11 fields ride along (mimetype, filename, voice, latitude, longitude, name,
+                      emoji, reaction_to, reply_to); a media send's bytes follow the request as extra
+                      frames of at most 1 MiB, and the network records their SHA-256 and size.
+``download {id, offset}`` -> ``{size, offset, eof}`` with the next chunk (at most 1 MiB) of an
+                      inbound message's media as an extra frame.
 ``ack {company, ids}`` the backend took these inbound messages over; unacked ones are redelivered
                       on the next connection (WhatsApp redelivers until the device acknowledges).
 ``pair_code {phone}`` while pairing -> ``{code}``; ``scan {qr: code}`` accepts it like a QR.
@@ -23,7 +28,8 @@ Session protocol (backend -> network requests; the network also pushes events to
 ``bye {}``            clean close; no stats impact.
 
 Pushes are ``{"event": name, "data": {...}}`` frames without an ``id``: ``paired {token, phone}``,
-``message {id, from, push_name, text, ts}``, ``receipt {ids, type, chat}``, ``dropped {reason}``,
+``message {id, from, push_name, text, ts, type?, media? {mimetype, size, sha256, filename?}, ...}``,
+``receipt {ids, type, chat}``, ``dropped {reason}``,
 ``logged_out {}``, ``replaced {}``, ``banned {until}``.
 
 A connection is *live* from its hello until a bye, a fault that kicks it, its socket closing, or
@@ -40,6 +46,9 @@ atomically); connections, queued inbound messages and the sent list live in memo
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
+import hashlib
 import heapq
 import itertools
 import json
@@ -52,9 +61,9 @@ import stat
 import sys
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -82,6 +91,12 @@ SWEEP_INTERVAL = 0.5
 MAX_POLL_MS = 200  # how often the loop looks at the stop event
 MAX_SENT = 100_000
 MAX_MESSAGE_BYTES = 4 << 20
+MEDIA_CHUNK = 1 << 20
+MAX_MEDIA = 1000  # inbound media the network keeps for downloads (the oldest go)
+SEND_TYPES = ("text", "image", "video", "audio", "document", "location", "reaction")
+MEDIA_SEND_TYPES = ("image", "video", "audio", "document")
+SEND_FIELDS = ("mimetype", "filename", "voice", "latitude", "longitude", "name", "emoji", "reaction_to", "reply_to")
+INBOUND_FIELDS = ("reply_to", "latitude", "longitude", "name", "emoji", "reaction_to")
 BATCH = 256  # router messages handled before timers get a turn
 _SRCFD = int(zmq.SRCFD)  # a plain int: the enum costs more than the lookup
 
@@ -101,6 +116,7 @@ class Peer:
     envelope: list[bytes]  # every frame before the body, echoed back with the reply
     fd: int
     req_id: str
+    attachments: list[zmq.Frame] = field(default_factory=list)  # frames after the body: a send's media
 
 
 @dataclass
@@ -136,6 +152,7 @@ class Stats:
     messages_inbound: int = 0
     redeliveries: int = 0
     bad_requests: int = 0
+    downloads: int = 0  # media chunks served
 
     def as_dict(self, live: int) -> dict[str, int]:
         return {**self.__dict__, "live": live}
@@ -169,6 +186,8 @@ class SimNet:
         self.sent: deque[dict[str, Any]] = deque(maxlen=MAX_SENT)
         self.read_marks: deque[dict[str, Any]] = deque(maxlen=MAX_SENT)  # `read` from companies
         self.presences: deque[dict[str, Any]] = deque(maxlen=MAX_SENT)  # typing states from companies
+        self.media: OrderedDict[str, bytes | str] = OrderedDict()  # inbound message id -> its bytes, or a file
+        self.media_faults = 0  # downloads still to refuse (control `media_fault`)
         self.latency = 0.0
         self.outage_until = 0.0
         self._fd_gen: dict[int, int] = {}
@@ -192,6 +211,7 @@ class SimNet:
             "replace": self._replace,
             "ban": self._ban,
             "outage": self._outage,
+            "media_fault": self._media_fault,
             "latency": self._latency,
             "reads": self._reads,
             "presence": self._presence_list,
@@ -206,6 +226,7 @@ class SimNet:
             "bye": self._bye,
             "read": self._read,
             "typing": self._presence,
+            "download": self._download,
         }
         self._load()
 
@@ -323,12 +344,13 @@ class SimNet:
         """Answer one request; anything malformed gets a bad_request reply, never a crash."""
         if len(frames) < 2:
             return
-        body = frames[-1].bytes
+        at = 2 if len(frames) > 2 and not frames[1].bytes else 1  # a REQ peer's empty delimiter
+        body = frames[at].bytes
         try:
-            fd = int(frames[-1].get(_SRCFD))
+            fd = int(frames[at].get(_SRCFD))
         except (zmq.ZMQError, TypeError, ValueError):
             fd = -1
-        peer = Peer(frames[0].bytes, [f.bytes for f in frames[:-1]], fd, "")
+        peer = Peer(frames[0].bytes, [f.bytes for f in frames[:at]], fd, "", frames[at + 1:])
         try:
             req = parse_request(body)
             peer.req_id = req.id
@@ -353,8 +375,8 @@ class SimNet:
         if result is not None:
             self._reply(peer, result)
 
-    def _reply(self, peer: Peer, result: dict[str, Any]) -> None:
-        self._send_frames(peer.envelope + [ok_reply(peer.req_id, result)])
+    def _reply(self, peer: Peer, result: dict[str, Any], attach: list[bytes] | None = None) -> None:
+        self._send_frames(peer.envelope + [ok_reply(peer.req_id, result)] + (attach or []))
 
     def _reply_error(self, peer: Peer, error: WaportError) -> None:
         self._send_frames(peer.envelope + [error_reply(peer.req_id, error)])
@@ -491,12 +513,32 @@ class SimNet:
     def _send(self, peer: Peer, args: dict[str, Any]) -> Result:
         conn = self._session(peer)
         to = normalize_phone(args.get("to"))
-        text = validate_text(args.get("text"))
+        kind = args.get("type") or "text"
+        if kind not in SEND_TYPES:
+            raise WaportError(BAD_REQUEST, f"unknown message type {str(kind)[:20]!r}")
+        text = validate_text(args.get("text")) if kind == "text" else str(args.get("text") or "")
         msg_id = args.get("id") or "SIM" + secrets.token_hex(8).upper()
         if not isinstance(msg_id, str):
             raise WaportError(BAD_REQUEST, "field 'id' must be a string")
         ts = time.time()
-        self.sent.append({"company": conn.company, "to": to, "text": text, "id": msg_id, "ts": ts})
+        entry = {"company": conn.company, "to": to, "text": text, "id": msg_id, "ts": ts}
+        if kind != "text":
+            entry["type"] = kind
+            entry.update({k: args[k] for k in SEND_FIELDS if k in args})
+        elif "reply_to" in args:
+            entry["reply_to"] = args["reply_to"]
+        if kind in MEDIA_SEND_TYPES:
+            if not peer.attachments or not isinstance(args.get("mimetype"), str):
+                raise WaportError(BAD_REQUEST, f"a {kind} carries its bytes after the request, and a mimetype")
+            digest = hashlib.sha256()
+            size = 0
+            for frame in peer.attachments:
+                if len(frame) > MEDIA_CHUNK:
+                    raise WaportError(BAD_REQUEST, f"media frames carry at most {MEDIA_CHUNK} bytes")
+                digest.update(frame.buffer)
+                size += len(frame)
+            entry.update(sha256=digest.hexdigest(), size=size)
+        self.sent.append(entry)
         self.stats.messages_sent += 1
         company = conn.company
 
@@ -531,6 +573,36 @@ class SimNet:
     def _presence_list(self, peer: Peer, args: dict[str, Any]) -> Result:
         company = args.get("company")
         return {"presence": [p for p in self.presences if company is None or p["company"] == company]}
+
+    def _download(self, peer: Peer, args: dict[str, Any]) -> Result:
+        """The next chunk of an inbound message's media (WhatsApp's media servers, in one command)."""
+        self._session(peer)
+        media = self.media.get(str(args.get("id")))
+        offset = args.get("offset", 0)
+        if media is None:
+            raise WaportError(BAD_REQUEST, "no media for that message (expired, or never sent)")
+        self.stats.downloads += 1
+        if self.media_faults > 0:
+            self.media_faults -= 1
+            raise WaportError(INTERNAL, "media server unavailable (fault)")
+        size = len(media) if isinstance(media, bytes) else os.stat(media).st_size
+        if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= size:
+            raise WaportError(BAD_REQUEST, f"offset: 0-{size}")
+        if isinstance(media, bytes):
+            chunk = media[offset:offset + MEDIA_CHUNK]
+        else:
+            with open(media, "rb") as fh:
+                fh.seek(offset)
+                chunk = fh.read(MEDIA_CHUNK)
+        self._reply(peer, {"size": size, "offset": offset, "eof": offset + len(chunk) >= size}, [chunk])
+        return None
+
+    def _media_fault(self, peer: Peer, args: dict[str, Any]) -> Result:
+        count = args.get("count", 1)
+        if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= 1000:
+            raise WaportError(BAD_REQUEST, "field 'count' must be 0-1000")
+        self.media_faults = count
+        return {"count": count}
 
     def _receipt(self, company: str, msg_id: str, chat: str) -> None:
         conn = self.live.get(company)
@@ -593,12 +665,14 @@ class SimNet:
         company = validate_company(args.get("company"))
         self._account(company)
         sender = normalize_phone(args.get("from"))
-        text = validate_text(args.get("text"))
+        kind = args.get("type") or "text"
+        text = validate_text(args.get("text")) if kind == "text" else str(args.get("text") or "")
         msg_id = args.get("id") or "SIMIN" + secrets.token_hex(8).upper()
         push_name = args.get("push_name") or ""
         if not isinstance(msg_id, str) or not isinstance(push_name, str):
             raise WaportError(BAD_REQUEST, "fields 'id' and 'push_name' must be strings")
         msg = {"id": msg_id, "from": sender, "push_name": push_name, "text": text, "ts": time.time()}
+        msg.update(self._inbound_content(msg_id, args))
         self.pending.setdefault(company, []).append(msg)
         self.stats.messages_inbound += 1
         conn = self.live.get(company)
@@ -608,6 +682,45 @@ class SimNet:
             self._push(conn, "message", _public(msg))
             msg["_pushed"] = True
         return {"id": msg_id, "delivered": delivered}
+
+    def _inbound_content(self, msg_id: str, args: dict[str, Any]) -> dict[str, Any]:
+        """The §11 extras of an inbound message; its media kept for `download` (bytes, or the caller's file)."""
+        kind = args.get("type") or "text"
+        out: dict[str, Any] = {k: args[k] for k in INBOUND_FIELDS if args.get(k) is not None}
+        if kind == "text":
+            return out
+        if kind not in (*SEND_TYPES, "sticker"):
+            raise WaportError(BAD_REQUEST, f"unknown message type {str(kind)[:20]!r}")
+        out["type"] = kind
+        if kind not in (*MEDIA_SEND_TYPES, "sticker"):
+            return out
+        data: bytes | str
+        if isinstance(args.get("media_b64"), str):
+            try:
+                data = base64.b64decode(args["media_b64"], validate=True)
+            except (binascii.Error, ValueError):
+                raise WaportError(BAD_REQUEST, "media_b64: not base64") from None
+            size, digest = len(data), hashlib.sha256(data).hexdigest()
+        elif isinstance(args.get("media_path"), str) and os.path.isfile(args["media_path"]):
+            data = args["media_path"]
+            digest_obj = hashlib.sha256()
+            with open(data, "rb") as fh:
+                while chunk := fh.read(MEDIA_CHUNK):
+                    digest_obj.update(chunk)
+            size, digest = os.stat(data).st_size, digest_obj.hexdigest()
+        else:
+            raise WaportError(BAD_REQUEST, f"a {kind} needs media_b64 or media_path (a readable file)")
+        announced = args.get("size", size)  # a test may announce a size the bytes do not have
+        if not isinstance(announced, int) or isinstance(announced, bool) or announced < 0:
+            raise WaportError(BAD_REQUEST, "size: a whole number of bytes")
+        self.media[msg_id] = data
+        while len(self.media) > MAX_MEDIA:
+            self.media.popitem(last=False)
+        out["media"] = {"mimetype": str(args.get("mimetype") or "application/octet-stream"), "size": announced,
+                        "sha256": digest}
+        if isinstance(args.get("filename"), str):
+            out["media"]["filename"] = args["filename"]
+        return out
 
     def _sent(self, peer: Peer, args: dict[str, Any]) -> Result:
         company = args.get("company")

@@ -27,13 +27,15 @@ from typing import Any
 import zmq
 
 from ipc import exitcodes, protocol, states
-from ipc.errors import BAD_REQUEST, INTERNAL, TIMEOUT, WaportError
-from ipc.journal import Journal
+from ipc.errors import BAD_REQUEST, INTERNAL, NOT_FOUND, TIMEOUT, WaportError
+from ipc.journal import Journal, extra_fields, public_inbound
+from ipc.mediastore import DEFAULT_MAX_BYTES, MediaStore
 from ipc.validation import normalize_phone, validate_message_ids, validate_presence
 from ipc.zsocket import NOBLOCK, readable, send_frames
 from workers import logforward
 from workers.backend import Backend, BackendError, WorkerContext
 from workers.backends import load
+from workers.mediafetch import PENDING, MediaFetcher, is_pending
 from workers.outbox import InlineSender, Sender
 from workers.wakeup import Wakeup
 
@@ -99,10 +101,13 @@ class Worker:
         context = WorkerContext(self.company, args.session_dir, options)
         self.backend: Backend = load(args.backend)(context, self.emit)
         self.journal = Journal.in_session(args.session_dir)
+        media_root = options.get("media_dir")
+        store = MediaStore(media_root, int(options.get("media_max_bytes") or DEFAULT_MAX_BYTES)) if media_root else None
+        self.fetcher = MediaFetcher(self.company, self.backend, store, lambda msg: self.emit("media_fetched", msg))
         self.inline = self.backend.runs_inline  # its connection runs in this loop: no thread hand-offs
         self.sender: Sender | InlineSender = (
-            InlineSender(self.journal, self.backend, self.emit) if self.inline
-            else Sender(self.journal.path, self.backend, self.emit))
+            InlineSender(self.journal, self.backend, self.emit, media_root) if self.inline
+            else Sender(self.journal.path, self.backend, self.emit, media_root))
         self.duplicates = 0
 
     # Thread-safe entry points: they only enqueue and wake the loop.
@@ -120,6 +125,8 @@ class Worker:
                                    "generation": self.generation, "version": protocol.VERSION})
         self.sender.start()
         self.backend.start()  # inline: on this thread, and this loop drives it from here on
+        for msg in self.journal.undelivered(received_before=time.time(), limit=10_000, downloading=True):
+            self.fetcher.submit(msg)  # a predecessor ended while it downloaded these
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.wakeup.r, zmq.POLLIN)
@@ -172,7 +179,7 @@ class Worker:
     def redeliver(self) -> None:
         """Inbound messages no sink has acknowledged go out again (after a crash, or a Redis outage)."""
         now = time.time()
-        self.send_events([{"type": "message", "ts": now, "data": msg}
+        self.send_events([{"type": "message", "ts": now, "data": public_inbound(msg)}
                           for msg in self.journal.undelivered(received_before=now - REDELIVER_AFTER)])
 
     def read_supervisor(self) -> None:
@@ -212,10 +219,20 @@ class Worker:
             if type_ == "state":
                 self.state = data.get("state", self.state)
                 self.sender.nudge(connected=self.state == states.CONNECTED)
-            elif type_ == "message" and not self.journal.inbox_add(data):
-                self.duplicates += 1  # a redelivery by the network: journaled once, delivered once
-                log.debug("dropped a duplicate of inbound message %s", data.get("id"))
-                continue
+            elif type_ == "message":
+                if isinstance(data.get("media"), dict):
+                    data["media"] = {**data["media"], "status": PENDING}
+                if not self.journal.inbox_add(data):
+                    self.duplicates += 1  # a redelivery by the network: journaled once, delivered once
+                    log.debug("dropped a duplicate of inbound message %s", data.get("id"))
+                    continue
+                if is_pending(data):
+                    self.fetcher.submit(data)  # published once its media is stored, or has failed
+                    continue
+                data = public_inbound(data)
+            elif type_ == "media_fetched":
+                self.journal.set_inbound_fields(data["id"], extra_fields(data))
+                type_, data = "message", public_inbound(data)
             batch.append({"type": type_, "ts": time.time(), "data": data})
         self.send_events(batch)
 
@@ -253,9 +270,22 @@ class Worker:
             chat, state = normalize_phone(args.get("chat")), validate_presence(args.get("state", "composing"))
             self.backend.typing(chat, state)
             return {"chat": chat, "state": state}
+        if cmd == "media_fetch":
+            return self.fetch_again(args.get("message_id"))
         if cmd == "ping":
             return {"pong": True, "state": self.state}
         raise WaportError(BAD_REQUEST, f"unknown worker command {cmd!r}")
+
+    def fetch_again(self, msg_id: Any) -> dict[str, Any]:
+        """`waportctl media fetch`: download a journaled message's media once more (it failed, or was pruned)."""
+        msg = self.journal.inbound(msg_id) if isinstance(msg_id, str) else None
+        if msg is None:
+            raise WaportError(NOT_FOUND, f"no inbound message {str(msg_id)[:40]!r} in {self.company}'s journal")
+        if not isinstance(msg.get("media"), dict):
+            raise WaportError(BAD_REQUEST, f"message {msg_id} carries no media")
+        media = self.fetcher.fetch(msg)
+        self.journal.set_inbound_fields(msg_id, extra_fields({**msg, "media": media}))
+        return {"company": self.company, "message_id": msg_id, "media": media}
 
     def send(self, type_: str, body: dict[str, Any]) -> None:
         self.send_raw(protocol.encode(type_, body))
@@ -277,6 +307,7 @@ class Worker:
         info = self.exit or {"reason": "stopped", "message": f"signal {self.stop_signal}"}
         code = exitcodes.REASON_TO_CODE.get(info.get("reason", "crash"), exitcodes.CRASH)
         self.sender.stop()
+        self.fetcher.stop()
         try:
             self.backend.stop()
         except Exception:  # noqa: BLE001

@@ -23,6 +23,7 @@ RUNS = {
     "send": ["bench_send.py", "--companies", "100"],
     "http": ["bench_http.py", "--companies", "100"],
     "webhooks": ["bench_webhooks.py", "--companies", "20"],
+    "media": ["bench_media.py", "--companies", "100", "--messages", "4000"],
     "supervisord": ["bench_supervisord.py", "--workers", "500"],
 }
 
@@ -55,21 +56,45 @@ def write_markdown() -> str:
              "messages/s; `dead_endpoint` is control-socket sends at 200/s with no endpoint, with a live one",
              "(each `sent` event recorded) and with every endpoint refusing connections and 10,000 events pending.",
              "",
+             "`media_100`: 4,000 sends of 100 KiB images (each company its own, stored first) then 4,000 texts,",
+             "as fast as accepted: messages/s until the network has them all; `copies.file_reads_per_send` is",
+             "what the workers read per image beyond a text (/proc/PID/io), over the file's size (1.0: the store",
+             "file read once; zmq sends its slices with copy=False); `receive_50mib` is one sim worker",
+             "downloading a 50 MiB document into the store: its peak RSS (VmHWM) before and after.",
+             "",
              "`host_speed_kops` (every benchmark): thousands of JSON round trips per second on one core, timed",
              "right after the run. The same VM type is 10-20% slower on some days than on others; compare",
              "figures from different days through it.", ""]
+    sections = kept_sections()  # figures of benchmarks not run on this machine stay as they were
     for name in sorted(os.listdir(RESULTS)) if os.path.isdir(RESULTS) else []:
         if not name.endswith(".json"):
             continue
         data = load(name[:-5]) or {}
-        lines += [f"## {name[:-5]}", "", f"_{data.pop('machine', '')}_", "", "| figure | value |", "|---|---|"]
-        for key, value in flatten(data):
-            lines.append(f"| {key} | {value} |")
-        lines.append("")
+        table = ["", f"_{data.pop('machine', '')}_", "", "| figure | value |", "|---|---|"]
+        table += [f"| {key} | {value} |" for key, value in flatten(data)]
+        sections[name[:-5]] = table + [""]
+    for name in sorted(sections):
+        lines += [f"## {name}", *sections[name]]
     text = "\n".join(lines)
     with open(os.path.join(ROOT, "BENCHMARKS.md"), "w") as fh:
         fh.write(text)
     return text
+
+
+def kept_sections() -> dict[str, list[str]]:
+    """The `## name` sections of the BENCHMARKS.md there is (results/ is not kept in git)."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    try:
+        with open(os.path.join(ROOT, "BENCHMARKS.md")) as fh:
+            for line in fh.read().splitlines():
+                if line.startswith("## "):
+                    current = sections[line[3:].strip()] = []
+                elif current is not None:
+                    current.append(line)
+    except OSError:
+        pass
+    return sections
 
 
 def flatten(data: dict, prefix: str = "") -> list[tuple[str, object]]:
