@@ -347,13 +347,13 @@ def messages(settings: Settings, company: str, limit: int) -> None:
     counts = ", ".join(f"{n} {status}" for status, n in sorted(result.get("counts", {}).items())) or "none"
     click.echo(f"outbound ({counts}):")
     rows = [[_when(m.get("created")), m["message_id"], m["status"], m["to"], m.get("error") or "-",
-             render.preview(m.get("text"))] for m in result.get("outbound", [])]
-    click.echo(render.table(["CREATED", "MESSAGE-ID", "STATUS", "TO", "ERROR", "TEXT"], rows) if rows else "  none")
+             render.content(m)] for m in result.get("outbound", [])]
+    click.echo(render.table(["CREATED", "MESSAGE-ID", "STATUS", "TO", "ERROR", "CONTENT"], rows) if rows else "  none")
     click.echo("inbound:")
     rows = [[_when(m.get("ts")), m["id"], m.get("from") or "-", m.get("push_name") or "-",
-             "yes" if m.get("delivered") else "no", render.preview(m.get("text"))]
+             "yes" if m.get("delivered") else "no", render.content(m)]
             for m in result.get("inbound", [])]
-    click.echo(render.table(["TIME", "ID", "FROM", "NAME", "DELIVERED", "TEXT"], rows) if rows else "  none")
+    click.echo(render.table(["TIME", "ID", "FROM", "NAME", "DELIVERED", "CONTENT"], rows) if rows else "  none")
 
 
 def _no_code(what: str, result: dict[str, Any]) -> NoReturn:

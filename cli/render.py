@@ -77,6 +77,26 @@ def preview(text: Any, width: int = 40) -> str:
     return one_line if len(one_line) <= width else one_line[: width - 1] + "…"
 
 
+def content(message: dict[str, Any], width: int = 40) -> str:
+    """What a message carries, in one cell: its text, or its kind first (DESIGN.md §11)."""
+    kind = message.get("type") or "text"
+    text = message.get("text") or ""
+    if kind == "text":
+        return preview(text, width)
+    if kind == "location":
+        head = f"[location {message.get('latitude')},{message.get('longitude')}]"
+    elif kind == "reaction":
+        head = f"[reaction {message.get('emoji') or '(removed)'} to {message.get('reaction_to')}]"
+    else:
+        media = message.get("media")
+        if isinstance(media, dict):  # inbound: the media object
+            status = media.get("status")
+            head = f"[{kind} {status} {str(media.get('id'))[:12]}]" if status == "stored" else f"[{kind} {status}]"
+        else:  # outbound: the stored file it sends
+            head = f"[{kind} {str(media)[:12]}]"
+    return preview(f"{head} {text}".strip(), width)
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 

@@ -774,3 +774,14 @@ def test_media_fetch_says_where_the_file_went_or_why_not(run_dir: str, daemon: C
     assert (stored.exit_code, stored.stdout) == (0, f"WA-1: stored as {'cd' * 32} (9 bytes, image/jpeg)\n")
     failed = ctl(run_dir, "media", "fetch", "acme", "WA-1")
     assert (failed.exit_code, failed.stdout) == (1, "WA-1: failed: timeout: slow\n")
+
+
+def test_a_message_cell_names_its_kind_before_its_text() -> None:
+    assert render.content({"type": "text", "text": "see you\nat 8"}) == "see you at 8"
+    assert render.content({"type": "image", "text": "menu", "media": {"status": "stored", "id": "ab" * 32}}) == (
+        "[image stored abababababab] menu")
+    assert render.content({"type": "audio", "media": {"status": "failed", "id": None}}) == "[audio failed]"
+    assert render.content({"type": "document", "media": "cd" * 32, "text": ""}) == "[document cdcdcdcdcdcd]"
+    assert render.content({"type": "location", "latitude": 1.5, "longitude": 2.0, "text": "salon"}) == (
+        "[location 1.5,2.0] salon")
+    assert render.content({"type": "reaction", "emoji": "", "reaction_to": "WA-1"}) == "[reaction (removed) to WA-1]"

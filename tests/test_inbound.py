@@ -3,6 +3,8 @@ timestamps, groups, own messages and protocol traffic — with WhatsApp's real p
 
 from __future__ import annotations
 
+import base64
+import json
 import subprocess
 import sys
 import time
@@ -10,10 +12,19 @@ import time
 import pytest
 from conftest import ROOT
 
-from workers.inbound import epoch_seconds, message_content, normalize_message, phone_from_jid
+from workers.inbound import (
+    epoch_seconds,
+    media_handle,
+    media_info,
+    message_content,
+    message_extras,
+    normalize_message,
+    phone_from_jid,
+)
 
 E2E = pytest.importorskip("neonize.proto.waE2E.WAWebProtobufsE2E_pb2")
 NZ = pytest.importorskip("neonize.proto.Neonize_pb2")
+KEY = pytest.importorskip("neonize.proto.waCommon.WACommon_pb2").MessageKey
 Message = E2E.Message
 
 
@@ -150,3 +161,97 @@ def test_inbound_does_not_import_neonize() -> None:
     """The sim backend uses this module: it must not load neonize's Go runtime."""
     code = "import sys, workers.inbound, workers.sim_backend; assert 'neonize' not in sys.modules, 'loaded'"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=30)
+
+
+# ---------------------------------------------------------------------------------- DESIGN.md §11 fields
+
+KEYS = {"URL": "https://mmg.whatsapp.net/d/f/x.enc", "directPath": "/v/t62.7118-24/x.enc", "mediaKey": b"k" * 32,
+        "fileSHA256": b"\x00\xff" * 16, "fileEncSHA256": b"e" * 32, "fileLength": 1234, "mediaKeyTimestamp": 17}
+QUOTE = E2E.ContextInfo(stanzaID="WA-PREV", participant="15557654321@s.whatsapp.net",
+                        quotedMessage=Message(conversation="earlier"))
+
+
+def held(handle: dict[str, str]) -> object:
+    return Message.FromString(base64.b64decode(handle["message"], validate=True))
+
+
+def test_plain_text_has_no_extras_and_keeps_its_shape() -> None:
+    assert message_extras(Message(conversation="hi")) == {}
+    assert message_extras(Message(extendedTextMessage=E2E.ExtendedTextMessage(text="x"))) == {}
+    assert message_extras(Message(protocolMessage=E2E.ProtocolMessage())) == {}
+    msg = normalize_message(msg_id="1", chat="15551234567", sender="15551234567", content=Message(conversation="hi"),
+                            ts=5)
+    assert msg == {"id": "1", "chat": "15551234567", "from": "15551234567", "push_name": "", "type": "text",
+                   "text": "hi", "ts": 5.0, "is_group": False}
+
+
+def test_media_info_reads_what_the_message_announces() -> None:
+    doc = E2E.DocumentMessage(**KEYS, mimetype="application/pdf", fileName="a.pdf", caption="c")
+    assert media_info("documentMessage", doc) == {"mimetype": "application/pdf", "size": 1234, "filename": "a.pdf",
+                                                  "sha256": "00ff" * 16}
+    # A file name only for documents; nothing announced, nothing made up.
+    assert media_info("imageMessage", E2E.ImageMessage()) == {"mimetype": None, "size": None}
+    assert media_info("audioMessage", E2E.AudioMessage(mimetype="audio/ogg", fileLength=0)) == {
+        "mimetype": "audio/ogg", "size": 0}
+
+
+def test_media_handle_keeps_only_what_a_download_needs() -> None:
+    image = E2E.ImageMessage(**KEYS, mimetype="image/jpeg", caption="secret caption", JPEGThumbnail=b"t" * 20_000,
+                             contextInfo=QUOTE, width=800)
+    handle = media_handle(Message(imageMessage=image), "imageMessage", image)
+    assert handle["kind"] == "imageMessage" and json.loads(json.dumps(handle)) == handle
+    assert held(handle) == Message(imageMessage=E2E.ImageMessage(**KEYS, mimetype="image/jpeg"))
+    assert len(handle["message"]) < 400
+    # A round video note is downloaded as the VideoMessage it is (whatsmeow's DownloadAny knows no ptv).
+    ptv = E2E.VideoMessage(**KEYS, mimetype="video/mp4")
+    handle = media_handle(Message(ptvMessage=ptv), "ptvMessage", ptv)
+    assert handle["kind"] == "ptvMessage" and held(handle) == Message(videoMessage=ptv)
+
+
+def test_extras_of_wrapped_media_come_from_the_inner_message() -> None:
+    inner = E2E.DocumentMessage(**KEYS, mimetype="application/pdf", fileName="x.pdf", caption="signed",
+                                contextInfo=QUOTE)
+    wrapped = Message(ephemeralMessage=E2E.FutureProofMessage(message=Message(
+        documentWithCaptionMessage=E2E.FutureProofMessage(message=Message(documentMessage=inner)))))
+    extras = message_extras(wrapped)
+    handle = extras.pop("_fetch")
+    assert extras == {"reply_to": "WA-PREV", "media": {"mimetype": "application/pdf", "size": 1234,
+                                                       "filename": "x.pdf", "sha256": "00ff" * 16}}
+    assert handle["kind"] == "documentMessage"
+    assert held(handle) == Message(documentMessage=E2E.DocumentMessage(**KEYS, mimetype="application/pdf"))
+
+
+@pytest.mark.parametrize(
+    ("message", "extras"),
+    [
+        (Message(locationMessage=E2E.LocationMessage(degreesLatitude=52.5, degreesLongitude=13.4, name="Office")),
+         {"latitude": 52.5, "longitude": 13.4, "name": "Office"}),
+        (Message(locationMessage=E2E.LocationMessage(name="somewhere")), {"name": "somewhere"}),  # no position given
+        (Message(liveLocationMessage=E2E.LiveLocationMessage(degreesLatitude=1.0, degreesLongitude=2.0)),
+         {"latitude": 1.0, "longitude": 2.0}),
+        (Message(reactionMessage=E2E.ReactionMessage(key=KEY(ID="3EB0X", fromMe=True), text="🙏")),
+         {"reaction_to": "3EB0X", "emoji": "🙏"}),
+        (Message(reactionMessage=E2E.ReactionMessage(key=KEY(ID="3EB0X"))), {"reaction_to": "3EB0X", "emoji": ""}),
+        (Message(extendedTextMessage=E2E.ExtendedTextMessage(text="ok", contextInfo=QUOTE)), {"reply_to": "WA-PREV"}),
+        (Message(extendedTextMessage=E2E.ExtendedTextMessage(text="ok", contextInfo=E2E.ContextInfo(
+            mentionedJID=["15551234567@s.whatsapp.net"]))), {}),  # a context without a quote is no reply
+        (Message(contactMessage=E2E.ContactMessage(displayName="Ana", contextInfo=QUOTE)), {"reply_to": "WA-PREV"}),
+    ],
+    ids=["location", "location-name-only", "live-location", "reaction", "reaction-removed", "reply", "mention",
+         "contact-reply"],
+)
+def test_location_reaction_and_reply_extras(message: object, extras: dict[str, object]) -> None:
+    assert message_extras(message) == extras
+
+
+def test_normalize_adds_the_extras_of_a_media_message() -> None:
+    content = Message(imageMessage=E2E.ImageMessage(**KEYS, mimetype="image/jpeg", caption="menu", contextInfo=QUOTE))
+    msg = normalize_message(msg_id="A1", chat=NZ.JID(User="1203630", Server="g.us"),
+                            sender=NZ.JID(User="15551234567", Server="s.whatsapp.net"), content=content, ts=7,
+                            is_group=True)
+    assert msg is not None
+    handle = msg.pop("_fetch")
+    assert msg == {"id": "A1", "chat": "1203630@g.us", "from": "15551234567", "push_name": "", "type": "image",
+                   "text": "menu", "ts": 7.0, "is_group": True, "reply_to": "WA-PREV",
+                   "media": {"mimetype": "image/jpeg", "size": 1234, "sha256": "00ff" * 16}}
+    assert held(handle) == Message(imageMessage=E2E.ImageMessage(**KEYS, mimetype="image/jpeg"))

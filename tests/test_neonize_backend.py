@@ -4,7 +4,10 @@ that fail to connect (DNS here; a black-hole proxy for the watchdog)."""
 
 from __future__ import annotations
 
+import base64
 import ctypes
+import dataclasses
+import io
 import json
 import os
 import socket
@@ -21,16 +24,24 @@ from conftest import ROOT, wait_for, whatsapp_resolves
 from test_worker import FakeSupervisor
 
 from ipc import exitcodes, protocol, states
-from workers.backend import BackendError, WorkerContext
+from ipc import journal as J
+from workers.backend import BackendError, SendItem, WorkerContext
+from workers.outbox import Sender
 
 NZ = pytest.importorskip("neonize.proto.Neonize_pb2")
 E2E = pytest.importorskip("neonize.proto.waE2E.WAWebProtobufsE2E_pb2")
-from neonize.exc import PairPhoneError, SendMessageError  # noqa: E402
+from neonize.exc import DownloadError, PairPhoneError, SendMessageError, UploadError  # noqa: E402
+from neonize.proto.waCommon.WACommon_pb2 import MessageKey  # noqa: E402
+from neonize.utils.enum import MediaType  # noqa: E402
 
 from workers import neonize_backend as nb  # noqa: E402
 from workers.neonize_backend import NeonizeBackend, describe_connect_error  # noqa: E402
 
 OWN = "15550001111"
+# What neonize's upload answers (neonize.proto.Neonize_pb2.UploadResponse): the keys a media message carries.
+UPLOADED = NZ.UploadResponse(url="https://mmg.whatsapp.net/v/t62/abc", DirectPath="/v/t62/abc", Handle="h",
+                             MediaKey=b"K" * 32, FileEncSHA256=b"E" * 32, FileSHA256=b"S" * 32, FileLength=11)
+MEDIA_ID = "cd" * 32
 DNS_ERROR = (
     'failed to dial whatsapp web websocket: failed to WebSocket dial: failed to send handshake request: Get '
     '"https://web.whatsapp.com/ws/chat": dial tcp: lookup web.whatsapp.com on 10.255.255.53:53: no such host'
@@ -71,12 +82,32 @@ class FakeClient:
         self.stop_delay = 0.0
         self.reads: list[tuple[Any, ...]] = []
         self.presences: list[tuple[Any, ...]] = []
+        self.uploads: list[tuple[bytes, Any]] = []
+        self.upload_error: Exception | None = None
+        self.downloads: list[Any] = []
+        self.download_result: bytes | Exception = b""
+        self.hold = threading.Event()  # set: Go calls answer at once; clear: they hang until it is set
+        self.hold.set()
 
     def send_message(self, to: Any, message: Any) -> Any:
         if self.send_error is not None:
             raise self.send_error
         self.sent.append((to, message))
         return NZ.SendResponse(ID="3EB0AABBCCDD", Timestamp=1_700_000_000)
+
+    def upload(self, binary: bytes, media_type: Any = None) -> Any:
+        self.hold.wait()
+        if self.upload_error is not None:
+            raise self.upload_error
+        self.uploads.append((binary, media_type))
+        return UPLOADED
+
+    def download_any(self, message: Any, path: str | None = None) -> bytes:
+        self.downloads.append(message)
+        self.hold.wait()
+        if isinstance(self.download_result, Exception):
+            raise self.download_result
+        return self.download_result
 
     def mark_read(self, *message_ids: str, chat: Any, sender: Any, receipt: Any, timestamp: Any = None) -> None:
         self.reads.append((message_ids, chat, sender, receipt))
@@ -512,6 +543,440 @@ def test_stop_is_bounded_when_go_hangs(make: Any) -> None:
     assert time.monotonic() - started < nb.STOP_WAIT + 1
     backend.stop()
     assert time.monotonic() - started < nb.STOP_WAIT + 1.5
+
+
+# ---------------------------------------------------------------------------------- rich sends (DESIGN.md §11)
+
+
+def uploaded_keys() -> dict[str, Any]:
+    return {"URL": UPLOADED.url, "directPath": UPLOADED.DirectPath, "mediaKey": UPLOADED.MediaKey,
+            "fileEncSHA256": UPLOADED.FileEncSHA256, "fileSHA256": UPLOADED.FileSHA256, "fileLength": 11}
+
+
+@pytest.fixture
+def media_file(short_tmp: str) -> str:
+    """A stored file as the outbox finds it: MEDIA_ROOT/cd/<id>."""
+    os.makedirs(os.path.join(short_tmp, "media", "cd"), mode=0o700)
+    path = os.path.join(short_tmp, "media", "cd", MEDIA_ID)
+    with open(path, "wb") as fh:
+        fh.write(b"not-a-photo")  # 11 bytes; not an image Pillow reads: no preview
+    return path
+
+
+def media_item(kind: str, path: str, text: str = "", **fields: Any) -> SendItem:
+    return SendItem("15557654321", text, "journal-1", kind, {"media": MEDIA_ID, **fields}, path)
+
+
+@pytest.mark.parametrize(
+    ("item", "media_type", "expected"),
+    [
+        (("image", "menu", {"mimetype": "image/png"}), MediaType.MediaImage,
+         E2E.Message(imageMessage=E2E.ImageMessage(**uploaded_keys(), mimetype="image/png", caption="menu"))),
+        (("video", "clip", {"mimetype": "video/mp4"}), MediaType.MediaVideo,
+         E2E.Message(videoMessage=E2E.VideoMessage(**uploaded_keys(), mimetype="video/mp4", caption="clip"))),
+        (("audio", "", {"mimetype": "audio/mpeg"}), MediaType.MediaAudio,
+         E2E.Message(audioMessage=E2E.AudioMessage(**uploaded_keys(), mimetype="audio/mpeg"))),
+        (("audio", "", {"mimetype": "audio/ogg", "voice": True}), MediaType.MediaAudio,
+         E2E.Message(audioMessage=E2E.AudioMessage(**uploaded_keys(), mimetype="audio/ogg; codecs=opus", PTT=True))),
+        (("document", "the bill", {"mimetype": "application/pdf", "filename": "invoice.pdf"}),
+         MediaType.MediaDocument,
+         E2E.Message(documentMessage=E2E.DocumentMessage(**uploaded_keys(), mimetype="application/pdf",
+                                                         caption="the bill", fileName="invoice.pdf"))),
+        (("document", "", {"mimetype": "text/plain"}), MediaType.MediaDocument,
+         E2E.Message(documentMessage=E2E.DocumentMessage(**uploaded_keys(), mimetype="text/plain"))),
+    ],
+    ids=["image", "video", "audio", "voice", "document", "document-bare"],
+)
+def test_a_media_send_uploads_the_stored_file_and_sends_its_keys(
+        make: Any, media_file: str, item: tuple[str, str, dict[str, Any]], media_type: Any, expected: Any) -> None:
+    backend, _, client = connected(make)
+    kind, text, fields = item
+    assert backend.send(media_item(kind, media_file, text, **fields)) == {"message_id": "3EB0AABBCCDD",
+                                                                           "ts": 1_700_000_000.0}
+    assert client.uploads == [(b"not-a-photo", media_type)]
+    ((to, message),) = client.sent
+    assert (to.User, to.Server) == ("15557654321", "s.whatsapp.net")
+    assert message == expected
+
+
+def test_an_image_carries_a_preview_and_its_size(make: Any, media_file: str) -> None:
+    from PIL import Image
+
+    picture = io.BytesIO()
+    Image.new("RGB", (640, 320), (200, 30, 30)).save(picture, format="PNG")
+    with open(media_file, "wb") as fh:
+        fh.write(picture.getvalue())
+    backend, _, client = connected(make)
+    backend.send(media_item("image", media_file, mimetype="image/png"))
+    image = client.sent[0][1].imageMessage
+    assert (image.width, image.height, image.mimetype) == (640, 320, "image/png")
+    with Image.open(io.BytesIO(image.JPEGThumbnail)) as thumb:
+        assert thumb.format == "JPEG" and thumb.size == (nb.THUMB_EDGE, nb.THUMB_EDGE // 2)
+    assert client.uploads[0][0] == picture.getvalue()
+
+
+INBOUND_REF = {"id": "WA-IN-1", "chat": "15557654321", "from": "15557654321", "from_me": False, "type": "text",
+               "text": "what's on today?"}
+OWN_REF = {"id": "3EB0OWN", "chat": "15557654321", "from": "", "from_me": True, "type": "image", "text": "menu",
+           "status": "sent"}
+GROUP_REF = {"id": "WA-G-1", "chat": "120363025246125486@g.us", "from": "15552223333", "from_me": False,
+             "type": "text", "text": "lunch?"}
+
+
+def test_a_reply_quotes_the_journaled_message(make: Any, media_file: str) -> None:
+    backend, _, client = connected(make)
+    backend.send(SendItem("15557654321", "soup", "j1", "text", {"reply_to": "WA-IN-1"}, quoted=INBOUND_REF))
+    backend.send(dataclasses.replace(media_item("image", media_file, "again", mimetype="image/png",
+                                                reply_to="3EB0OWN"), quoted=OWN_REF))
+    backend.send(SendItem("120363025246125486@g.us", "yes", "j3", "location",
+                          {"latitude": 52.5, "longitude": 13.4, "reply_to": "WA-G-1"}, quoted=GROUP_REF))
+    text, image, location = (m for _, m in client.sent)
+    assert text == E2E.Message(extendedTextMessage=E2E.ExtendedTextMessage(text="soup", contextInfo=E2E.ContextInfo(
+        stanzaID="WA-IN-1", participant="15557654321@s.whatsapp.net",
+        quotedMessage=E2E.Message(conversation="what's on today?"))))
+    assert image.imageMessage.caption == "again"
+    assert image.imageMessage.contextInfo == E2E.ContextInfo(  # our own message: we are its author
+        stanzaID="3EB0OWN", participant=f"{OWN}@s.whatsapp.net",
+        quotedMessage=E2E.Message(imageMessage=E2E.ImageMessage(caption="menu")))
+    assert location.locationMessage.contextInfo == E2E.ContextInfo(
+        stanzaID="WA-G-1", participant="15552223333@s.whatsapp.net",
+        quotedMessage=E2E.Message(conversation="lunch?"))
+
+
+def test_a_location(make: Any) -> None:
+    backend, _, client = connected(make)
+    backend.send(SendItem("15557654321", "Office", "j1", "location",
+                          {"latitude": -33.8688, "longitude": 151.2093, "name": "Office"}))
+    backend.send(SendItem("15557654321", "", "j2", "location", {"latitude": 0.0, "longitude": 0.5}))
+    assert [m for _, m in client.sent] == [
+        E2E.Message(locationMessage=E2E.LocationMessage(degreesLatitude=-33.8688, degreesLongitude=151.2093,
+                                                        name="Office")),
+        E2E.Message(locationMessage=E2E.LocationMessage(degreesLatitude=0.0, degreesLongitude=0.5)),
+    ]
+    assert client.uploads == []
+
+
+@pytest.mark.parametrize(
+    ("target", "emoji", "key"),
+    [
+        (INBOUND_REF, "👍", MessageKey(remoteJID="15557654321@s.whatsapp.net", fromMe=False, ID="WA-IN-1")),
+        (OWN_REF, "❤️", MessageKey(remoteJID="15557654321@s.whatsapp.net", fromMe=True, ID="3EB0OWN")),
+        (GROUP_REF, "", MessageKey(remoteJID="120363025246125486@g.us", fromMe=False, ID="WA-G-1",
+                                   participant="15552223333@s.whatsapp.net")),  # "": the reaction is removed
+        ({**GROUP_REF, "from": "", "from_me": True},
+         "🎉", MessageKey(remoteJID="120363025246125486@g.us", fromMe=True, ID="WA-G-1")),
+    ],
+    ids=["direct", "own", "group-remove", "group-own"],
+)
+def test_a_reaction_keys_the_message_it_is_to(make: Any, target: dict[str, Any], emoji: str, key: Any) -> None:
+    backend, _, client = connected(make)
+    before = int(time.time() * 1000)
+    backend.send(SendItem(target["chat"], "", "j1", "reaction", {"reaction_to": target["id"], "emoji": emoji},
+                          target=target))
+    ((to, message),) = client.sent
+    reaction = message.reactionMessage
+    assert (to.User, reaction.key, reaction.text) == (target["chat"].split("@")[0], key, emoji)
+    assert before <= reaction.senderTimestampMS <= int(time.time() * 1000)
+    assert [f.name for f, _ in message.ListFields()] == ["reactionMessage"]
+
+
+def test_a_reaction_to_a_message_the_journal_no_longer_has(make: Any) -> None:
+    backend, _, client = connected(make)
+    with pytest.raises(BackendError) as err:
+        backend.send(SendItem("15557654321", "", "j1", "reaction", {"reaction_to": "gone", "emoji": "👍"}))
+    assert err.value.code == "not_found" and "no longer in the journal" in err.value.message
+    assert client.sent == [] and backend._in_flight == 0
+
+
+def test_a_missing_media_file_is_not_found_and_nothing_goes_out(make: Any, media_file: str) -> None:
+    backend, _, client = connected(make)
+    os.unlink(media_file)
+    with pytest.raises(BackendError) as err:
+        backend.send(media_item("image", media_file, mimetype="image/png"))
+    assert err.value.code == "not_found"
+    assert err.value.message == f"media {MEDIA_ID[:12]}… is no longer in the store"
+    with pytest.raises(BackendError) as err:
+        backend.send(media_item("document", None, mimetype="application/pdf"))  # type: ignore[arg-type]
+    assert err.value.code == "not_found" and "no media store" in err.value.message
+    assert client.uploads == [] and client.sent == [] and backend._in_flight == 0
+
+
+def test_media_sends_need_a_connection_and_unknown_types_are_refused(make: Any, media_file: str) -> None:
+    backend, _, client = make()
+    with pytest.raises(BackendError) as err:
+        backend.send(media_item("image", media_file, mimetype="image/png"))
+    assert err.value.code == "not_connected" and client.uploads == []
+    backend, _, client = connected(make)
+    with pytest.raises(BackendError) as err:
+        backend.send(SendItem("15557654321", "", "j1", "poll"))
+    assert err.value.code == "not_implemented"
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "message"),
+    [
+        ('failed to upload media: Post "https://mmg.whatsapp.net/mms/image/x": dial tcp: lookup mmg.whatsapp.net '
+         'on 10.255.255.53:53: no such host', "internal",
+         "media upload failed, nothing was sent: cannot reach WhatsApp: DNS lookup of mmg.whatsapp.net failed "
+         "(no such host)"),
+        # An upload that times out sent nothing: send_failed, never `timeout` (which makes a send uncertain).
+        ("failed to refresh media connections: failed to query media connections: info query timed out",
+         "internal", "media upload failed, nothing was sent: cannot reach WhatsApp: no answer (timed out)"),
+        ("failed to refresh media connections: failed to query media connections: websocket not connected",
+         "not_connected", "not connected to WhatsApp (media upload: failed to refresh media connections: failed "
+                          "to query media connections: websocket not connected)"),
+        ("upload failed with status code 500", "internal",
+         "media upload failed, nothing was sent: upload failed with status code 500"),
+    ],
+)
+def test_an_upload_failure_says_why_and_sends_nothing(make: Any, media_file: str, error: str, code: str,
+                                                      message: str) -> None:
+    backend, _, client = connected(make)
+    client.upload_error = UploadError(error)  # what neonize's upload raises on the Go side's error
+    (outcome,) = backend.send_many([media_item("video", media_file, mimetype="video/mp4")])
+    assert isinstance(outcome, BackendError) and (outcome.code, outcome.message) == (code, message)
+    assert client.sent == [] and backend._in_flight == 0
+
+
+def test_an_upload_during_a_drop_is_not_connected(make: Any, media_file: str) -> None:
+    backend, _, client = connected(make)
+    client.upload_error = UploadError("failed to upload media: Post \"https://mmg.whatsapp.net/x\": EOF")
+    client.hold.clear()
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.extend(
+        backend.send_many([media_item("image", media_file, mimetype="image/png")])))
+    thread.start()
+    wait_for(lambda: backend._in_flight == 2, timeout=5, what="the upload in flight")
+    backend.deliver(client, NZ.Disconnected(status=True))
+    client.hold.set()
+    thread.join(5)
+    assert isinstance(result[0], BackendError) and result[0].code == "not_connected"  # requeued, sent later
+    assert client.sent == []
+
+
+def test_an_upload_that_hangs_is_cut_short_and_stays_counted_until_go_returns(make: Any, media_file: str) -> None:
+    backend, _, client = connected(make, media_timeout=0.2)
+    client.hold.clear()
+    with pytest.raises(BackendError) as err:
+        backend.send(media_item("image", media_file, mimetype="image/png"))
+    assert err.value.code == "internal"
+    assert err.value.message == "media upload: no answer from WhatsApp's media servers within 0.2 s; nothing was sent"
+    assert backend._in_flight == 1 and client.sent == []  # stop() would wait for the Go call still running
+    client.hold.set()
+    wait_for(lambda: backend._in_flight == 0, timeout=5, what="the late upload to return")
+    assert client.sent == []  # its late answer sends nothing
+
+
+def test_the_outbox_journals_each_media_failure_with_its_reason(make: Any, media_file: str, short_tmp: str) -> None:
+    """The outbox contract: a failed upload is send_failed with why (reported, not swallowed); a missing
+    file likewise; an upload that found no connection is queued again; a good one is sent."""
+    backend, _, client = connected(make)
+    journal = J.Journal(os.path.join(short_tmp, "journal.db"))
+    media = {"media": MEDIA_ID, "mimetype": "image/png", "size": 11}
+    for caption in ("dns", "gone", "down", "fine"):
+        fields = {**media, "media": "ef" * 32} if caption == "gone" else media  # not in the store
+        journal.enqueue("acme", "15557654321", caption, None, "control", "image", fields)
+    reports: list[tuple[str, dict[str, Any]]] = []
+    sender = Sender(journal.path, backend, lambda t, d: reports.append((t, d)), os.path.join(short_tmp, "media"))
+    sender.connected = True
+    sender.wakeup.set()  # no retry pause in the test
+    errors = [UploadError("dial tcp: lookup mmg.whatsapp.net: no such host"),  # "dns"
+              UploadError("failed to query media connections: websocket not connected")]  # "down", once
+    upload = client.upload
+
+    def scripted_upload(binary: bytes, media_type: Any = None) -> Any:
+        if errors:
+            raise errors.pop(0)
+        return upload(binary, media_type)
+
+    client.upload = scripted_upload  # type: ignore[method-assign]
+    sender.drain(journal)  # stops at "down": no connection, so it waits for the next drain
+    assert {m.text: m.status for m in journal.recent_outbound(10)} == {
+        "dns": J.SEND_FAILED, "gone": J.SEND_FAILED, "down": J.QUEUED, "fine": J.QUEUED}
+    sender.drain(journal)
+    status = {m.text: (m.status, m.error) for m in journal.recent_outbound(10)}
+    assert status["dns"] == (J.SEND_FAILED, "internal: media upload failed, nothing was sent: cannot reach "
+                                            "WhatsApp: DNS lookup of mmg.whatsapp.net failed (no such host)")
+    assert status["gone"] == (J.SEND_FAILED, f"not_found: media {'ef' * 6}… is no longer in the store")
+    assert status["down"][0] == J.SENT and status["fine"][0] == J.SENT
+    ids = {m.message_id: m.text for m in journal.recent_outbound(10)}
+    failed = {ids[d["message_id"]]: (d["reason"], d["message"]) for t, d in reports if t == "send_failed"}
+    assert failed == {"dns": ("internal", status["dns"][1].removeprefix("internal: ")),
+                      "gone": ("not_found", status["gone"][1].removeprefix("not_found: "))}
+    assert [m.imageMessage.caption for _, m in client.sent] == ["down", "fine"]
+    journal.close()
+
+
+# ---------------------------------------------------------------------------------- inbound media (DESIGN.md §11)
+
+
+def media_keys(**extra: Any) -> dict[str, Any]:
+    return {"URL": "https://mmg.whatsapp.net/d/f/x.enc", "directPath": "/v/t62.7118-24/x.enc",
+            "mediaKey": b"k" * 32, "fileSHA256": bytes(range(32)), "fileEncSHA256": b"e" * 32,
+            "fileLength": 70_000, "mediaKeyTimestamp": 1_700_000_000, **extra}
+
+
+SHA_HEX = bytes(range(32)).hex()
+CONTEXT = E2E.ContextInfo(stanzaID="WA-PREV", participant="15557654321@s.whatsapp.net",
+                          quotedMessage=E2E.Message(conversation="earlier"))
+
+
+@pytest.mark.parametrize(
+    ("message", "expected", "download_field"),
+    [
+        (E2E.Message(imageMessage=E2E.ImageMessage(**media_keys(), mimetype="image/jpeg", caption="menu",
+                                                   JPEGThumbnail=b"t" * 5000)),
+         {"type": "image", "text": "menu", "media": {"mimetype": "image/jpeg", "size": 70_000, "sha256": SHA_HEX}},
+         "imageMessage"),
+        (E2E.Message(videoMessage=E2E.VideoMessage(**media_keys(), mimetype="video/mp4", contextInfo=CONTEXT)),
+         {"type": "video", "text": "", "reply_to": "WA-PREV",
+          "media": {"mimetype": "video/mp4", "size": 70_000, "sha256": SHA_HEX}}, "videoMessage"),
+        (E2E.Message(ptvMessage=E2E.VideoMessage(**media_keys(), mimetype="video/mp4")),
+         {"type": "video", "text": "", "media": {"mimetype": "video/mp4", "size": 70_000, "sha256": SHA_HEX}},
+         "videoMessage"),  # whatsmeow's DownloadAny knows no ptvMessage: the handle holds a videoMessage
+        (E2E.Message(audioMessage=E2E.AudioMessage(**media_keys(), mimetype="audio/ogg; codecs=opus", PTT=True)),
+         {"type": "audio", "text": "",
+          "media": {"mimetype": "audio/ogg; codecs=opus", "size": 70_000, "sha256": SHA_HEX}}, "audioMessage"),
+        (E2E.Message(documentMessage=E2E.DocumentMessage(**media_keys(), mimetype="application/pdf",
+                                                         fileName="invoice.pdf")),
+         {"type": "document", "text": "invoice.pdf",
+          "media": {"mimetype": "application/pdf", "size": 70_000, "filename": "invoice.pdf", "sha256": SHA_HEX}},
+         "documentMessage"),
+        (E2E.Message(documentWithCaptionMessage=E2E.FutureProofMessage(message=E2E.Message(
+            documentMessage=E2E.DocumentMessage(**media_keys(), mimetype="application/pdf", fileName="a.pdf",
+                                                caption="signed", contextInfo=CONTEXT)))),
+         {"type": "document", "text": "signed", "reply_to": "WA-PREV",
+          "media": {"mimetype": "application/pdf", "size": 70_000, "filename": "a.pdf", "sha256": SHA_HEX}},
+         "documentMessage"),
+        (E2E.Message(stickerMessage=E2E.StickerMessage(**media_keys(), mimetype="image/webp")),
+         {"type": "sticker", "text": "", "media": {"mimetype": "image/webp", "size": 70_000, "sha256": SHA_HEX}},
+         "stickerMessage"),
+        (E2E.Message(ephemeralMessage=E2E.FutureProofMessage(message=E2E.Message(
+            viewOnceMessageV2=E2E.FutureProofMessage(message=E2E.Message(
+                imageMessage=E2E.ImageMessage(**media_keys(), mimetype="image/jpeg", viewOnce=True)))))),
+         {"type": "image", "text": "", "media": {"mimetype": "image/jpeg", "size": 70_000, "sha256": SHA_HEX}},
+         "imageMessage"),
+    ],
+    ids=["image", "video-reply", "ptv", "voice", "document", "document-with-caption", "sticker", "view-once"],
+)
+def test_inbound_media_announces_itself_with_a_handle(make: Any, message: Any, expected: dict[str, Any],
+                                                      download_field: str) -> None:
+    backend, reports, client = connected(make)
+    backend.deliver(client, message_event(message))
+    (report,) = reports.of("message")
+    handle = report.pop("_fetch")
+    assert report == {"id": "3EB0MSG1", "chat": "15557654321", "from": "15557654321", "push_name": "Ana",
+                      "ts": 1_700_000_000.5, "is_group": False, **expected}
+    json.dumps(handle)  # journaled with the message: JSON, and small (no thumbnail, no quote)
+    held = E2E.Message.FromString(base64.b64decode(handle["message"]))
+    assert [f.name for f, _ in held.ListFields()] == [download_field]
+    assert getattr(held, download_field) == type(getattr(held, download_field))(
+        **media_keys(), mimetype=expected["media"]["mimetype"])
+    assert len(handle["message"]) < 400
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        (E2E.Message(locationMessage=E2E.LocationMessage(degreesLatitude=52.52, degreesLongitude=13.405,
+                                                         name="Office", JPEGThumbnail=b"map")),
+         {"type": "location", "text": "Office", "latitude": 52.52, "longitude": 13.405, "name": "Office"}),
+        (E2E.Message(locationMessage=E2E.LocationMessage(degreesLatitude=-1.5, degreesLongitude=0.0)),
+         {"type": "location", "text": "-1.5,0.0", "latitude": -1.5, "longitude": 0.0}),
+        (E2E.Message(reactionMessage=E2E.ReactionMessage(
+            key=MessageKey(remoteJID="15557654321@s.whatsapp.net", fromMe=True, ID="3EB0OURS"), text="👍")),
+         {"type": "reaction", "text": "👍", "reaction_to": "3EB0OURS", "emoji": "👍"}),
+        (E2E.Message(reactionMessage=E2E.ReactionMessage(key=MessageKey(ID="3EB0OURS"), text="")),
+         {"type": "reaction", "text": "", "reaction_to": "3EB0OURS", "emoji": ""}),  # the reaction was removed
+        (E2E.Message(extendedTextMessage=E2E.ExtendedTextMessage(text="yes please", contextInfo=CONTEXT)),
+         {"type": "text", "text": "yes please", "reply_to": "WA-PREV"}),
+    ],
+    ids=["location", "location-bare", "reaction", "reaction-removed", "reply"],
+)
+def test_inbound_locations_reactions_and_replies(make: Any, message: Any, expected: dict[str, Any]) -> None:
+    backend, reports, client = connected(make)
+    backend.deliver(client, message_event(message))
+    assert reports.of("message") == [{"id": "3EB0MSG1", "chat": "15557654321", "from": "15557654321",
+                                      "push_name": "Ana", "ts": 1_700_000_000.5, "is_group": False, **expected}]
+
+
+def fetch_handle(message: Any) -> dict[str, Any]:
+    return {"message": base64.b64encode(message.SerializeToString()).decode(), "kind": "documentMessage"}
+
+
+HANDLE = fetch_handle(E2E.Message(documentMessage=E2E.DocumentMessage(**media_keys(), mimetype="application/pdf")))
+
+
+def test_fetch_media_writes_the_download_in_slices_of_one_mib(make: Any) -> None:
+    backend, _, client = connected(make)
+    payload = os.urandom(2 * nb.CHUNK + 12345)
+    client.download_result = payload
+    chunks: list[Any] = []
+    backend.fetch_media(HANDLE, chunks.append)
+    assert [len(c) for c in chunks] == [nb.CHUNK, nb.CHUNK, 12345]
+    assert all(isinstance(c, memoryview) and c.obj is payload for c in chunks)  # slices of the one copy
+    assert b"".join(chunks) == payload
+    assert client.downloads == [E2E.Message.FromString(base64.b64decode(HANDLE["message"]))]
+    assert backend._in_flight == 0
+    client.download_result = b""
+    chunks.clear()
+    backend.fetch_media(HANDLE, chunks.append)
+    assert chunks == []  # an empty file writes nothing
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "message"),
+    [
+        ("download failed with status code 404", "not_found",
+         "the media is no longer on WhatsApp's servers (expired or deleted)"),
+        ("download failed with status code 410", "not_found",
+         "the media is no longer on WhatsApp's servers (expired or deleted)"),
+        ("failed to refresh media connections: websocket not connected", "not_connected",
+         "not connected to WhatsApp (media download: failed to refresh media connections: websocket not connected)"),
+        ('failed to download media: Get "https://mmg.whatsapp.net/d/f/x.enc": context deadline exceeded', "timeout",
+         "media download: no answer from WhatsApp (context deadline exceeded)"),
+        ("invalid media hmac", "internal", "media download failed: invalid media hmac"),
+        ("didn't find any attachments in message", "bad_request", "the message holds no media to download"),
+        ('Get "https://mmg.whatsapp.net/d/f/x.enc": dial tcp: lookup mmg.whatsapp.net: no such host', "internal",
+         "media download failed: cannot reach WhatsApp: DNS lookup of mmg.whatsapp.net failed (no such host)"),
+    ],
+)
+def test_fetch_media_failures(make: Any, error: str, code: str, message: str) -> None:
+    backend, _, client = connected(make)
+    client.download_result = DownloadError(error)  # what neonize's download_any raises
+    chunks: list[Any] = []
+    with pytest.raises(BackendError) as err:
+        backend.fetch_media(HANDLE, chunks.append)
+    assert (err.value.code, err.value.message) == (code, message)
+    assert chunks == [] and backend._in_flight == 0
+
+
+def test_fetch_media_needs_a_connection_and_a_handle(make: Any) -> None:
+    backend, _, client = make()
+    with pytest.raises(BackendError) as err:
+        backend.fetch_media(HANDLE, lambda _: None)
+    assert err.value.code == "not_connected" and client.downloads == []
+    backend, _, client = connected(make)
+    not_a_message = base64.b64encode(b"\xff\xff").decode()
+    for bad in (None, {"id": "3EB0MSG1"}, {"message": "%%% not base64"}, {"message": not_a_message}):
+        with pytest.raises(BackendError) as err:
+            backend.fetch_media(bad, lambda _: None)
+        assert err.value.code == "bad_request" and "not a neonize media handle" in err.value.message
+    assert client.downloads == [] and backend._in_flight == 0
+
+
+def test_fetch_media_that_hangs_times_out(make: Any) -> None:
+    backend, _, client = connected(make, media_timeout=0.2)
+    client.hold.clear()
+    client.download_result = b"late"
+    chunks: list[Any] = []
+    with pytest.raises(BackendError) as err:
+        backend.fetch_media(HANDLE, chunks.append)
+    assert (err.value.code, err.value.message) == ("timeout", "no media from WhatsApp within 0.2 s")
+    assert backend._in_flight == 1  # Go is still downloading: stop() waits for it (bounded)
+    client.hold.set()
+    wait_for(lambda: backend._in_flight == 0, timeout=5, what="the late download to return")
+    assert chunks == []  # its late bytes go nowhere
 
 
 # ---------------------------------------------------------------------------------- store, options

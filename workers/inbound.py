@@ -1,9 +1,12 @@
 """Inbound messages: the one normalization both backends use, so consumers see one shape.
 
 The `message` report (workers/backend.py) is ``{"id", "chat", "from", "push_name", "type", "text",
-"ts", "is_group"}``. The `sim` backend hands plain text; the `neonize` backend hands WhatsApp's
-``Message`` protobuf (waE2E), read here by duck typing (``HasField`` / ``ListFields``) so this
-module never imports neonize: the supervisor and the `sim` workers must not load its Go runtime.
+"ts", "is_group"}``, plus the DESIGN.md §11 fields a message of its kind carries (`message_extras`):
+``reply_to``, ``latitude``/``longitude``/``name``, ``reaction_to``/``emoji``, and for media ``media``
+and ``_fetch`` (what the neonize backend downloads it by). The `sim` backend hands plain text; the
+`neonize` backend hands WhatsApp's ``Message`` protobuf (waE2E), read here by duck typing
+(``HasField`` / ``ListFields``) so this module never imports neonize: the supervisor and the `sim`
+workers must not load its Go runtime.
 
 Choices made here, for every backend alike:
 
@@ -22,6 +25,7 @@ Choices made here, for every backend alike:
 
 from __future__ import annotations
 
+import base64
 import time
 from typing import Any
 
@@ -83,6 +87,17 @@ NOT_CONTENT = frozenset(
         "chat",
     }
 )
+# Media a person sends; the worker downloads it after journaling the message (DESIGN.md §11).
+MEDIA_FIELDS = frozenset(
+    {"imageMessage", "videoMessage", "ptvMessage", "audioMessage", "documentMessage", "stickerMessage"}
+)
+# whatsmeow's DownloadAny looks at five fields only; a round video note (ptv) is a VideoMessage.
+DOWNLOAD_AS = {"ptvMessage": "videoMessage"}
+# What whatsmeow's Download reads of a media message: the handle keeps these, not the thumbnail or the
+# quoted message (it is journaled with the message, so it stays small).
+DOWNLOAD_KEYS = ("URL", "directPath", "mediaKey", "fileSHA256", "fileEncSHA256", "fileLength", "mimetype",
+                 "mediaKeyTimestamp")
+LOCATION_FIELDS = frozenset({"locationMessage", "liveLocationMessage"})
 
 
 def phone_from_jid(jid: Any) -> str:
@@ -114,32 +129,98 @@ def epoch_seconds(ts: Any) -> float:
 
 def message_content(message: Any) -> tuple[str, str] | None:
     """``(type, text)`` of a WhatsApp ``Message`` protobuf; None when it is not a person's message."""
-    return _content(message, 0)
+    found = _locate(message, 0)
+    return None if found is None else _kind_and_text(found[1], found[2])
 
 
-def _content(message: Any, depth: int) -> tuple[str, str] | None:
+def message_extras(message: Any) -> dict[str, Any]:
+    """The §11 fields of a WhatsApp ``Message`` protobuf beyond type and text: ``reply_to``, a location's
+    ``latitude``/``longitude``/``name``, a reaction's ``reaction_to``/``emoji``, and for media ``media``
+    ``{mimetype, size, filename?, sha256?}`` with ``_fetch`` (`media_handle`). Empty for plain text."""
+    found = _locate(message, 0)
+    return {} if found is None else _extras(*found)
+
+
+def _locate(message: Any, depth: int) -> tuple[Any, str, Any] | None:
+    """The content of a message: (the ``Message`` holding it, its field name, its value), wrappers
+    (ephemeral, view-once, document-with-caption, ...) opened; None for protocol traffic."""
     if depth > MAX_WRAPPING:
         return None
-    unknown: str | None = None
+    unknown: tuple[str, Any] | None = None
     wrapped: Any = None
     for field, value in message.ListFields():
         name = field.name
-        if name == "conversation":
-            return "text", str(value)
-        if name in KINDS:
-            kind, text_fields = KINDS[name]
-            return kind, _text_of(name, value, text_fields)
+        if name == "conversation" or name in KINDS:
+            return message, name, value
         if name in NOT_CONTENT:
             continue
         if wrapped is None and _has(value, "message"):
             wrapped = value.message  # FutureProofMessage / DeviceSentMessage: the content is inside
         elif unknown is None:
-            unknown = name
+            unknown = name, value
     if wrapped is not None:
-        return _content(wrapped, depth + 1)
+        return _locate(wrapped, depth + 1)
     if unknown is not None:
-        return _kind_name(unknown), ""
+        return message, unknown[0], unknown[1]
     return None
+
+
+def _kind_and_text(name: str, value: Any) -> tuple[str, str]:
+    if name == "conversation":
+        return "text", str(value)
+    if name in KINDS:
+        kind, text_fields = KINDS[name]
+        return kind, _text_of(name, value, text_fields)
+    return _kind_name(name), ""
+
+
+def _extras(holder: Any, name: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if name == "conversation":
+        return out
+    if _has(value, "contextInfo") and value.contextInfo.stanzaID:
+        out["reply_to"] = str(value.contextInfo.stanzaID)
+    if name in LOCATION_FIELDS:
+        if _has(value, "degreesLatitude") and _has(value, "degreesLongitude"):
+            out["latitude"] = float(value.degreesLatitude)
+            out["longitude"] = float(value.degreesLongitude)
+        if getattr(value, "name", ""):
+            out["name"] = str(value.name)
+    elif name == "reactionMessage":
+        if _has(value, "key") and value.key.ID:
+            out["reaction_to"] = str(value.key.ID)
+        out["emoji"] = str(value.text)  # empty: the reaction was removed
+    elif name in MEDIA_FIELDS:
+        out["media"] = media_info(name, value)
+        out["_fetch"] = media_handle(holder, name, value)
+    return out
+
+
+def media_info(name: str, value: Any) -> dict[str, Any]:
+    """What a media message announces: ``{mimetype, size, filename?, sha256?}`` (sha256 in hex, as the
+    store names files; the worker checks the downloaded bytes against it)."""
+    info: dict[str, Any] = {
+        "mimetype": str(value.mimetype) if _has(value, "mimetype") else None,
+        "size": int(value.fileLength) if _has(value, "fileLength") else None,
+    }
+    if name == "documentMessage" and getattr(value, "fileName", ""):
+        info["filename"] = str(value.fileName)
+    digest = bytes(value.fileSHA256) if _has(value, "fileSHA256") else b""
+    if digest:
+        info["sha256"] = digest.hex()
+    return info
+
+
+def media_handle(holder: Any, name: str, value: Any) -> dict[str, str]:
+    """A JSON-safe handle to download a media message by later: a ``Message`` holding just its download
+    keys (serialized, base64) in a field whatsmeow's DownloadAny reads, and the field it came in."""
+    keys = type(value)()
+    for key in DOWNLOAD_KEYS:
+        if _has(value, key):
+            setattr(keys, key, getattr(value, key))
+    message = type(holder)()
+    getattr(message, DOWNLOAD_AS.get(name, name)).CopyFrom(keys)
+    return {"message": base64.b64encode(message.SerializeToString()).decode("ascii"), "kind": name}
 
 
 def _text_of(name: str, value: Any, fields: tuple[str, ...]) -> str:
@@ -182,20 +263,23 @@ def normalize_message(
 ) -> dict[str, Any] | None:
     """The `message` report for one inbound message, or None when it must not be reported.
 
-    `content` is the text (str) or a WhatsApp ``Message`` protobuf; `chat`/`sender` are JIDs
-    (strings or protobufs) or phone digits. None: own messages, protocol traffic, broadcasts.
+    `content` is the text (str) or a WhatsApp ``Message`` protobuf (whose §11 fields are added, see
+    `message_extras`); `chat`/`sender` are JIDs (strings or protobufs) or phone digits. None: own
+    messages, protocol traffic, broadcasts.
     """
     if from_me:
         return None
+    extras: dict[str, Any] = {}
     if isinstance(content, str):
         kind, text = "text", content
     elif content is None:
         return None
     else:
-        found = message_content(content)
+        found = _locate(content, 0)
         if found is None:
             return None
-        kind, text = found
+        kind, text = _kind_and_text(found[1], found[2])
+        extras = _extras(*found)
     chat_id = phone_from_jid(chat)
     if chat_id == STATUS_CHAT or chat_id.endswith("@" + NEWSLETTER_SERVER):
         return None
@@ -211,4 +295,5 @@ def normalize_message(
         "text": text,
         "ts": epoch_seconds(ts),
         "is_group": bool(is_group),
+        **extras,
     }

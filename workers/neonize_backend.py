@@ -19,14 +19,26 @@ What it is built around (DESIGN.md §1, §3):
   ``stop()`` runs them on helper threads with a time bound, and the thread neonize starts for
   ``connect()`` is made a daemon, so a stuck dial never holds the worker process at exit.
 
+Rich messages and media (DESIGN.md §11): a media send reads its file from the store once, uploads it
+(``client.upload``) and sends the waE2E message built here from the upload's keys — not neonize's
+``build_*_message`` helpers, which need ffmpeg (video, audio), replace the stored mimetype with
+libmagic's guess and quote only a whole neonize event (we keep a journal row). An upload that fails
+has sent nothing: ``send_failed`` with the reason (``not_connected``, which requeues, only when the
+connection is down). Inbound media is announced with a handle (`workers.inbound.media_handle`) and
+downloaded later by ``fetch_media`` (``client.download_any``), bounded in time.
+
 Options (``ctx.options``): ``pairing_timeout`` (s, 170), ``connect_timeout`` (s, 60), ``store``
 (a ``postgres://`` URL, one database per company — schemas do not work; default the SQLite file
-``<session_dir>/whatsapp.db``, 0600), ``proxy`` (``http://``/``socks5://`` URL for whatsmeow).
+``<session_dir>/whatsapp.db``, 0600), ``proxy`` (``http://``/``socks5://`` URL for whatsmeow),
+``media_timeout`` (s, 300: the bound on one media upload or download).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ctypes
+import io
 import logging
 import os
 import re
@@ -37,7 +49,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from ipc import states
-from ipc.errors import BAD_REQUEST, INTERNAL, INVALID_PHONE, NOT_CONNECTED, NOT_IMPLEMENTED, TIMEOUT
+from ipc.errors import BAD_REQUEST, INTERNAL, INVALID_PHONE, NOT_CONNECTED, NOT_FOUND, NOT_IMPLEMENTED, TIMEOUT
+from ipc.mediastore import CHUNK
 from ipc.states import State
 from ipc.validation import mask_phone
 from workers.backend import Backend, BackendError, Emit, Phase, SendItem, WorkerContext
@@ -52,6 +65,27 @@ STOP_WAIT = 2.0  # bound on neonize's Stop (it blocks for the length of a dial i
 LOGOUT_WAIT = 10.0  # bound on unlinking the device on WhatsApp's side
 DRAIN_WAIT = 1.0  # Go calls in flight may finish before Stop rewrites neonize's client map
 DEVICE_NAME = "waport"  # how the linked device is listed on the phone
+MEDIA_TIMEOUT = 300.0  # bound on one media upload or download (64 MiB over a slow link)
+
+# send type -> (waE2E.Message field, its protobuf class, neonize MediaType: the upload's encryption keys)
+MEDIA_SENDS: dict[str, tuple[str, str, str]] = {
+    "image": ("imageMessage", "ImageMessage", "MediaImage"),
+    "video": ("videoMessage", "VideoMessage", "MediaVideo"),
+    "audio": ("audioMessage", "AudioMessage", "MediaAudio"),
+    "document": ("documentMessage", "DocumentMessage", "MediaDocument"),
+}
+CAPTIONED = frozenset({"image", "video", "document"})  # AudioMessage has no caption
+# The quoted message a reply shows, rebuilt from what the journal keeps (type, text): field, text field.
+QUOTED_AS: dict[str, tuple[str, str | None]] = {
+    "image": ("imageMessage", "caption"),
+    "video": ("videoMessage", "caption"),
+    "audio": ("audioMessage", None),
+    "document": ("documentMessage", "caption"),
+    "sticker": ("stickerMessage", None),
+    "location": ("locationMessage", "name"),
+}
+THUMB_EDGE = 72  # px: the JPEG preview an image message carries (neonize's helper uses 200; WhatsApp ~72)
+THUMB_MAX_PIXELS = 40_000_000  # bigger images go without a preview rather than a long decode
 
 # neonize event class (neonize.events) -> handler method, by the protobuf's class name.
 EVENTS: dict[str, tuple[str, str]] = {
@@ -98,16 +132,17 @@ def load_neonize() -> SimpleNamespace:
     global _NZ
     with _NZ_LOCK:
         if _NZ is None:
-            # Text only: media helpers (ffmpeg) are not used; their warning is noise.
+            # neonize's media helpers (ffmpeg) are not used (see the module's docstring); their warning is noise.
             logging.getLogger("neonize.utils.ffmpeg").setLevel(logging.ERROR)
             import neonize.client as nz_client
             from neonize import events
             from neonize._binder import ProxySettings
             from neonize.exc import NeonizeError
             from neonize.proto.Neonize_pb2 import JID
+            from neonize.proto.waCommon.WACommon_pb2 import MessageKey
             from neonize.proto.waCompanionReg.WAWebProtobufsCompanionReg_pb2 import DeviceProps
-            from neonize.proto.waE2E.WAWebProtobufsE2E_pb2 import Message
-            from neonize.utils.enum import ChatPresence, ChatPresenceMedia, ReceiptType
+            from neonize.proto.waE2E import WAWebProtobufsE2E_pb2 as e2e
+            from neonize.utils.enum import ChatPresence, ChatPresenceMedia, MediaType, ReceiptType
 
             nz_client.Thread = _DaemonThread
             # whatsmeow filters at this level in Go (from neonize's logger): no debug chatter
@@ -115,7 +150,8 @@ def load_neonize() -> SimpleNamespace:
             logging.getLogger("neonize.utils.log").setLevel(max(logging.DEBUG, log.getEffectiveLevel()))
             _NZ = SimpleNamespace(
                 NewClient=nz_client.NewClient, events=events, ProxySettings=ProxySettings,
-                NeonizeError=NeonizeError, JID=JID, DeviceProps=DeviceProps, Message=Message,
+                NeonizeError=NeonizeError, JID=JID, DeviceProps=DeviceProps, Message=e2e.Message, E2E=e2e,
+                MessageKey=MessageKey, MediaType=MediaType,
                 ChatPresence=ChatPresence, ChatPresenceMedia=ChatPresenceMedia, ReceiptType=ReceiptType,
             )  # fmt: skip
         return _NZ
@@ -187,6 +223,7 @@ class NeonizeBackend(Backend):
         options = ctx.options
         self.pairing_timeout = _positive(options, "pairing_timeout", PAIRING_TIMEOUT)
         self.connect_timeout = _positive(options, "connect_timeout", CONNECT_TIMEOUT)
+        self.media_timeout = _positive(options, "media_timeout", MEDIA_TIMEOUT)
         store = options.get("store") or ""
         if not isinstance(store, str) or (store and not store.startswith(("postgres://", "postgresql://"))):
             raise ValueError("option store must be a postgres:// URL (one database per company) or empty for SQLite")
@@ -252,17 +289,49 @@ class NeonizeBackend(Backend):
             thread.join(1.0)
 
     def send(self, item: SendItem) -> dict[str, Any]:
-        """Send a message; `message_id` cannot be honoured (whatsmeow makes its own: the one returned)."""
-        if item.type != "text":
-            raise BackendError(NOT_IMPLEMENTED, f"the neonize backend cannot send a {item.type} yet")
+        """Send a message of any §11 type; `message_id` cannot be honoured (whatsmeow makes its own: the
+        one returned). Building it (reading and uploading media) fails before anything can go out."""
+        if item.type not in ("text", "location", "reaction", *MEDIA_SENDS):
+            raise BackendError(NOT_IMPLEMENTED, f"the neonize backend cannot send a {item.type}")
         client, nz = self._enter(need=states.CONNECTED)
         try:
-            response = client.send_message(self._jid(nz, item.to), nz.Message(conversation=item.text))
-        except Exception as exc:  # noqa: BLE001 - NeonizeError and friends become protocol errors
-            raise _send_error(exc) from None
+            try:
+                message = self._build(client, nz, item)
+            except BackendError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug or bad fields: nothing went out, so not uncertain
+                log.error("cannot build a %s message: %r", item.type, exc)
+                raise BackendError(INTERNAL, f"cannot build the {item.type} message: {exc!r}") from None
+            try:
+                response = client.send_message(self._jid(nz, item.to), message)
+            except Exception as exc:  # noqa: BLE001 - NeonizeError and friends become protocol errors
+                raise _send_error(exc) from None
         finally:
             self._leave()
         return {"message_id": str(response.ID), "ts": epoch_seconds(response.Timestamp)}
+
+    def fetch_media(self, handle: Any, write: Callable[[bytes], None]) -> None:
+        """Download an inbound message's media (`handle`: its `_fetch`) with neonize's ``download_any``,
+        bounded by `media_timeout`; the bytes go to `write` as slices of at most 1 MiB, not copied."""
+        raw = _handle_bytes(handle)
+        client, nz = self._enter(need=states.CONNECTED)
+        try:
+            try:
+                message = nz.Message.FromString(raw)
+            except Exception:  # noqa: BLE001 - protobuf's DecodeError and friends
+                raise BackendError(BAD_REQUEST, "not a neonize media handle (the message does not parse)") from None
+            finished, result = self._go_bounded(lambda: client.download_any(message), "neonize-download")
+        finally:
+            self._leave()
+        if not finished:
+            raise BackendError(TIMEOUT, f"no media from WhatsApp within {self.media_timeout:g} s")
+        if isinstance(result, Exception):
+            raise self._media_error(result, "download") from None
+        if not isinstance(result, (bytes, bytearray)):
+            raise BackendError(INTERNAL, f"neonize returned {type(result).__name__}, not the media's bytes")
+        view = memoryview(result)
+        for start in range(0, len(view), CHUNK):
+            write(view[start:start + CHUNK])  # type: ignore[arg-type] - a slice of the one copy, as bytes-like
 
     def mark_read(self, chat: str, message_ids: list[str], senders: dict[str, str]) -> None:
         """Read receipts, one call per sender (whatsmeow needs the sender of a group's messages; in a
@@ -445,6 +514,132 @@ class NeonizeBackend(Backend):
         with self._lock:
             self._in_flight -= 1
             self._idle.notify_all()
+
+    def _go_bounded(self, fn: Callable[[], Any], name: str) -> tuple[bool, Any]:
+        """A Go call bounded by `media_timeout` that stays counted in flight until Go returns, also when
+        we stop waiting for it (stop() lets calls in flight finish before neonize's Stop)."""
+        with self._lock:
+            self._in_flight += 1
+
+        def run() -> Any:
+            try:
+                return fn()
+            finally:
+                self._leave()
+
+        return _bounded(run, self.media_timeout, name)
+
+    # ------------------------------------------------------------------ building messages to send
+
+    def _build(self, client: Any, nz: SimpleNamespace, item: SendItem) -> Any:
+        """The waE2E.Message of one send, with the quote of `reply_to` (media: read and uploaded here)."""
+        e2e = nz.E2E
+        context = self._quote(nz, item.quoted) if item.quoted is not None else None
+        if item.type == "text":
+            if context is None:
+                return nz.Message(conversation=item.text)
+            return nz.Message(extendedTextMessage=e2e.ExtendedTextMessage(text=item.text, contextInfo=context))
+        if item.type == "location":
+            location = e2e.LocationMessage(degreesLatitude=float(item.fields["latitude"]),
+                                           degreesLongitude=float(item.fields["longitude"]))  # fmt: skip
+            name = item.fields.get("name") or item.text
+            if name:
+                location.name = name
+            if context is not None:
+                location.contextInfo.CopyFrom(context)
+            return nz.Message(locationMessage=location)
+        if item.type == "reaction":
+            return nz.Message(reactionMessage=self._reaction(nz, item))  # a reaction quotes nothing
+        field, proto, media_type = MEDIA_SENDS[item.type]
+        data = _read_media(item)
+        upload = self._upload(client, data, getattr(nz.MediaType, media_type))
+        media = getattr(e2e, proto)(
+            URL=upload.url, directPath=upload.DirectPath, mediaKey=upload.MediaKey,
+            fileEncSHA256=upload.FileEncSHA256, fileSHA256=upload.FileSHA256, fileLength=upload.FileLength,
+            mimetype=_send_mimetype(item),
+        )  # fmt: skip
+        if item.text and item.type in CAPTIONED:
+            media.caption = item.text
+        if item.type == "document" and item.fields.get("filename"):
+            media.fileName = item.fields["filename"]
+        if item.type == "audio" and item.fields.get("voice"):
+            media.PTT = True
+        if item.type == "image" and (preview := image_preview(data)) is not None:
+            media.JPEGThumbnail, media.width, media.height = preview
+        if context is not None:
+            media.contextInfo.CopyFrom(context)
+        message = nz.Message()
+        getattr(message, field).CopyFrom(media)
+        return message
+
+    def _upload(self, client: Any, data: bytes, media_type: Any) -> Any:
+        """Encrypt and upload to WhatsApp's media servers; nothing has gone to the recipient yet."""
+        finished, result = self._go_bounded(lambda: client.upload(data, media_type), "neonize-upload")
+        if not finished:
+            raise BackendError(INTERNAL, f"media upload: no answer from WhatsApp's media servers within "
+                                         f"{self.media_timeout:g} s; nothing was sent")  # fmt: skip
+        if isinstance(result, Exception):
+            raise self._media_error(result, "upload") from None
+        return result
+
+    def _media_error(self, exc: Exception, what: str) -> BackendError:
+        """An upload or download failure: not_connected only when the connection is down (an upload that
+        fails sent nothing, so it is never `timeout`, which would make the send uncertain)."""
+        message = " ".join((str(exc) or type(exc).__name__).split())
+        low = message.lower()
+        with self._lock:
+            down = self.phase != states.CONNECTED or self._stopping.is_set()
+        if down or "not connected" in low or "not logged in" in low:
+            return BackendError(NOT_CONNECTED, f"not connected to WhatsApp (media {what}: {message})")
+        if what == "upload":
+            return BackendError(INTERNAL, f"media upload failed, nothing was sent: {describe_connect_error(message)}")
+        if re.search(r"status code (404|410)\b", low):
+            return BackendError(NOT_FOUND, "the media is no longer on WhatsApp's servers (expired or deleted)")
+        if "didn't find any attachments" in low:
+            return BackendError(BAD_REQUEST, "the message holds no media to download")
+        if "timed out" in low or "deadline exceeded" in low or "timeout" in low:
+            return BackendError(TIMEOUT, f"media download: no answer from WhatsApp ({_tail(message)})")
+        return BackendError(INTERNAL, f"media download failed: {describe_connect_error(message)}")
+
+    def _quote(self, nz: SimpleNamespace, quoted: dict[str, Any]) -> Any:
+        """The ContextInfo of a reply: WhatsApp's id of the quoted message, its author, and a copy of it
+        rebuilt from the journal (its type and text) for the preview the recipient sees."""
+        e2e = nz.E2E
+        author = self._author(quoted)
+        kind, text = str(quoted.get("type") or "text"), str(quoted.get("text") or "")
+        field, text_field = QUOTED_AS.get(kind, ("conversation", None))
+        if field == "conversation":
+            shown = e2e.Message(conversation=text)
+        else:
+            shown = e2e.Message()
+            part = getattr(shown, field)
+            part.SetInParent()
+            if text_field and text:
+                setattr(part, text_field, text)
+        context = e2e.ContextInfo(stanzaID=str(quoted["id"]), quotedMessage=shown)
+        if author:
+            context.participant = author
+        return context
+
+    def _author(self, ref: dict[str, Any]) -> str:
+        """The JID of who wrote a journaled message: us (own number), else its sender, else its chat."""
+        if ref.get("from_me"):
+            return _jid_string(self.phone) if self.phone else ""
+        return _jid_string(str(ref.get("from") or ref.get("chat") or ""))
+
+    def _reaction(self, nz: SimpleNamespace, item: SendItem) -> Any:
+        """A reactionMessage keyed as whatsmeow's BuildMessageKey does: the chat, fromMe, WhatsApp's id,
+        and in a group the author of a message that is not ours."""
+        target = item.target
+        if target is None:
+            raise BackendError(NOT_FOUND, "the message to react to is no longer in the journal")
+        chat = _jid_string(str(target.get("chat") or item.to))
+        from_me = bool(target.get("from_me"))
+        key = nz.MessageKey(remoteJID=chat, fromMe=from_me, ID=str(target["id"]))
+        if not from_me and chat.partition("@")[2] not in PERSONAL_SERVERS and target.get("from"):
+            key.participant = _jid_string(str(target["from"]))
+        return nz.E2E.ReactionMessage(key=key, text=str(item.fields.get("emoji") or ""),
+                                      senderTimestampMS=int(time.time() * 1000))  # fmt: skip
 
     @staticmethod
     def _jid(nz: SimpleNamespace, to: str) -> Any:
@@ -662,6 +857,67 @@ def _own_phone(client: Any) -> str:
         except Exception:  # noqa: BLE001 - the phone is a nicety in the state report
             return ""
     return str(me.JID.User) if me is not None and me.HasField("JID") else ""
+
+
+PERSONAL_SERVERS = PHONE_SERVERS | {"lid"}  # one-to-one chats: a reaction's key names no participant
+
+
+def _jid_string(who: str) -> str:
+    """A JID as WhatsApp writes it in keys and quotes: phone digits on s.whatsapp.net, others whole."""
+    user, at, server = who.partition("@")
+    return f"{user.split(':', 1)[0]}@{server}" if at else f"{who}@s.whatsapp.net" if who else ""
+
+
+def _read_media(item: SendItem) -> bytes:
+    """The stored file of a media send, read once."""
+    media = str(item.fields.get("media") or "")[:12]
+    if not item.media_path:
+        raise BackendError(NOT_FOUND, f"media {media}… cannot be read: this worker has no media store")
+    try:
+        with open(item.media_path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise BackendError(NOT_FOUND, f"media {media}… is no longer in the store") from None
+    except OSError as exc:
+        raise BackendError(INTERNAL, f"media {media}… cannot be read: {exc.strerror or exc}") from None
+
+
+def _send_mimetype(item: SendItem) -> str:
+    """The stored type; a voice note is Opus in Ogg, which WhatsApp's apps want named with its codec."""
+    mimetype = str(item.fields.get("mimetype") or "application/octet-stream")
+    if item.type == "audio" and item.fields.get("voice") and mimetype == "audio/ogg":
+        return "audio/ogg; codecs=opus"
+    return mimetype
+
+
+def image_preview(data: bytes) -> tuple[bytes, int, int] | None:
+    """(JPEG thumbnail, width, height) of an image, shown before it is downloaded; None when Pillow (a
+    neonize dependency) cannot read it or it is too large to decode quickly: the image goes without."""
+    try:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width * height > THUMB_MAX_PIXELS:
+                return None
+            img.draft("RGB", (THUMB_EDGE, THUMB_EDGE))  # JPEG: decode at a reduced scale
+            img.thumbnail((THUMB_EDGE, THUMB_EDGE))
+            out = io.BytesIO()
+            img.convert("RGB").save(out, format="JPEG", quality=60)
+        return out.getvalue(), width, height
+    except Exception:  # noqa: BLE001 - a preview is a nicety; the image is sent without one
+        return None
+
+
+def _handle_bytes(handle: Any) -> bytes:
+    """The serialized message a `_fetch` handle (`workers.inbound.media_handle`) carries."""
+    encoded = handle.get("message") if isinstance(handle, dict) else None
+    if not isinstance(encoded, str) or not encoded:
+        raise BackendError(BAD_REQUEST, "not a neonize media handle (no message to download the media of)")
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise BackendError(BAD_REQUEST, "not a neonize media handle (bad base64)") from None
 
 
 def _send_error(exc: Exception) -> BackendError:

@@ -24,6 +24,7 @@ RUNS = {
     "http": ["bench_http.py", "--companies", "100"],
     "webhooks": ["bench_webhooks.py", "--companies", "20"],
     "media": ["bench_media.py", "--companies", "100", "--messages", "4000"],
+    "neonize_download": ["bench_neonize_download.py", "--mib", "64"],
     "supervisord": ["bench_supervisord.py", "--workers", "500"],
 }
 
@@ -61,6 +62,10 @@ def write_markdown() -> str:
              "what the workers read per image beyond a text (/proc/PID/io), over the file's size (1.0: the store",
              "file read once; zmq sends its slices with copy=False); `receive_50mib` is one sim worker",
              "downloading a 50 MiB document into the store: its peak RSS (VmHWM) before and after.",
+             "",
+             "`neonize_download`: what neonize's `download_any` copies in Python for a 64 MiB file, on a C",
+             "buffer laid out as its Go side returns it (only the Go call is stood in for: no network here);",
+             "`worst_one_download_mib` adds an idle neonize worker and an estimated Go heap of 2x the file.",
              "",
              "`host_speed_kops` (every benchmark): thousands of JSON round trips per second on one core, timed",
              "right after the run. The same VM type is 10-20% slower on some days than on others; compare",
