@@ -145,6 +145,9 @@ class Backend(abc.ABC):
         """Show `composing`, `recording` or `paused` to `chat`."""
         raise BackendError(NOT_IMPLEMENTED, f"the {type(self).__name__} cannot show typing")
 
+    # Downloads at once (workers/mediafetch.py): each may hold its file in memory while it runs.
+    download_concurrency = 2
+
     def fetch_media(self, handle: Any, write: Callable[[bytes], None]) -> None:
         """Download an inbound message's media (`handle`: its `_fetch`), passing the bytes to `write` in
         chunks of at most 1 MiB; blocking, bounded in time; raise `BackendError`."""

@@ -25,7 +25,6 @@ PENDING = "pending"
 ATTEMPTS = 3
 PAUSES = (0.5, 2.0)  # seconds between attempts
 FINAL = frozenset({NOT_IMPLEMENTED, NOT_FOUND, BAD_REQUEST, MEDIA_TOO_LARGE})  # trying again changes nothing
-THREADS = 2
 
 
 def is_pending(msg: dict[str, Any]) -> bool:
@@ -41,7 +40,7 @@ class MediaFetcher:
         self.store = store
         self.done = done  # thread-safe: gets the message with its media settled
         self.stopping = threading.Event()
-        self.pool = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="media")
+        self.pool = ThreadPoolExecutor(max_workers=backend.download_concurrency, thread_name_prefix="media")
 
     def submit(self, msg: dict[str, Any]) -> None:
         self.pool.submit(self._run, msg)

@@ -218,6 +218,10 @@ def _bounded(fn: Callable[[], Any], timeout: float, name: str) -> tuple[bool, An
 class NeonizeBackend(Backend):
     """One WhatsApp session through neonize; reports states, messages, receipts and exits."""
 
+    # neonize's download_any holds three Python copies of a file at once (BENCHMARKS.md neonize_download):
+    # one download at a time keeps a 64 MiB file from costing a worker twice that against memory_limit.
+    download_concurrency = 1
+
     def __init__(self, ctx: WorkerContext, emit: Emit) -> None:
         super().__init__(ctx, emit)
         options = ctx.options
