@@ -188,7 +188,13 @@ async def list_sessions(api: Api, request: Request) -> Response:
 async def put_session(api: Api, request: Request) -> Response:
     caller = api.caller(request)
     company = api.company_of(request, caller)
-    record = await api.call("start", {"company": company})
+    args: dict[str, Any] = {"company": company}
+    body = await request.body()
+    if body.strip():
+        proxy = json_object(body).get("proxy")
+        if proxy is not None:
+            args["proxy"] = proxy  # a changed proxy restarts a running worker: a worker's wait
+    record = await api.call("start", args, WORKER_TIMEOUT)
     created = record.pop("created", False)  # said by the daemon, which alone knows: two PUTs never both get 201
     return ok(record, 201 if created else 200)
 

@@ -69,6 +69,11 @@ class PairingCodeRequest(BaseModel):
     phone: str = Field(description="7-15 digits; spaces, dashes, parentheses and one leading + allowed")
 
 
+class SessionOptions(BaseModel):
+    proxy: str | None = Field(None, max_length=2048, description="this company's own proxy to WhatsApp: "
+                              "http://, https:// or socks5://HOST:PORT; \"direct\" for none; \"\" for the config's")
+
+
 class SendRequest(BaseModel):
     """DESIGN.md §11: `type` and that type's fields; any type may carry `reply_to`."""
 
@@ -174,6 +179,7 @@ class Operation:
     body: type[BaseModel] | None = None
     secured: bool = True
     raw_body: dict[str, Any] | None = None  # a request body's content map, when it is not one JSON model
+    body_required: bool = True
     tags: list[str] = field(default_factory=lambda: ["sessions"])
 
     def fastapi(self) -> dict[str, Any]:
@@ -181,7 +187,7 @@ class Operation:
         if self.parameters:
             extra["parameters"] = self.parameters
         if self.body is not None:
-            extra["requestBody"] = {"required": True, "content": {"application/json": {
+            extra["requestBody"] = {"required": self.body_required, "content": {"application/json": {
                 "schema": self.body.model_json_schema(ref_template="#/components/schemas/{model}")}}}
         if self.raw_body is not None:
             extra["requestBody"] = {"required": True, "content": self.raw_body}
@@ -200,7 +206,8 @@ LIST_SESSIONS = Operation("listSessions", "Every session (a company token sees i
                           {200: Sessions, 401: AUTH_ERRORS[401], 504: error("waportd did not answer")})
 PUT_SESSION = Operation("putSession", "Create and start a session (201), or start a known one (200)",
                         {200: SessionRecord, 201: SessionRecord, **COMPANY_ERRORS,
-                         409: error("capacity: max_companies reached")}, [COMPANY])
+                         409: error("capacity: max_companies reached")}, [COMPANY], SessionOptions,
+                        body_required=False)
 GET_SESSION = Operation("getSession", "The session record", {200: SessionRecord, **COMPANY_ERRORS}, [COMPANY])
 DELETE_SESSION = Operation("deleteSession", "Unlink, stop and delete the session with its data",
                            {200: Deleted, **COMPANY_ERRORS}, [COMPANY])

@@ -189,7 +189,18 @@ def _lifecycle(cmd: str, doc: str) -> None:
     cli.command(cmd)(command)
 
 
-_lifecycle("start", "Start a company's worker (and start it at boot from now on).")
+@cli.command("start")
+@click.argument("company")
+@click.option("--proxy", metavar="URL", help="This company's own proxy to WhatsApp (http://, https:// or "
+              "socks5://HOST:PORT), kept with it; `direct` for none whatever the config says; \"\" for the config's.")
+@global_options
+@pass_settings
+def start(settings: Settings, company: str, proxy: str | None) -> None:
+    """Start a company's worker (and start it at boot from now on); a changed --proxy restarts it."""
+    args = {"company": company} if proxy is None else {"company": company, "proxy": proxy}
+    _print_record_state(settings, call(settings, "start", **args))
+
+
 _lifecycle("stop", "Stop a company's worker (and no longer start it at boot).")
 _lifecycle("restart", "Restart a company's worker; clears the `failed` state.")
 _lifecycle("logout", "Unlink the device from WhatsApp; the session must pair again.")

@@ -18,6 +18,10 @@ from ipc import jsonsafe
 
 HEADER = b"WAP1"
 VERSION = 2  # 2: EVENTS; the supervisor restarts a worker that speaks another version
+# Worker options that must not show in its arguments (a proxy's password; ps shows arguments to
+# everyone): the supervisor puts them in this variable of the worker's environment as JSON, and the
+# worker reads and removes it at once.
+SECRETS_ENV = "WAPORT_WORKER_SECRETS"
 
 READY = "READY"  # worker -> supervisor: {company, pid, generation, version}
 HEARTBEAT = "HEARTBEAT"  # both ways: {} (worker adds {state, queued})

@@ -133,3 +133,34 @@ def validate_presence(value: Any) -> str:
     if value not in PRESENCE_STATES:
         raise WaportError(BAD_REQUEST, f"state: one of {', '.join(PRESENCE_STATES)}")
     return str(value)
+
+
+PROXY_SCHEMES = ("http", "https", "socks5")
+
+
+def validate_proxy(value: Any, name: str = "proxy") -> str:
+    """An `http://`, `https://` or `socks5://` URL with a host and a port ("" for none)."""
+    from urllib.parse import urlsplit
+
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str) or len(value) > 2048 or any(c.isspace() for c in value):
+        raise WaportError(BAD_REQUEST, f"{name}: a URL such as socks5://proxy.internal:1080")
+    try:
+        url = urlsplit(value)
+        port = url.port
+    except ValueError:
+        raise WaportError(BAD_REQUEST, f"{name}: not a URL (a bad port?)") from None
+    if url.scheme not in PROXY_SCHEMES or not url.hostname or port is None:
+        raise WaportError(BAD_REQUEST, f"{name}: {'/'.join(PROXY_SCHEMES)}://HOST:PORT, with a port")
+    return value
+
+
+def mask_url(url: str) -> str:
+    """A URL with its password hidden, for logs and listings."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = creds.partition(":")[0]
+    return f"{scheme}{sep}{user}:***@{host}"

@@ -49,7 +49,7 @@ class FakeSpawner:
         self.children: list[FakeChild] = []
         self.fail: str | None = None  # the OSError message of the next spawns
 
-    def spawn_worker(self, args: list[str], lock_fd: int) -> FakeChild:
+    def spawn_worker(self, args: list[str], lock_fd: int, secrets: dict[str, Any] | None = None) -> FakeChild:
         if self.fail:
             raise OSError(self.fail)
         child = FakeChild(next(self.pids), args)

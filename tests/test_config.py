@@ -92,3 +92,21 @@ def test_bad_durations_name_the_key(tmp_path, value, match):
 def test_sim_options_nested_too_deeply_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="sim_options"):
         config.load(write(tmp_path, ""), environ={"WAPORT_SIM_OPTIONS": "[" * 100_000})
+
+
+def test_proxy_and_the_go_runtime_keys(tmp_path):
+    from waportd.process import go_env
+
+    cfg = config.load(write(tmp_path, 'proxy = "socks5://op:pw@10.0.0.5:1080"\ngo_gc = 50\n'
+                                      'go_memory_limit = "48MiB"\ngo_max_procs = 2\n'), environ={})
+    assert (cfg.proxy, cfg.go_gc, cfg.go_memory_limit, cfg.go_max_procs) == (
+        "socks5://op:pw@10.0.0.5:1080", 50, 48 << 20, 2)
+    assert "pw" not in repr(cfg)  # a proxy's password never reaches a log line through the config
+    assert go_env(cfg.go_gc, cfg.go_memory_limit, cfg.go_max_procs) == {
+        "GOGC": "50", "GOMEMLIMIT": f"{48 << 20}B", "GOMAXPROCS": "2"}
+    assert go_env(0, 0, 0) == {}  # Go's own defaults
+    for bad in ('"ftp://x:21"', '"http://host"', '"socks5://:1080"', '"http://a b:1"'):
+        with pytest.raises(ConfigError, match="proxy"):
+            config.load(write(tmp_path, f"proxy = {bad}\n"), environ={})
+    with pytest.raises(ConfigError, match="go_gc"):
+        config.load(write(tmp_path, "go_gc = -1\n"), environ={})

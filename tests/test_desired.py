@@ -35,3 +35,16 @@ def test_a_corrupt_file_is_set_aside(tmp_path):
     except desired.CorruptState:
         pass
     assert (tmp_path / "desired.json.corrupt").exists() and desired.load(str(path)) == Desired()
+
+
+def test_a_company_proxy_is_kept_and_goes_with_delete(tmp_path):
+    path = str(tmp_path / "desired.json")
+    d = Desired()
+    d.start("acme")
+    d.proxies["acme"] = "socks5://10.0.0.5:1080"
+    desired.save(path, d)
+    back = desired.load(path)
+    assert back.proxies == {"acme": "socks5://10.0.0.5:1080"} and back.started == {"acme"}
+    back.forget("acme", ())
+    assert back.proxies == {}
+    assert desired.Desired.from_json('{"started": ["x"]}').proxies == {}  # a file from before keeps working

@@ -65,3 +65,93 @@ def test_supervisor_modules_do_not_import_neonize() -> None:
         "assert 'workers.neonize_backend' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+class BlackHole:
+    """An HTTP proxy that takes connections, keeps what they say and never answers: a worker dialing
+    WhatsApp through it waits in its connect attempt, which is where an idle worker is measured."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.heard: list[bytes] = []
+        self.conns: list[Any] = []
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            conn.settimeout(5)
+            try:
+                self.heard.append(conn.recv(4096))
+            except OSError:
+                self.heard.append(b"")
+
+    def url(self, userinfo: str = "") -> str:
+        return f"http://{userinfo}127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.conns:
+            conn.close()
+
+
+def zygote_of(d: Any) -> int:
+    import psutil
+
+    return next(c.pid for c in psutil.Process(d.proc.pid).children() if "workers.zygote" in " ".join(c.cmdline()))
+
+
+def test_neonize_workers_fork_from_a_server_without_go_and_dial_through_their_proxy(daemon_factory: Any) -> None:
+    import json
+    import os
+    import stat
+
+    import psutil
+
+    shared, own = BlackHole(), BlackHole()
+    try:
+        d = daemon_factory(backend="neonize", companies=["acme", "beta"], proxy=shared.url("op:s3cret@"),
+                           connect_timeout=120, go_gc=50, go_max_procs=2).start()
+        pids = {c: d.wait_state(c, "connecting", timeout=30)["pid"] for c in ("acme", "beta")}
+        zygote = zygote_of(d)
+        assert "--preload neonize" in " ".join(psutil.Process(zygote).cmdline())
+        # each worker loads Go after the fork; the fork server never does
+        wait_for(lambda: all(NEONIZE_SO in maps(p) for p in pids.values()), timeout=30, what="Go in the workers")
+        assert NEONIZE_SO not in maps(zygote) and NEONIZE_SO not in maps(d.proc.pid)
+        worker = psutil.Process(pids["acme"])
+        assert worker.ppid() == d.proc.pid  # forked, then re-parented to the supervisor
+        assert "s3cret" not in " ".join(worker.cmdline())
+        assert b"s3cret" not in open(f"/proc/{pids['acme']}/environ", "rb").read()
+        environ = open(f"/proc/{zygote}/environ", "rb").read()  # every worker's first environment: Go reads it
+        assert b"s3cret" not in environ and b"GOGC=50" in environ and b"GOMAXPROCS=2" in environ
+        # both dial WhatsApp through the configured proxy, with its credentials
+        wait_for(lambda: len(shared.heard) >= 2, timeout=30, what="two dials through the proxy")
+        assert all(h.startswith(b"CONNECT ") and b"Proxy-Authorization: Basic" in h for h in shared.heard[:2])
+        # one company gets a proxy of its own: its worker restarts and dials through it; kept with it
+        record = d.ctl("start", company="beta", proxy=own.url())
+        assert record["company"] == "beta"
+        wait_for(lambda: own.heard, timeout=30, what="beta dialing through its own proxy")
+        assert d.status("beta")["pid"] != pids["beta"] and d.status("acme")["pid"] == pids["acme"]
+        path = os.path.join(d.state_dir, "desired.json")
+        assert json.load(open(path))["proxies"] == {"beta": own.url()}
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        with pytest.raises(Exception, match="proxy"):
+            d.ctl("start", company="beta", proxy="ftp://nowhere:21")
+        # after a restart of the daemon, beta still has its own proxy
+        d.terminate()
+        heard = len(own.heard)
+        d.start()
+        wait_for(lambda: len(own.heard) > heard, timeout=30, what="beta's own proxy after a restart")
+    finally:
+        shared.close()
+        own.close()

@@ -92,3 +92,15 @@ def test_parse_listen_names_its_key():
         parse_listen("8480", "http_listen")
     with pytest.raises(ValueError):
         parse_listen("host:\u00b2", "http_listen")  # a digit to str.isdigit, not to int()
+
+
+def test_proxy_urls_and_their_masked_form() -> None:
+    from ipc.validation import mask_url, validate_proxy
+
+    assert validate_proxy("") == "" and validate_proxy(None) == ""
+    assert validate_proxy("http://proxy.internal:3128") == "http://proxy.internal:3128"
+    for bad in ("proxy:3128", "ftp://p:21", "socks5://p", "http://p:99999", 7):
+        with pytest.raises(WaportError):
+            validate_proxy(bad)
+    assert mask_url("socks5://op:s3cret@10.0.0.5:1080") == "socks5://op:***@10.0.0.5:1080"
+    assert mask_url("http://p:3128") == "http://p:3128"

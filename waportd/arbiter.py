@@ -44,7 +44,8 @@ log = logging.getLogger("waport.arbiter")
 RECOVER_OUTCOMES = 200  # latest sends looked at for outcomes a killed worker journaled but never reported
 TIMER_BATCH = 20  # timers fired per loop turn: 1,000 companies start a batch a turn, the sockets answer meanwhile
 # Keys a reload does not change (a restart of waportd does).
-RESTART_ONLY = ("state_dir", "run_dir", "backend", "sim_endpoint", "metrics_listen", "http_listen")
+RESTART_ONLY = ("state_dir", "run_dir", "backend", "sim_endpoint", "metrics_listen", "http_listen", "worker_spawn",
+                "go_gc", "go_memory_limit", "go_max_procs")
 Reap = Callable[[], list[tuple[int, int]]]
 
 
@@ -426,11 +427,12 @@ class Arbiter:
 
 
 def spawner_for(cfg: Config) -> process.ExecSpawner | process.ZygoteSpawner:
-    """Sim workers fork from the preloaded fork server; neonize workers get a fresh interpreter each."""
-    mode = cfg.worker_spawn
-    if mode == "auto":
-        mode = "zygote" if cfg.backend == "sim" else "exec"
-    return process.ZygoteSpawner() if mode == "zygote" else process.ExecSpawner()
+    """Workers fork from a preloaded fork server (neonize's: its Python side, never its Go library), or
+    get a fresh interpreter each (`worker_spawn = "exec"`)."""
+    env = process.go_env(cfg.go_gc, cfg.go_memory_limit, cfg.go_max_procs) if cfg.backend == "neonize" else {}
+    if cfg.worker_spawn == "exec":
+        return process.ExecSpawner(env)
+    return process.ZygoteSpawner(("neonize",) if cfg.backend == "neonize" else (), env)
 
 
 def _no_mirror(_company: str, _record: dict[str, Any] | None) -> None:

@@ -82,6 +82,7 @@ class Company:
     requests: dict[str, WorkerRequest] = field(default_factory=dict)
     exit_waiters: list[Callable[[], None]] = field(default_factory=list)
     restarting: bool = False  # a restart waits for the worker to go; a stop meanwhile cancels it
+    proxy: str | None = None  # this company's own proxy ("": direct), kept with the desired state; None: the config's
 
     def __post_init__(self) -> None:
         self.session = Session(self.name, since=self.services.clock.time())
@@ -166,7 +167,7 @@ class Company:
                 self.lock = lock
             generation = next(sv.generations)
             assert self.lock.fd is not None
-            child = sv.spawner.spawn_worker(self.worker_args(generation), self.lock.fd)
+            child = sv.spawner.spawn_worker(self.worker_args(generation), self.lock.fd, self.worker_secrets())
         except OSError as exc:  # no fork server, no descriptors left, a full disk: a failed run, backed off
             log.error("%s: spawn failed: %s", self.name, exc)
             self.set_state(STARTING, "spawn failed")
@@ -190,6 +191,11 @@ class Company:
             self.name, generation, paths.endpoint(cfg.run_dir, paths.WORKERS_SOCK), self.session_dir,
             cfg.backend, cfg.heartbeat_interval, options, cfg.log_level, cfg.worker_nice,
         )  # fmt: skip
+
+    def worker_secrets(self) -> dict[str, Any]:
+        """Options kept out of the worker's arguments: the proxy (its URL may hold a password)."""
+        proxy = self.services.cfg.proxy if self.proxy is None else self.proxy
+        return {"proxy": proxy} if proxy else {}
 
     # ------------------------------------------------------------ stopping
 

@@ -13,7 +13,7 @@ from typing import Any
 from ipc import jsonsafe, webhooks
 from ipc.errors import WaportError
 from ipc.validation import parse_duration as parse_seconds
-from ipc.validation import parse_listen, validate_company
+from ipc.validation import parse_listen, validate_company, validate_proxy
 
 DEFAULT_PATH = "/etc/waport/waportd.toml"
 
@@ -65,6 +65,11 @@ class Config:
     media_max_bytes: int = 64 << 20  # DESIGN.md §11: larger media is refused (media_too_large)
     media_retention: float = 7 * 86400.0  # stored media kept this long (unless a queued send needs it)
     webhook_retry_scale: float = 1.0  # multiplies the retry schedule (5 s, 30 s, 2 min, ...): tests, impatient ops
+    proxy: str = field(default="", repr=False)  # neonize workers reach WhatsApp through it ("" = direct)
+    # The Go runtime of each neonize worker (GOGC, GOMEMLIMIT, GOMAXPROCS; 0 = Go's own default).
+    go_gc: int = 0
+    go_memory_limit: int = 0
+    go_max_procs: int = 0
     source: str = field(default="", compare=False)  # the file it came from, for messages
 
 
@@ -115,10 +120,10 @@ def parse_bytes(key: str, value: Any) -> int:
 def _coerce(key: str, value: Any) -> Any:
     if key in _DURATIONS:
         return parse_duration(key, value)
-    if key in ("memory_limit", "media_max_bytes"):
+    if key in ("memory_limit", "media_max_bytes", "go_memory_limit"):
         return parse_bytes(key, value)
     if key in ("max_restarts", "rate_limit_max", "rate_limit_company_max", "stream_maxlen", "worker_nice",
-               "max_companies", "webhook_concurrency"):
+               "max_companies", "webhook_concurrency", "go_gc", "go_max_procs"):
         try:
             n = int(value)
         except (TypeError, ValueError):
@@ -184,6 +189,11 @@ def _coerce(key: str, value: Any) -> Any:
                 return webhooks.validate_url(value, key)
             webhooks.secret_key(value, key)
             return value
+        except WaportError as exc:
+            raise ConfigError(exc.message) from None
+    if key == "proxy":
+        try:
+            return validate_proxy(value)
         except WaportError as exc:
             raise ConfigError(exc.message) from None
     if key == "worker_spawn":

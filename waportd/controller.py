@@ -30,6 +30,7 @@ from ipc.validation import (
     validate_company,
     validate_message_ids,
     validate_presence,
+    validate_proxy,
 )
 from waportd.company import Company
 from waportd.media import MediaDesk
@@ -44,6 +45,22 @@ log = logging.getLogger("waport.control")
 Respond = Callable[[bytes], None]
 WORKER_TIMEOUT = 30.0
 MEDIA_FETCH_TIMEOUT = 120.0  # three attempts at a large download, each bounded by the backend
+
+
+KEEP = object()  # `start` without `proxy`: the company keeps what it has
+DIRECT = "direct"
+
+
+def proxy_arg(value: Any) -> str | None | object:
+    """`start`'s `proxy`: a URL (this company's own), "direct" (none, whatever the config says), or ""
+    (back to the config's `proxy`)."""
+    if value is None:
+        return KEEP
+    if value == "":
+        return None
+    if value == DIRECT:
+        return ""
+    return validate_proxy(value)
 
 
 class Controller:
@@ -153,8 +170,13 @@ class Controller:
             raise WaportError(CAPACITY, f"this host already has {len(self.roster)} companies, its limit "
                                         f"(max_companies = {limit}): delete one or raise max_companies",
                               limit=limit)
+        proxy = proxy_arg(args.get("proxy"))
         created = self.roster.get(name) is None
         company = self.roster.want(name)
+        changed = proxy is not KEEP and self.roster.set_proxy(name, proxy)  # type: ignore[arg-type]
+        if changed and company.worker is not None:  # a running worker dials with what it started with
+            company.restart(lambda: ok({**self.record(company), "created": created}))
+            return
         company.start()
         ok({**self.record(company), "created": created})
 

@@ -17,6 +17,7 @@ from ipc.files import write_atomic
 class Desired:
     started: set[str] = field(default_factory=set)  # started by waportctl, beside the config
     stopped: set[str] = field(default_factory=set)  # stopped by waportctl, even if configured
+    proxies: dict[str, str] = field(default_factory=dict)  # a company's own proxy ("": direct), over the config's
 
     def wanted(self, configured: tuple[str, ...] | list[str]) -> list[str]:
         """The companies that should run, config order first."""
@@ -38,18 +39,25 @@ class Desired:
     def forget(self, company: str, configured: tuple[str, ...] | list[str]) -> None:
         """After delete: not started again, unless the config still names it (then kept stopped)."""
         self.started.discard(company)
+        self.proxies.pop(company, None)
         if company in configured:
             self.stopped.add(company)
         else:
             self.stopped.discard(company)
 
     def to_json(self) -> str:
-        return json.dumps({"started": sorted(self.started), "stopped": sorted(self.stopped)})
+        out: dict[str, object] = {"started": sorted(self.started), "stopped": sorted(self.stopped)}
+        if self.proxies:
+            out["proxies"] = dict(sorted(self.proxies.items()))
+        return json.dumps(out)
 
     @classmethod
     def from_json(cls, text: str) -> Desired:
         data = jsonsafe.loads(text)
-        return cls(set(data.get("started", [])), set(data.get("stopped", [])))
+        proxies = data.get("proxies") or {}
+        if not isinstance(proxies, dict) or not all(isinstance(v, str) for v in proxies.values()):
+            raise ValueError("proxies: expected an object of URLs")
+        return cls(set(data.get("started", [])), set(data.get("stopped", [])), dict(proxies))
 
 
 def load(path: str) -> Desired:

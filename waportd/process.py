@@ -10,6 +10,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from ipc import protocol
+
 PR_SET_CHILD_SUBREAPER = 36
 
 # Exec'd as `python -c` so a helper process (the embedded simnet) dies with us too:
@@ -61,10 +63,17 @@ class Child:
 
 
 class ExecSpawner:
-    """A fresh interpreter per worker: slower and larger, but nothing is shared (used for neonize)."""
+    """A fresh interpreter per worker: slower and larger, but nothing is shared (`worker_spawn = "exec"`)."""
 
-    def spawn_worker(self, args: list[str], lock_fd: int) -> Child:
-        popen = spawn([sys.executable, "-m", "workers", *args, "--lock-fd", str(lock_fd)], pass_fds=(lock_fd,))
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        self.env = env or {}  # the Go runtime's tuning (GOGC, ...): read from the environment it starts with
+
+    def spawn_worker(self, args: list[str], lock_fd: int, secrets: dict[str, Any] | None = None) -> Child:
+        env = {**os.environ, **self.env}
+        if secrets:
+            env[protocol.SECRETS_ENV] = json.dumps(secrets)
+        popen = spawn([sys.executable, "-m", "workers", *args, "--lock-fd", str(lock_fd)], pass_fds=(lock_fd,),
+                      env=env)
         return Child(popen.pid, popen)
 
     def owns(self, pid: int) -> bool:
@@ -80,9 +89,11 @@ class ZygoteSpawner:
     Workers are double-forked and re-parented to us: this process must be a child subreaper.
     """
 
-    TIMEOUT = 15.0
+    TIMEOUT = 30.0  # the first spawn waits for the fork server to preload (neonize's: about a second)
 
-    def __init__(self) -> None:
+    def __init__(self, preload: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
+        self.preload = preload  # backends whose Python side the fork server loads (`neonize`: never its Go)
+        self.env = env or {}  # the fork server's environment is every worker's: a Go runtime reads it at start
         self.sock: socket.socket | None = None
         self.proc: subprocess.Popen | None = None
 
@@ -90,7 +101,9 @@ class ZygoteSpawner:
         become_subreaper()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         cmd = ["-m", "workers.zygote", "--fd", str(theirs.fileno()), "--supervisor", str(os.getpid())]
-        self.proc = spawn_tied(cmd, pass_fds=(theirs.fileno(),))
+        for backend in self.preload:
+            cmd += ["--preload", backend]
+        self.proc = spawn_tied(cmd, pass_fds=(theirs.fileno(),), env={**os.environ, **self.env})
         theirs.close()
         ours.settimeout(self.TIMEOUT)
         self.sock = ours
@@ -102,12 +115,15 @@ class ZygoteSpawner:
             return True
         return False
 
-    def spawn_worker(self, args: list[str], lock_fd: int) -> Child:
+    def spawn_worker(self, args: list[str], lock_fd: int, secrets: dict[str, Any] | None = None) -> Child:
         if self.sock is None:
             self.start()
         assert self.sock is not None
+        request: dict[str, Any] = {"argv": args}
+        if secrets:
+            request["secrets"] = secrets
         try:
-            socket.send_fds(self.sock, [json.dumps({"argv": args}).encode()], [lock_fd])
+            socket.send_fds(self.sock, [json.dumps(request).encode()], [lock_fd])
             reply = json.loads(self.sock.recv(4096) or b"{}")
         except (OSError, ValueError) as exc:
             self.close()
@@ -124,6 +140,20 @@ class ZygoteSpawner:
             if self.proc.poll() is None:
                 self.proc.terminate()
             self.proc = None
+
+
+def go_env(gc: int, memory_limit: int, max_procs: int) -> dict[str, str]:
+    """The Go runtime's tuning for neonize workers (0: Go's own default). Go reads its environment once,
+    as the library loads — from the process's first environment, not from a later setenv — so these go in
+    the environment a worker (or the fork server it comes from) is started with."""
+    env = {}
+    if gc:
+        env["GOGC"] = str(gc)
+    if memory_limit:
+        env["GOMEMLIMIT"] = f"{memory_limit}B"
+    if max_procs:
+        env["GOMAXPROCS"] = str(max_procs)
+    return env
 
 
 def raise_fd_limit() -> int:
@@ -147,7 +177,7 @@ def become_subreaper() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
-def spawn(cmd: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
+def spawn(cmd: list[str], pass_fds: tuple[int, ...] = (), env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start a child in its own process group (terminal signals are ours to relay).
 
     Its stdout goes to our stderr: the Go side of neonize prints there, and stdout is
@@ -160,12 +190,13 @@ def spawn(cmd: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
         close_fds=True,
         pass_fds=pass_fds,
         process_group=0,
+        env=env,
     )
 
 
-def spawn_tied(cmd: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
+def spawn_tied(cmd: list[str], pass_fds: tuple[int, ...] = (), env: dict[str, str] | None = None) -> subprocess.Popen:
     """Spawn a Python helper (`cmd` are the interpreter's arguments) that the kernel ends when we die."""
-    return spawn([sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), sys.executable, *cmd], pass_fds)
+    return spawn([sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), sys.executable, *cmd], pass_fds, env)
 
 
 def kill(pid: int, sig: int) -> bool:

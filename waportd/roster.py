@@ -34,7 +34,7 @@ class Roster:
     def add(self, name: str) -> Company:
         company = self.companies.get(name)
         if company is None:
-            company = self.companies[name] = Company(name, self.services)
+            company = self.companies[name] = Company(name, self.services, proxy=self.desired.proxies.get(name))
         return company
 
     def __iter__(self) -> Iterator[Company]:
@@ -88,6 +88,19 @@ class Roster:
         self.desired.start(name)
         self.save()
         return self.add(name)
+
+    def set_proxy(self, name: str, proxy: str | None) -> bool:
+        """A company's own proxy (None: back to the config's; "" : direct); whether it changed."""
+        company = self.add(name)
+        if company.proxy == proxy:
+            return False
+        if proxy is None:
+            self.desired.proxies.pop(name, None)
+        else:
+            self.desired.proxies[name] = proxy
+        company.proxy = proxy
+        self.save()
+        return True
 
     def unwant(self, name: str) -> None:
         self.desired.stop(name)

@@ -53,6 +53,7 @@ from ipc.errors import BAD_REQUEST, INTERNAL, INVALID_PHONE, NOT_CONNECTED, NOT_
 from ipc.mediastore import CHUNK
 from ipc.states import State
 from ipc.validation import mask_phone
+from workers import neonize_preload
 from workers.backend import Backend, BackendError, Emit, Phase, SendItem, WorkerContext
 from workers.inbound import PHONE_SERVERS, epoch_seconds, normalize_message, phone_from_jid
 
@@ -134,6 +135,7 @@ def load_neonize() -> SimpleNamespace:
         if _NZ is None:
             # neonize's media helpers (ffmpeg) are not used (see the module's docstring); their warning is noise.
             logging.getLogger("neonize.utils.ffmpeg").setLevel(logging.ERROR)
+            neonize_preload.finish()  # forked from a fork server that preloaded neonize: its __init__ runs here
             import neonize.client as nz_client
             from neonize import events
             from neonize._binder import ProxySettings

@@ -98,6 +98,7 @@ class Worker:
         self.last_supervisor = time.monotonic()
         self.malformed = 0
         options = json.loads(args.options or "{}")
+        options.update(json.loads(os.environ.pop(protocol.SECRETS_ENV, "") or "{}"))  # kept out of argv
         context = WorkerContext(self.company, args.session_dir, options)
         self.backend: Backend = load(args.backend)(context, self.emit)
         self.journal = Journal.in_session(args.session_dir)

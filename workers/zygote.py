@@ -1,9 +1,12 @@
-"""The fork server: a preloaded, neonize-free Python that forks workers on request.
+"""The fork server: a preloaded Python that forks workers on request, never with a Go runtime in it.
 
 A cold interpreter per worker costs ~20 MB and ~0.15 s of CPU; a fork of this process shares
-the interpreter and the imported modules copy-on-write. The supervisor (a child subreaper)
+the interpreter and the imported modules copy-on-write. With `--preload neonize` it also holds
+neonize's Python side (its protobuf modules, Pillow, python-magic, ...), but never neonize's Go
+library (workers/neonize_preload.py): each worker loads that after the fork. The supervisor (a child subreaper)
 asks over a SOCK_SEQPACKET socket: one JSON datagram `{"argv": [...]}` with the session lock
-descriptor attached (SCM_RIGHTS); the answer is `{"pid": N}` or `{"error": "..."}`.
+descriptor attached (SCM_RIGHTS), and `"secrets"` (options kept out of the worker's arguments,
+handed to it in its environment); the answer is `{"pid": N}` or `{"error": "..."}`.
 
 Each worker is double-forked so it is re-parented to the supervisor, which reaps it and is
 the parent its PR_SET_PDEATHSIG refers to. This process starts no thread and creates no
@@ -19,7 +22,7 @@ import os
 import signal
 import socket
 
-# Preload what every worker imports; never neonize (its Go runtime does not survive fork).
+# Preload what every worker imports; never neonize's Go library (a Go runtime does not survive fork).
 import sqlite3  # noqa: F401
 import sys
 import time
@@ -27,9 +30,11 @@ import time
 import setproctitle
 import zmq  # noqa: F401
 
+import workers.mediafetch  # noqa: F401
 import workers.outbox  # noqa: F401
 import workers.sim_backend  # noqa: F401
 import workers.worker
+from ipc.protocol import SECRETS_ENV
 
 MAX_REQUEST = 1 << 16
 
@@ -45,7 +50,8 @@ def recv_request(sock: socket.socket) -> tuple[dict, list[int]] | None:
     return json.loads(msg), list(fds)
 
 
-def start_worker(argv: list[str], lock_fd: int | None, server: socket.socket, supervisor: int) -> int:
+def start_worker(argv: list[str], lock_fd: int | None, server: socket.socket, supervisor: int,
+                 secrets: dict | None = None) -> int:
     """Double-fork a worker; return its pid (a grandchild that the supervisor inherits)."""
     r, w = os.pipe()
     middle = os.fork()
@@ -55,6 +61,8 @@ def start_worker(argv: list[str], lock_fd: int | None, server: socket.socket, su
             pid = os.fork()
             if pid == 0:
                 os.close(w)
+                if secrets:
+                    os.environ[SECRETS_ENV] = json.dumps(secrets)
                 run_worker(argv, lock_fd, server, supervisor)  # never returns
             os.write(w, str(pid).encode())
         finally:
@@ -86,6 +94,10 @@ def run_worker(argv: list[str], lock_fd: int | None, server: socket.socket, supe
         os.close(devnull)
         if lock_fd is not None:
             argv = [*argv, "--lock-fd", str(lock_fd)]
+        if "neonize" in sys.modules:  # preloaded: Go starts now, while the environment strings are intact
+            from workers import neonize_preload
+
+            neonize_preload.start_go()
         # Look like an exec'd worker in ps, psutil and the stray scan: `python -m workers --company ...`.
         setproctitle.setproctitle(" ".join([sys.executable, "-m", "workers", *argv]))
         workers.worker.main(argv)
@@ -121,7 +133,10 @@ def serve(fd: int, supervisor: int) -> None:
             argv = request["argv"]
             if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
                 raise ValueError("argv must be a list of strings")
-            reply = {"pid": start_worker(argv, lock_fd, server, supervisor)}
+            secrets = request.get("secrets")
+            if secrets is not None and not isinstance(secrets, dict):
+                raise ValueError("secrets must be an object")
+            reply = {"pid": start_worker(argv, lock_fd, server, supervisor, secrets)}
         except (OSError, ValueError, KeyError, TypeError) as exc:
             reply = {"error": str(exc)}
             if lock_fd is not None:
@@ -136,8 +151,14 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="waport-zygote")
     p.add_argument("--fd", type=int, required=True, help="the SOCK_SEQPACKET socket to the supervisor")
     p.add_argument("--supervisor", type=int, required=True)
+    p.add_argument("--preload", action="append", choices=["neonize"], default=[],
+                   help="also load this backend's Python side (never a Go library)")
     args = p.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if "neonize" in args.preload:
+        from workers import neonize_preload
+
+        neonize_preload.preload()
     serve(args.fd, args.supervisor)
 
 
