@@ -157,9 +157,10 @@ class Busy(Exception):
 
 
 class Journal:
-    def __init__(self, path: str, lock_wait: float = 10.0, checkpoints: bool = True) -> None:
+    def __init__(self, path: str, lock_wait: float = 10.0, checkpoints: bool = True, sync: str = "normal") -> None:
         """`lock_wait`: seconds to wait for a lock; `checkpoints=False` leaves WAL checkpoints to the
-        other connection (the supervisor's loop must not stall on one)."""
+        other connection (the supervisor's loop must not stall on one); `sync="full"`: every commit is
+        fsynced (the worker's, under journal_sync = "full"; the supervisor groups its own instead)."""
         if not os.path.exists(path):
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
         self.path = path
@@ -171,7 +172,7 @@ class Journal:
         # keeps its page size (changing it would rewrite the file).
         self.db.execute("PRAGMA page_size=1024")
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA synchronous=FULL" if sync == "full" else "PRAGMA synchronous=NORMAL")
         if not checkpoints:
             self.db.execute("PRAGMA wal_autocheckpoint=0")
         self.db.executescript(_SCHEMA)
@@ -191,8 +192,9 @@ class Journal:
         self._busy_ms = ms
 
     @classmethod
-    def in_session(cls, session_dir: str, lock_wait: float = 10.0, checkpoints: bool = True) -> Journal:
-        return cls(os.path.join(session_dir, FILENAME), lock_wait, checkpoints)
+    def in_session(cls, session_dir: str, lock_wait: float = 10.0, checkpoints: bool = True,
+                   sync: str = "normal") -> Journal:
+        return cls(os.path.join(session_dir, FILENAME), lock_wait, checkpoints, sync)
 
     def close(self) -> None:
         self._db.close()

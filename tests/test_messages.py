@@ -111,3 +111,20 @@ def test_sends_queue_while_restarting_and_go_out_after(daemon_factory, simnet):
     wait_for(lambda: [m["id"] for m in simnet.call("sent", company="acme")["messages"]] == [r["message_id"]],
              timeout=20, what="the queued message to go out after the restart")
     wait_for(lambda: d.status("acme")["queued"] == 0, what="queued back to 0")
+
+
+def test_with_journal_sync_full_every_send_is_answered_and_sent_once(daemon_factory, simnet):
+    companies = ["acme", "beta", "gamma"]
+    d = daemon_factory(sim_endpoint=simnet.endpoint, companies=companies, journal_sync="full",
+                       rate_limit_max=100_000).start()
+    for c in companies:
+        d.wait_state(c, "connected")
+    client = ControlClient(d.run_dir, timeout=10)
+    ids = {client.call("send", company=companies[i % 3], to="15550109999", text=f"m{i}")["message_id"]
+           for i in range(300)}
+    client.close()
+    assert len(ids) == 300
+    for c in companies:
+        assert wait_for(lambda c=c: settled(d, c), timeout=60, what=f"{c}'s outbox") == {"sent": 100}
+    at_network = Counter(m["id"] for m in simnet.call("sent")["messages"])
+    assert set(at_network) == ids and max(at_network.values()) == 1

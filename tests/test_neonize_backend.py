@@ -57,9 +57,13 @@ class Reports:
 
     def __init__(self) -> None:
         self.items: list[tuple[str, dict[str, Any]]] = []
+        self.backend: NeonizeBackend | None = None  # journals each message at once, as the worker does
+        self.journal = True
 
     def __call__(self, type_: str, data: dict[str, Any]) -> None:
         self.items.append((type_, data))
+        if type_ == "message" and self.journal and self.backend is not None:
+            self.backend.journaled([data["id"]])
 
     def of(self, type_: str) -> list[dict[str, Any]]:
         return [d for t, d in self.items if t == type_]
@@ -147,6 +151,7 @@ def make(session_dir: str) -> Iterator[Any]:
     def make_(**options: Any) -> tuple[NeonizeBackend, Reports, FakeClient]:
         reports = Reports()
         backend = NeonizeBackend(WorkerContext("acme", session_dir, options), reports)
+        reports.backend = backend
         client = FakeClient()
         backend._client, backend._nz, backend.phase = client, nb.load_neonize(), states.CONNECTING
         made.append(backend)
@@ -1077,3 +1082,18 @@ def test_a_black_hole_is_cut_short_by_the_watchdog(short_tmp: str, sup: FakeSupe
     # The dial into the hole cannot be interrupted; the process still ends at once (not after ~60 s).
     assert took < 1.5 + nb.STOP_WAIT + 5, took
     assert "Traceback" not in stderr, stderr
+
+
+def test_whatsmeow_hears_a_message_arrived_only_once_it_is_journaled(make: Any) -> None:
+    """whatsmeow sends the delivery receipt when the handler returns: the handler waits for the journal."""
+    backend, reports, client = connected(make)
+    reports.journal = False  # the worker has not journaled it yet
+    handler = threading.Thread(target=backend.deliver, args=(client, message_event(
+        E2E.Message(conversation="hi"), msg_id="WA-HOLD")))
+    handler.start()
+    wait_for(lambda: reports.of("message"), timeout=5, what="the message report")
+    handler.join(0.3)
+    assert handler.is_alive()  # still holding whatsmeow's receipt back
+    backend.journaled(["WA-HOLD"])
+    handler.join(5)
+    assert not handler.is_alive() and backend._unjournaled == {}

@@ -381,3 +381,20 @@ def test_stop_is_prompt_and_idempotent(auto_net: SimNetProcess, make_backend: Fa
 def test_missing_endpoint_is_a_configuration_error(session_dir: str) -> None:
     with pytest.raises(ValueError):
         SimBackend(WorkerContext("acme", session_dir, {}), EventLog())
+
+
+def test_the_network_forgets_a_message_only_once_it_is_journaled(auto_net: SimNetProcess,
+                                                                 make_backend: Factory) -> None:
+    sim, log = make_backend(auto_net.endpoint)
+    log.wait_state("connected")
+    auto_net.call("inbound", company="acme", **{"from": "15550100001"}, text="hello", id="IN-1")
+    wait_until(lambda: log.of("message"), 3, "the message")
+    auto_net.call("drop", company="acme")  # a crash before the journal's commit, as the network sees it
+    log.wait_state("connected", nth=2)
+    assert auto_net.stats()["redeliveries"] == 1 and len(log.of("message")) == 2  # it came again
+    assert auto_net.call("pending", company="acme")["ids"] == ["IN-1"]
+    sim.backend.journaled(["IN-1"])  # what the worker says after its commit
+    wait_until(lambda: auto_net.call("pending", company="acme")["ids"] == [], 5, "the acknowledgement")
+    auto_net.call("drop", company="acme")
+    log.wait_state("connected", nth=3)
+    assert auto_net.stats()["redeliveries"] == 1  # acknowledged: not sent again

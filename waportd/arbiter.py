@@ -45,7 +45,7 @@ RECOVER_OUTCOMES = 200  # latest sends looked at for outcomes a killed worker jo
 TIMER_BATCH = 20  # timers fired per loop turn: 1,000 companies start a batch a turn, the sockets answer meanwhile
 # Keys a reload does not change (a restart of waportd does).
 RESTART_ONLY = ("state_dir", "run_dir", "backend", "sim_endpoint", "metrics_listen", "http_listen", "worker_spawn",
-                "go_gc", "go_memory_limit", "go_max_procs")
+                "go_gc", "go_memory_limit", "go_max_procs", "journal_sync")
 Reap = Callable[[], list[tuple[int, int]]]
 
 
@@ -78,7 +78,7 @@ class Arbiter:
         self.ops = Ops(self.services, self.roster, self.bridge, helper_pids=self.helper_pids)
         self.media = MediaDesk(self.services)
         self.messages = MessageDesk(self.services, self.roster, self.bridge, self.ops.metrics.observe_send_latency,
-                                    lambda: self.media.store)
+                                    lambda: self.media.store, self.wake)
         self.webhooks = Webhooks(self.services, self.bus.publish, self.start_webhook_delivery)
         self.ops.webhook_figures = lambda: (self.webhooks.pending, self.webhooks.latency_counts,
                                             self.webhooks.latency_sum)
@@ -199,6 +199,7 @@ class Arbiter:
                 drain(self.wake_r)
         self.handle_signals()
         self.messages.take_bridge_results()
+        self.messages.take_synced()  # journal_sync = "full": the sends whose fsync is done are answered
         self.messages.flush()  # durable before any send is answered
         if self.webhooks.flush():  # webhook events on disk before they are published
             self.messages.flush_acks()  # and before a worker hears its inbound messages are safe

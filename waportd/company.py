@@ -182,7 +182,7 @@ class Company:
         cfg = self.services.cfg
         options: dict[str, Any] = {"sim_endpoint": self.services.sim_endpoint, "pairing_timeout": cfg.pairing_timeout,
                                    "media_dir": os.path.join(cfg.state_dir, "media"),
-                                   "media_max_bytes": cfg.media_max_bytes}
+                                   "media_max_bytes": cfg.media_max_bytes, "journal_sync": cfg.journal_sync}
         if cfg.backend == "neonize":
             options["connect_timeout"] = cfg.connect_timeout
         if cfg.backend == "sim":

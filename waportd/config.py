@@ -66,10 +66,12 @@ class Config:
     media_retention: float = 7 * 86400.0  # stored media kept this long (unless a queued send needs it)
     webhook_retry_scale: float = 1.0  # multiplies the retry schedule (5 s, 30 s, 2 min, ...): tests, impatient ops
     proxy: str = field(default="", repr=False)  # neonize workers reach WhatsApp through it ("" = direct)
-    # The Go runtime of each neonize worker (GOGC, GOMEMLIMIT, GOMAXPROCS; 0 = Go's own default).
+    # The Go runtime of each neonize worker (GOGC, GOMEMLIMIT, GOMAXPROCS; 0 = Go's own default). whatsmeow
+    # needs little CPU: two Ps, not one per core of a large host (each P keeps caches and may keep a thread).
     go_gc: int = 0
     go_memory_limit: int = 0
-    go_max_procs: int = 0
+    go_max_procs: int = 2
+    journal_sync: str = "normal"  # normal: survives any process crash; full: a power cut too (grouped fsyncs)
     source: str = field(default="", compare=False)  # the file it came from, for messages
 
 
@@ -196,6 +198,10 @@ def _coerce(key: str, value: Any) -> Any:
             return validate_proxy(value)
         except WaportError as exc:
             raise ConfigError(exc.message) from None
+    if key == "journal_sync":
+        if value not in ("normal", "full"):
+            raise ConfigError(f"journal_sync: {value!r} is not one of normal, full")
+        return value
     if key == "worker_spawn":
         if value not in ("auto", "zygote", "exec"):
             raise ConfigError(f"worker_spawn: {value!r} is not one of auto, zygote, exec")

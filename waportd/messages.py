@@ -7,6 +7,7 @@ Redis, to `waport:inbox`; the worker hears an ACK only when every sink has them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -21,6 +22,7 @@ from ipc.mediastore import MediaStore
 from ipc.richmessage import check_media, parse_send
 from ipc.states import REFUSES_SENDS
 from ipc.validation import is_utf8, mask_phone, normalize_phone, validate_company
+from waportd.journalsync import GroupSync
 from waportd.ratelimit import FallbackLimiter, Limits
 from waportd.redis_bridge import INBOX, RedisBridge, client_for
 from waportd.roster import Roster
@@ -50,9 +52,12 @@ def limits_of(cfg: Any) -> Limits:
 
 class MessageDesk:
     def __init__(self, services: Services, roster: Roster, bridge: RedisBridge | None,
-                 observe_latency: Callable[[float], None], store: Callable[[], MediaStore] | None = None) -> None:
+                 observe_latency: Callable[[float], None], store: Callable[[], MediaStore] | None = None,
+                 wake: Callable[[], None] | None = None) -> None:
         self.services = services
         self.store = store
+        # journal_sync = "full": answers wait for a grouped fsync of the journal (waportd/journalsync.py)
+        self.syncer = GroupSync(wake or (lambda: None)) if services.cfg.journal_sync == "full" else None
         self.roster = roster
         self.bridge = bridge
         self.observe_latency = observe_latency
@@ -65,6 +70,8 @@ class MessageDesk:
         self.limiter = FallbackLimiter(limits_of(cfg), client)
 
     def close(self) -> None:
+        if self.syncer is not None:
+            self.syncer.close()
         for journal in self.journals.values():
             journal.close()
         self.journals.clear()
@@ -162,14 +169,26 @@ class MessageDesk:
             except Busy:
                 self.batch.setdefault(company, [])[:0] = items  # the worker is writing: next turn, in order
                 continue
-            c = self.roster.get(company)
             created = sum(1 for _, new in results if new)
             counters[("accepted", company)] += created
-            if c is not None:
-                c.session.queued += created
-                c.nudge()
-            for (message, _), item in zip(results, items, strict=True):
-                item[-1](message.result())
+            answer = functools.partial(self.answer, company, created, results, items)
+            if self.syncer is None:
+                answer()
+            else:
+                self.syncer.after(self.journal(company).path, answer)
+
+    def answer(self, company: str, created: int, results: list[tuple[Any, bool]], items: list[tuple[Any, ...]]) -> None:
+        """The batch is durable: the worker may send it, and its callers hear it."""
+        c = self.roster.get(company)
+        if c is not None:
+            c.session.queued += created
+            c.nudge()
+        for (message, _), item in zip(results, items, strict=True):
+            item[-1](message.result())
+
+    def take_synced(self) -> None:
+        if self.syncer is not None:
+            self.syncer.take_done()
 
     def on_outcome(self, company: str, type_: str, data: dict[str, Any]) -> None:
         counters = self.services.counters

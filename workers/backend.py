@@ -145,6 +145,10 @@ class Backend(abc.ABC):
         """Show `composing`, `recording` or `paused` to `chat`."""
         raise BackendError(NOT_IMPLEMENTED, f"the {type(self).__name__} cannot show typing")
 
+    def journaled(self, ids: list[str]) -> None:  # noqa: B027 - most backends have nothing to do
+        """The worker journaled these inbound messages: only now may the network hear they arrived (an
+        acknowledgement before the journal's commit would lose them to a crash in between). Any thread."""
+
     # Downloads at once (workers/mediafetch.py): each may hold its file in memory while it runs.
     download_concurrency = 2
 

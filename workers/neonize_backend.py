@@ -66,6 +66,7 @@ STOP_WAIT = 2.0  # bound on neonize's Stop (it blocks for the length of a dial i
 LOGOUT_WAIT = 10.0  # bound on unlinking the device on WhatsApp's side
 DRAIN_WAIT = 1.0  # Go calls in flight may finish before Stop rewrites neonize's client map
 DEVICE_NAME = "waport"  # how the linked device is listed on the phone
+JOURNAL_WAIT = 10.0  # how long a message handler holds whatsmeow's receipt back while the worker journals
 MEDIA_TIMEOUT = 300.0  # bound on one media upload or download (64 MiB over a slow link)
 
 # send type -> (waE2E.Message field, its protobuf class, neonize MediaType: the upload's encryption keys)
@@ -240,7 +241,7 @@ class NeonizeBackend(Backend):
         self.proxy: str | None = proxy
         self.phase: State | Phase = states.STARTING  # until start(); then the state last reported, or exited
         self.phone = ""
-        self.qr: str | None = None
+        self._unjournaled: dict[str, threading.Event] = {}  # inbound ids whose receipt waits for the journal
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._in_flight = 0  # Go calls from request threads (send, pair code, logout)
@@ -832,8 +833,29 @@ class NeonizeBackend(Backend):
             is_group=source.IsGroup,
             from_me=source.IsFromMe,
         )
-        if msg is not None:
+        if msg is None:
+            return
+        # whatsmeow sends the delivery receipt when this handler returns (message.go: handleDecryptedMessage,
+        # then sendMessageReceipt): hold it back until the worker has journaled the message, so a crash in
+        # between leaves WhatsApp redelivering it rather than believing it delivered.
+        done = threading.Event()
+        with self._lock:
+            self._unjournaled[msg["id"]] = done
+        try:
             self.emit("message", msg)
+            if not done.wait(JOURNAL_WAIT):
+                log.warning("message %s not journaled within %g s; WhatsApp hears it arrived anyway",
+                            msg["id"], JOURNAL_WAIT)
+        finally:
+            with self._lock:
+                self._unjournaled.pop(msg["id"], None)
+
+    def journaled(self, ids: list[str]) -> None:
+        with self._lock:
+            waiting = [self._unjournaled.get(i) for i in ids]
+        for done in waiting:
+            if done is not None:
+                done.set()
 
     def on_receipt(self, _client: Any, ev: Any) -> None:
         ids = [str(i) for i in ev.MessageIDs]

@@ -99,6 +99,7 @@ class Sender(threading.Thread):
         super().__init__(name="sender", daemon=True)
         self.journal_path = journal_path
         self.media_root = media_root
+        self.sync = "normal"  # the worker sets "full" under journal_sync = "full"
         self.backend = backend
         self.emit = emit
         self.connected = False
@@ -118,7 +119,7 @@ class Sender(threading.Thread):
             self.join(timeout)
 
     def run(self) -> None:
-        journal = J.Journal(self.journal_path)
+        journal = J.Journal(self.journal_path, sync=self.sync)
         try:
             announce_interrupted(journal, self.emit)
             while not self.stopping:

@@ -87,6 +87,7 @@ class SimBackend(Backend):
         self._stopping = threading.Event()
         self._calls: queue.SimpleQueue[tuple[Callable[[Future[Any]], None], Future[Any]]] = queue.SimpleQueue()
         self._calls_lock = threading.Lock()
+        self._to_ack: queue.SimpleQueue[str] = queue.SimpleQueue()  # journaled inbound ids (`journaled`)
         self._accepting = False
         self._wakeup: Wakeup | None = None  # from start(): wakes the loop for calls from other threads
         # Owned by the loop's thread from here on.
@@ -102,6 +103,7 @@ class SimBackend(Backend):
         self._next_heartbeat = 0.0
         self._last_heard = 0.0
         self._pairing_deadline: float | None = None
+        self._loop_thread: int | None = None
 
     # ------------------------------------------------------------------ Backend interface
 
@@ -110,6 +112,7 @@ class SimBackend(Backend):
         if self._wakeup is not None or self._stopping.is_set():
             return
         self._wakeup = Wakeup()
+        self._loop_thread = threading.get_ident()
         with self._calls_lock:
             self._accepting = True
         grow = int(self.ctx.options.get("grow_bytes_per_s") or 0)
@@ -225,6 +228,22 @@ class SimBackend(Backend):
     def typing(self, chat: str, state: str) -> None:
         self._call("typing", {"chat": chat, "state": state}, need=states.CONNECTED)
 
+    def journaled(self, ids: list[str]) -> None:
+        """The network's `ack` goes out on the loop's next turn (now, when called from the loop)."""
+        for msg_id in ids:
+            self._to_ack.put(msg_id)
+        if threading.get_ident() == self._loop_thread:
+            self._guarded(self._send_acks)
+        elif self._wakeup is not None:
+            self._wakeup.poke()
+
+    def _send_acks(self) -> None:
+        ids: list[str] = []
+        while not self._to_ack.empty():
+            ids.append(self._to_ack.get_nowait())
+        if ids and self._sock is not None:  # without a connection the network redelivers them: acked then
+            self._request("ack", {"company": self.ctx.company, "ids": ids}, _ignore)
+
     def fetch_media(self, handle: Any, write: Callable[[bytes], None]) -> None:
         """Chunk after chunk from the network, each request bounded by REQUEST_TIMEOUT."""
         msg_id = handle.get("id") if isinstance(handle, dict) else None
@@ -302,6 +321,7 @@ class SimBackend(Backend):
         if woken and self._wakeup is not None:
             self._wakeup.drain()  # before the calls are drained: a call queued from now on pokes again
         self._drain_calls(run=True)
+        self._send_acks()
         sock = self._sock
         while sock is not None and sock is self._sock and readable(sock):
             self._on_frame(sock.recv_multipart(copy=False))
@@ -497,8 +517,9 @@ class SimBackend(Backend):
                                     content=str(data.get("text", "")), push_name=str(data.get("push_name") or ""),
                                     ts=data.get("ts"), is_group=False)
             if msg is not None:
-                self.emit("message", {**msg, **inbound_extras(data)})
-            self._request("ack", {"company": self.ctx.company, "ids": [data.get("id")]}, _ignore)
+                self.emit("message", {**msg, **inbound_extras(data)})  # acknowledged once journaled
+            else:
+                self._to_ack.put(str(data.get("id")))  # nothing to journal: the network may forget it
         elif event == "receipt":
             self.emit("receipt", {"ids": data.get("ids", []), "type": data.get("type"), "chat": data.get("chat")})
         elif event == "paired":

@@ -212,6 +212,7 @@ class SimNet:
             "ban": self._ban,
             "outage": self._outage,
             "media_fault": self._media_fault,
+            "pending": self._pending_list,
             "latency": self._latency,
             "reads": self._reads,
             "presence": self._presence_list,
@@ -596,6 +597,11 @@ class SimNet:
                 chunk = fh.read(MEDIA_CHUNK)
         self._reply(peer, {"size": size, "offset": offset, "eof": offset + len(chunk) >= size}, [chunk])
         return None
+
+    def _pending_list(self, peer: Peer, args: dict[str, Any]) -> Result:
+        """Inbound messages the company has not acknowledged yet (they are redelivered on its next connection)."""
+        company = validate_company(args.get("company"))
+        return {"ids": [m["id"] for m in self.pending.get(company, [])]}
 
     def _media_fault(self, peer: Peer, args: dict[str, Any]) -> Result:
         count = args.get("count", 1)

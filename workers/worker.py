@@ -101,7 +101,8 @@ class Worker:
         options.update(json.loads(os.environ.pop(protocol.SECRETS_ENV, "") or "{}"))  # kept out of argv
         context = WorkerContext(self.company, args.session_dir, options)
         self.backend: Backend = load(args.backend)(context, self.emit)
-        self.journal = Journal.in_session(args.session_dir)
+        sync = "full" if options.get("journal_sync") == "full" else "normal"
+        self.journal = Journal.in_session(args.session_dir, sync=sync)
         media_root = options.get("media_dir")
         store = MediaStore(media_root, int(options.get("media_max_bytes") or DEFAULT_MAX_BYTES)) if media_root else None
         self.fetcher = MediaFetcher(self.company, self.backend, store, lambda msg: self.emit("media_fetched", msg))
@@ -109,6 +110,8 @@ class Worker:
         self.sender: Sender | InlineSender = (
             InlineSender(self.journal, self.backend, self.emit, media_root) if self.inline
             else Sender(self.journal.path, self.backend, self.emit, media_root))
+        if isinstance(self.sender, Sender):
+            self.sender.sync = sync
         self.duplicates = 0
 
     # Thread-safe entry points: they only enqueue and wake the loop.
@@ -208,14 +211,16 @@ class Worker:
         while not self.replies.empty():
             self.send_raw(self.replies.get_nowait())  # only this thread takes from the queues
         batch: list[dict[str, Any]] = []
+        journaled: list[str] = []  # inbound ids now in the journal: the backend may acknowledge them
         while not self.reports.empty():
             type_, data = self.reports.get_nowait()
             if type_ == "exit":
                 self.exit = self.exit or data  # the first exit report wins
                 continue
             if self.exit is not None and type_ not in OUTCOMES:
-                if type_ == "message":  # acknowledged to the network already: journaled, the successor delivers it
+                if type_ == "message":  # journaled, so the network may forget it: the successor delivers it
                     self.journal.inbox_add(data)
+                    journaled.append(data["id"])
                 continue
             if type_ == "state":
                 self.state = data.get("state", self.state)
@@ -223,7 +228,9 @@ class Worker:
             elif type_ == "message":
                 if isinstance(data.get("media"), dict):
                     data["media"] = {**data["media"], "status": PENDING}
-                if not self.journal.inbox_add(data):
+                added = self.journal.inbox_add(data)
+                journaled.append(data["id"])
+                if not added:
                     self.duplicates += 1  # a redelivery by the network: journaled once, delivered once
                     log.debug("dropped a duplicate of inbound message %s", data.get("id"))
                     continue
@@ -235,6 +242,8 @@ class Worker:
                 self.journal.set_inbound_fields(data["id"], extra_fields(data))
                 type_, data = "message", public_inbound(data)
             batch.append({"type": type_, "ts": time.time(), "data": data})
+        if journaled:
+            self.backend.journaled(journaled)
         self.send_events(batch)
 
     def serve(self, body: dict[str, Any]) -> None:

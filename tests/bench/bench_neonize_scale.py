@@ -60,6 +60,10 @@ def go_loaded(pid: int) -> bool:
         return False
 
 
+def pids_with_go() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and go_loaded(int(p))]
+
+
 def cpu(pid: int) -> float:
     t = psutil.Process(pid).cpu_times()
     return t.user + t.system
@@ -73,6 +77,7 @@ def measure(base: str, count: int, args: argparse.Namespace, proxy: str) -> dict
     d = Daemon(os.path.join(base, f"w{count}"), backend="neonize", companies=companies, proxy=proxy,
                connect_timeout=3600, heartbeat_interval=5.0, worker_spawn=args.spawn, log_level="warning",
                max_companies=max(2000, count), **tuning)
+    pids: list[int] = []
     try:
         start = time.monotonic()
         d.start()
@@ -105,8 +110,7 @@ def measure(base: str, count: int, args: argparse.Namespace, proxy: str) -> dict
         }
     finally:
         d.cleanup()
-        wait_for(lambda: not any(go_loaded(p.pid) for p in psutil.process_iter()
-                                 if "workers" in " ".join(p.cmdline()[:3])), timeout=60, interval=0.5)
+        wait_for(lambda: not any(go_loaded(p) for p in pids_with_go()), timeout=60, interval=0.5)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ import tempfile
 import time
 import uuid
 
+import psutil
 import zmq
 from common import Daemon, SimNetProcess, count_state, record, summary, wait_for
 
@@ -103,20 +104,54 @@ def delivery_latencies(state_dir: str, companies: list[str], since: float) -> li
     return out
 
 
+class CpuMeter:
+    """CPU seconds of each process of the pipeline over a phase: µs per message for each."""
+
+    def __init__(self, d: Daemon, net: SimNetProcess) -> None:
+        assert d.proc is not None
+        self.sup = psutil.Process(d.proc.pid)
+        self.net = psutil.Process(net.proc.pid)
+        self.me = psutil.Process()
+        self.workers = [psutil.Process(r["pid"]) for r in d.ctl("list")["sessions"] if r.get("pid")]
+        self.before = self.read()
+
+    @staticmethod
+    def seconds(procs: list[psutil.Process]) -> float:
+        total = 0.0
+        for p in procs:
+            try:
+                t = p.cpu_times()
+            except psutil.Error:
+                continue
+            total += t.user + t.system
+        return total
+
+    def read(self) -> dict[str, float]:
+        return {"supervisor": self.seconds([self.sup]), "workers": self.seconds(self.workers),
+                "network": self.seconds([self.net]), "load_client": self.seconds([self.me])}
+
+    def per_message(self, messages: int) -> dict[str, float]:
+        after = self.read()
+        out = {k: round((after[k] - self.before[k]) / messages * 1e6) for k in after}
+        out["total"] = sum(out.values())
+        return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--companies", type=int, default=100)
     ap.add_argument("--burst", type=int, default=20_000)
     ap.add_argument("--rate", type=float, default=1000)
     ap.add_argument("--seconds", type=float, default=30)
+    ap.add_argument("--journal-sync", choices=["normal", "full"], default="normal")
     args = ap.parse_args()
     os.sync()  # the previous benchmark's dirty pages are written back before this one measures
     base = tempfile.mkdtemp(prefix="wps-", dir="/tmp")
     net = SimNetProcess(base)
     companies = [f"s{i:03d}" for i in range(args.companies)]
     d = Daemon(base, sim_endpoint=net.endpoint, companies=companies, heartbeat_interval=5.0,
-               rate_limit_max=10_000_000)
-    figures: dict = {"companies": args.companies}
+               rate_limit_max=10_000_000, journal_sync=args.journal_sync)
+    figures: dict = {"companies": args.companies, "journal_sync": args.journal_sync}
     try:
         d.start()
         wait_for(lambda: count_state(d, "connected") == args.companies, timeout=120, interval=0.5)
@@ -127,18 +162,22 @@ def main() -> None:
             send time), so no event subscriber competes with the daemon while it is measured."""
             nonlocal sent
             since = time.time()
+            meter = CpuMeter(d, net)
             figures[name] = paced(d.run_dir, companies, args.rate, args.seconds)
             sent += figures[name]["messages"]
             wait_for(lambda: net.stats()["messages_sent"] >= sent, timeout=120, interval=0.5)
+            figures[name]["cpu_us_per_message"] = meter.per_message(figures[name]["messages"])
             delivery = delivery_latencies(d.state_dir, companies, since)
             figures[name]["delivery_latency_ms"] = {k: round(v, 2) for k, v in summary(delivery).items()}
 
         time.sleep(5)  # let start-up work settle (as bench_scale does); a window, not synchronization
         steady("steady")
+        meter = CpuMeter(d, net)
         figures["burst"] = burst(d.run_dir, companies, args.burst)
         sent += args.burst
         wait_for(lambda: net.stats()["messages_sent"] >= sent, timeout=300, interval=0.5,
                  what="the burst to reach the network")
+        figures["burst"]["cpu_us_per_message"] = meter.per_message(args.burst)
         # Right after the burst: 100 journals' WAL checkpoints (with their fsyncs) land at once.
         steady("steady_after_burst")
         figures["network_sent"] = net.stats()["messages_sent"]
@@ -147,7 +186,7 @@ def main() -> None:
         d.cleanup()
         net.stop()
         shutil.rmtree(base, ignore_errors=True)
-    record(f"send_{args.companies}", figures)
+    record(f"send_{args.companies}" + ("_full" if args.journal_sync == "full" else ""), figures)
 
 
 if __name__ == "__main__":
