@@ -223,10 +223,13 @@ class InlineLoop:
         self.wakeup = Wakeup()  # our own, so stop() ends a poll at once
         self.started = threading.Event()
         self.thread: threading.Thread | None = None
+        self.journal = True  # say each message journaled at once, as the worker does after its commit
 
     def emit(self, type_: str, data: dict[str, Any]) -> None:
         """The emit to build the backend with: recorded, and an exit ends the loop as in the worker."""
         self.reports(type_, data)
+        if type_ == "message" and self.journal and self.backend is not None:
+            self.backend.journaled([data["id"]])
         if type_ == "exit":
             self.exited = True
             self.wakeup.poke()

@@ -387,6 +387,7 @@ def test_the_network_forgets_a_message_only_once_it_is_journaled(auto_net: SimNe
                                                                  make_backend: Factory) -> None:
     sim, log = make_backend(auto_net.endpoint)
     log.wait_state("connected")
+    sim.journal = False  # the worker has not committed it yet
     auto_net.call("inbound", company="acme", **{"from": "15550100001"}, text="hello", id="IN-1")
     wait_until(lambda: log.of("message"), 3, "the message")
     auto_net.call("drop", company="acme")  # a crash before the journal's commit, as the network sees it
