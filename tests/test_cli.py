@@ -785,3 +785,11 @@ def test_a_message_cell_names_its_kind_before_its_text() -> None:
     assert render.content({"type": "location", "latitude": 1.5, "longitude": 2.0, "text": "salon"}) == (
         "[location 1.5,2.0] salon")
     assert render.content({"type": "reaction", "emoji": "", "reaction_to": "WA-1"}) == "[reaction (removed) to WA-1]"
+
+
+def test_start_with_a_proxy_of_its_own(run_dir: str, daemon: Callable[..., FakeDaemon]) -> None:
+    fake = daemon(start=record(state="starting"))
+    assert ctl(run_dir, "start", "acme", "--proxy", "socks5://10.0.0.5:1080").exit_code == 0
+    assert ctl(run_dir, "start", "acme", "--proxy", "direct").exit_code == 0
+    assert fake.sent() == [("start", {"company": "acme", "proxy": "socks5://10.0.0.5:1080"}),
+                           ("start", {"company": "acme", "proxy": "direct"})]
