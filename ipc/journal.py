@@ -255,12 +255,41 @@ class Journal:
                 raise Busy(str(exc)) from None
             raise
         try:
-            out = [self._insert(db, company, *item) for item in items]
+            out: list[tuple[Outgoing, bool]] = []
+            run: list[tuple[Any, ...]] = []  # consecutive sends without a key: one executemany, in order
+            for item in items:
+                if item[2] is None:
+                    run.append(item)
+                    continue
+                out += self._insert_new(db, company, run)
+                run = []
+                out.append(self._insert(db, company, *item))
+            out += self._insert_new(db, company, run)
         except BaseException:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
         return out
+
+    def _insert_new(
+        self, db: sqlite3.Connection, company: str, items: list[tuple[Any, ...]]
+    ) -> list[tuple[Outgoing, bool]]:
+        """Sends without an idempotency key (ids of our own, never seen before): one statement for all."""
+        if not items:
+            return []
+        now = time.time()
+        made = []
+        for recipient, text, _key, source, *rest in items:
+            type_ = rest[0] if rest else "text"
+            fields = rest[1] if len(rest) > 1 else None
+            payload = json.dumps(fields, separators=(",", ":")) if fields else None
+            made.append(Outgoing(message_id_for(company, None), None, recipient, text, QUEUED, None, None, now, now, 0,
+                                 source, type_, payload))
+        db.executemany(
+            "INSERT INTO outbox (message_id, idempotency_key, recipient, text, status, created, updated, source,"
+            " type, payload) VALUES (?, NULL, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(m.message_id, m.recipient, m.text, QUEUED, now, now, m.source, m.type, m.payload) for m in made])
+        return [(m, True) for m in made]
 
     def take_queued(self, limit: int) -> list[Outgoing]:
         """The oldest queued messages, marked `sending` by the same statement (one write, no SELECT first)."""

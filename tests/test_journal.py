@@ -171,3 +171,17 @@ def test_inbound_extras_are_kept_and_a_message_waiting_for_its_media_is_not_rede
     assert journal.inbound("WA-1")["media"]["id"] == "cd" * 32
     assert journal.reference("WA-1") == {"id": "WA-1", "chat": "15550100001", "from": "15550100001",
                                          "from_me": False, "type": "image", "text": "look"}
+
+
+def test_a_batch_keeps_the_order_it_was_accepted_in_with_and_without_keys(tmp_path) -> None:
+    journal = J.Journal(str(tmp_path / "journal.db"))
+    first, _ = journal.enqueue("acme", "15550109999", "k-first", "k1")
+    items = [("15550109999", "a", None, "control"), ("15550109999", "b", None, "control"),
+             ("15550109999", "again", "k1", "control"), ("15550109999", "c", None, "control", "location",
+                                                          {"latitude": 1.0, "longitude": 2.0}),
+             ("15550109999", "d", "k2", "control")]
+    out = journal.enqueue_many("acme", items)
+    assert [new for _, new in out] == [True, True, False, True, True]
+    assert out[2][0].message_id == first.message_id  # a key seen before: the first message, nothing new
+    assert [m.text for m in journal.take_queued(10)] == ["k-first", "a", "b", "c", "d"]  # the queue's order
+    assert journal.by_id(out[3][0].message_id).fields == {"latitude": 1.0, "longitude": 2.0}
