@@ -110,3 +110,15 @@ def test_proxy_and_the_go_runtime_keys(tmp_path):
             config.load(write(tmp_path, f"proxy = {bad}\n"), environ={})
     with pytest.raises(ConfigError, match="go_gc"):
         config.load(write(tmp_path, "go_gc = -1\n"), environ={})
+
+
+def test_a_backend_whose_dependencies_are_missing_is_named_with_what_to_install():
+    from waportd.process import missing_for
+
+    found = lambda _name: object()  # noqa: E731
+    nothing = lambda _name: None  # noqa: E731
+    assert missing_for("sim", nothing, nothing) is None
+    assert missing_for("neonize", found, found) is None
+    said = missing_for("neonize", nothing, found)
+    assert "pip install 'waport[neonize]'" in said and 'backend = "sim"' in said and "libmagic" not in said
+    assert "apt-get install libmagic1" in missing_for("neonize", found, nothing)

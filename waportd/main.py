@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> None:
     except config.ConfigError as exc:
         print(f"waportd: configuration error: {exc}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
+    missing = process.missing_for(cfg.backend)
+    if missing:
+        print(f"waportd: {missing}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
     logsetup.configure(cfg.log_level)
     arbiter = Arbiter(cfg, reload_config=load)
     try:

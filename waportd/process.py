@@ -142,6 +142,27 @@ class ZygoteSpawner:
             self.proc = None
 
 
+def missing_for(backend: str, find_spec: Any = None, find_library: Any = None) -> str | None:
+    """What a backend's workers need and this host lacks, said so that one line tells what to install
+    (else every worker would crash on its import and back off forever). Nothing is imported here: the
+    supervisor never loads neonize."""
+    if backend != "neonize":
+        return None
+    import ctypes.util
+    import importlib.util
+
+    find_spec = find_spec or importlib.util.find_spec
+    find_library = find_library or ctypes.util.find_library
+    missing = []
+    if find_spec("neonize") is None:
+        missing.append("the neonize package (pip install 'waport[neonize]', or neonize==0.5.2)")
+    if find_library("magic") is None:
+        missing.append("the system's libmagic (apt-get install libmagic1)")
+    if not missing:
+        return None
+    return f'backend "neonize" needs {" and ".join(missing)}; or set backend = "sim" for the simulated network'
+
+
 def go_env(gc: int, memory_limit: int, max_procs: int) -> dict[str, str]:
     """The Go runtime's tuning for neonize workers (0: Go's own default). Go reads its environment once,
     as the library loads — from the process's first environment, not from a later setenv — so these go in
