@@ -48,6 +48,7 @@ from ipc.errors import (
 from ipc.jsonsafe import InvalidJSON
 from ipc.jsonsafe import loads as parse_json
 from ipc.mediastore import WIRE_CHUNK, put_args
+from ipc.richmessage import SEND_ARGS
 from ipc.validation import validate_company
 
 log = logging.getLogger("waport.api")
@@ -63,8 +64,6 @@ CONTROL_TIMEOUT = 10.0
 HEALTH_TIMEOUT = 3.0
 WORKER_TIMEOUT = 65.0  # commands that wait on a worker: its 30 s, or a stop's stop_timeout and SIGKILL
 JSON = "application/json"
-SEND_FIELDS = ("text", "type", "media", "filename", "voice", "latitude", "longitude", "name", "message_id", "emoji",
-               "reply_to")  # DESIGN.md §11; the daemon checks them
 
 
 def error_parts(exc: WaportError) -> tuple[int, dict[str, str], bytes]:
@@ -136,7 +135,7 @@ class Api:
         validate_company(company)
         caller.may_act_on(company)
         data = json_object(body)
-        args: dict[str, Any] = {k: data[k] for k in SEND_FIELDS if k in data}
+        args: dict[str, Any] = {k: data[k] for k in SEND_ARGS if k in data}  # DESIGN.md §11; the daemon checks them
         args.update(company=company, to=data.get("to"))
         if key is not None:
             args["idempotency_key"] = key

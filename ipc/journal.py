@@ -222,7 +222,7 @@ class Journal:
     ) -> tuple[Outgoing, bool]:
         now = time.time()
         message_id = message_id_for(company, key)
-        payload = json.dumps(fields, separators=(",", ":")) if fields else None
+        payload = _payload(fields)
         try:
             db.execute(
                 "INSERT INTO outbox (message_id, idempotency_key, recipient, text, status, created, updated, source,"
@@ -282,7 +282,7 @@ class Journal:
         for recipient, text, _key, source, *rest in items:
             type_ = rest[0] if rest else "text"
             fields = rest[1] if len(rest) > 1 else None
-            payload = json.dumps(fields, separators=(",", ":")) if fields else None
+            payload = _payload(fields)
             made.append(Outgoing(message_id_for(company, None), None, recipient, text, QUEUED, None, None, now, now, 0,
                                  source, type_, payload))
         db.executemany(
@@ -356,7 +356,7 @@ class Journal:
         extra = extra_fields(msg)
         values = (msg["id"], msg.get("chat"), msg.get("from"), msg.get("push_name"), msg.get("type"),
                   msg.get("text"), msg.get("ts"), 1 if msg.get("is_group") else 0, time.time(),
-                  json.dumps(extra, separators=(",", ":")) if extra else None)
+                  _payload(extra))
         cur = self.db.execute(
             "INSERT OR IGNORE INTO inbox (id, chat, sender, push_name, type, text, ts, is_group, received, payload)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -385,7 +385,7 @@ class Journal:
     def set_inbound_fields(self, msg_id: str, fields: dict[str, Any]) -> None:
         """Replace the extra fields of an inbound message (its media once fetched)."""
         self.db.execute("UPDATE inbox SET payload = ? WHERE id = ?",
-                        (json.dumps(fields, separators=(",", ":")) if fields else None, msg_id))
+                        (_payload(fields), msg_id))
 
     def reference(self, msg_id: str) -> dict[str, Any] | None:
         """A message a reply or a reaction points at: WhatsApp's id for it, who wrote it, its text."""
@@ -436,6 +436,11 @@ def _inbound(row: tuple) -> dict[str, Any]:
     if len(row) > 8 and row[8]:
         msg.update(json.loads(row[8]))
     return msg
+
+
+def _payload(fields: dict[str, Any] | None) -> str | None:
+    """A row's extra fields as stored: compact JSON, or NULL when there are none."""
+    return json.dumps(fields, separators=(",", ":")) if fields else None
 
 
 def extra_fields(msg: dict[str, Any]) -> dict[str, Any]:

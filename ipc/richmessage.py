@@ -61,6 +61,9 @@ def coordinate(value: Any, name: str, limit: float) -> float:
 
 PLAIN = frozenset({"company", "to", "text", "idempotency_key"})  # a text send: no field of another type to check
 TYPE_FIELDS = ("media", "filename", "voice", "latitude", "longitude", "name", "message_id", "emoji")
+SEND_ARGS = ("text", "type", *TYPE_FIELDS, "reply_to")  # what a send names beyond its company, recipient and key
+# What an inbound `message` carries beyond the basics, by its type (its media aside): reply, location, reaction.
+INBOUND_FIELDS = ("reply_to", "latitude", "longitude", "name", "emoji", "reaction_to")
 
 
 def parse_send(args: dict[str, Any]) -> SendSpec:

@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -447,8 +448,6 @@ class EventTap:
 
 def whatsapp_resolves() -> bool:
     """The no-network tests need a machine that cannot reach WhatsApp (like this one)."""
-    import socket
-
     try:
         socket.getaddrinfo("web.whatsapp.com", 443)
     except OSError:
@@ -456,9 +455,42 @@ def whatsapp_resolves() -> bool:
     return True
 
 
-def free_port() -> int:
-    import socket
+class BlackHole:
+    """An HTTP proxy that takes connections, keeps what they say and never answers: a worker dialing
+    WhatsApp through it waits in its connect attempt, which is where an idle worker is measured."""
 
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4096)  # a benchmark's 300 workers dial at once
+        self.port = self.sock.getsockname()[1]
+        self.heard: list[bytes] = []
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            conn.settimeout(5)
+            try:
+                self.heard.append(conn.recv(4096))
+            except OSError:
+                self.heard.append(b"")
+
+    def url(self, userinfo: str = "") -> str:
+        return f"http://{userinfo}127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.conns:
+            conn.close()
+
+
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, wait_for, whatsapp_resolves
+from conftest import ROOT, BlackHole, wait_for, whatsapp_resolves
 
 WAPORTCTL = str(Path(sys.executable).with_name("waportctl"))
 NEONIZE_SO = "neonize-linux-amd64.so"
@@ -65,44 +65,6 @@ def test_supervisor_modules_do_not_import_neonize() -> None:
         "assert 'workers.neonize_backend' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
-
-
-class BlackHole:
-    """An HTTP proxy that takes connections, keeps what they say and never answers: a worker dialing
-    WhatsApp through it waits in its connect attempt, which is where an idle worker is measured."""
-
-    def __init__(self) -> None:
-        import socket
-        import threading
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self.heard: list[bytes] = []
-        self.conns: list[Any] = []
-        threading.Thread(target=self.serve, daemon=True).start()
-
-    def serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-            conn.settimeout(5)
-            try:
-                self.heard.append(conn.recv(4096))
-            except OSError:
-                self.heard.append(b"")
-
-    def url(self, userinfo: str = "") -> str:
-        return f"http://{userinfo}127.0.0.1:{self.port}"
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.conns:
-            conn.close()
 
 
 def zygote_of(d: Any) -> int:

@@ -19,7 +19,7 @@ from ipc import events, protocol
 from ipc.errors import BAD_REQUEST, NOT_CONNECTED, NOT_FOUND, RATE_LIMITED, UNKNOWN_COMPANY, WaportError
 from ipc.journal import Busy, Journal
 from ipc.mediastore import MediaStore
-from ipc.richmessage import check_media, parse_send
+from ipc.richmessage import INBOUND_FIELDS, SEND_ARGS, check_media, parse_send
 from ipc.states import REFUSES_SENDS
 from ipc.validation import is_utf8, mask_phone, normalize_phone, validate_company
 from waportd.journalsync import GroupSync
@@ -37,13 +37,10 @@ SEEN_INBOUND = 100_000
 ACK_IDS = 1000  # ids per ACK frame: far below the 1 MiB frame limit whatever a turn brought in
 
 
-# What a `waport:inbox` entry carries of an inbound message: always, when present, and of its media (§6, §11).
+# What a `waport:inbox` entry carries of an inbound message: always, the §11 INBOUND_FIELDS when present, and
+# of its media (§6, §11).
 INBOX_FIELDS = ("id", "chat", "from", "push_name", "type", "text", "ts", "is_group")
-INBOX_EXTRA = ("reply_to", "latitude", "longitude", "name", "emoji", "reaction_to")
 INBOX_MEDIA = {"media_id": "id", "mimetype": "mimetype", "size": "size", "sha256": "sha256", "media_status": "status"}
-# A producer's waport:outbox entry is all strings: the fields of §11 sends it may carry, and the numbers among them.
-STREAM_FIELDS = ("to", "text", "type", "media", "filename", "voice", "latitude", "longitude", "name", "message_id",
-                 "emoji", "reply_to")
 
 
 def limits_of(cfg: Any) -> Limits:
@@ -222,7 +219,7 @@ class MessageDesk:
             self.services.publish(company, events.MESSAGE, data, ts)
         if self.bridge:
             entry = {"company": company, **{k: data.get(k) for k in INBOX_FIELDS},
-                     **{k: data[k] for k in INBOX_EXTRA if k in data}}
+                     **{k: data[k] for k in INBOUND_FIELDS if k in data}}
             media = data.get("media")
             if isinstance(media, dict):
                 entry.update({name: media.get(k) for name, k in INBOX_MEDIA.items()})
@@ -266,7 +263,8 @@ class MessageDesk:
             bridge.put_outbox_result(entry_id, {"company": company, "idempotency_key": key, "ts": time.time(),
                                                 **result})
 
-        args: dict[str, Any] = {k: fields[k] for k in STREAM_FIELDS if k in fields}
+        # a producer's entry is all strings: the §11 fields it may carry, the numbers among them read below
+        args: dict[str, Any] = {k: fields[k] for k in ("to", *SEND_ARGS) if k in fields}
         args.update(company=company, idempotency_key=key)
         try:
             for number in ("latitude", "longitude"):

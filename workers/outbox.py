@@ -95,11 +95,12 @@ def settle_window(journal: J.Journal, batch: list[J.Outgoing], outcomes: list[An
 class Sender(threading.Thread):
     """For backends whose send blocks: a thread, so heartbeats never wait for a send."""
 
-    def __init__(self, journal_path: str, backend: Backend, emit: Emit, media_root: str | None = None) -> None:
+    def __init__(self, journal_path: str, backend: Backend, emit: Emit, media_root: str | None = None,
+                 sync: str = "normal") -> None:
         super().__init__(name="sender", daemon=True)
         self.journal_path = journal_path
         self.media_root = media_root
-        self.sync = "normal"  # the worker sets "full" under journal_sync = "full"
+        self.sync = sync  # "full" under journal_sync = "full": its own connection fsyncs each commit too
         self.backend = backend
         self.emit = emit
         self.connected = False

@@ -31,6 +31,7 @@ from ipc import jsonsafe, states
 from ipc.errors import BAD_REQUEST, INTERNAL, NOT_CONNECTED, NOT_FOUND, TIMEOUT
 from ipc.files import write_json_atomic
 from ipc.protocol import aligned_delay
+from ipc.richmessage import INBOUND_FIELDS
 from ipc.states import State
 from ipc.zsocket import readable
 from workers.backend import Backend, BackendError, Emit, Outcome, Phase, SendItem, WorkerContext
@@ -48,7 +49,6 @@ BACKOFF_MIN = 0.2
 BACKOFF_MAX = 5.0
 MEDIA_CHUNK = 1 << 20  # the most bytes of media one frame carries, either way
 SEND_FIELDS = ("mimetype", "filename", "voice", "latitude", "longitude", "name", "emoji")
-INBOUND_FIELDS = ("reply_to", "latitude", "longitude", "name", "emoji", "reaction_to")
 
 # The hello's answer `{"status": ...}` when the network knows our token (else "pairing"): the
 # network's protocol (workers/simnet.py), not a session state.

@@ -73,6 +73,7 @@ from ipc import paths
 from ipc.control import error_reply, ok_reply, parse_request, request_id_of
 from ipc.errors import BAD_REQUEST, INTERNAL, NOT_CONNECTED, UNKNOWN_COMPANY, WaportError
 from ipc.files import write_json_atomic
+from ipc.richmessage import INBOUND_FIELDS
 from ipc.validation import (
     normalize_phone,
     validate_company,
@@ -96,7 +97,6 @@ MAX_MEDIA = 1000  # inbound media the network keeps for downloads (the oldest go
 SEND_TYPES = ("text", "image", "video", "audio", "document", "location", "reaction")
 MEDIA_SEND_TYPES = ("image", "video", "audio", "document")
 SEND_FIELDS = ("mimetype", "filename", "voice", "latitude", "longitude", "name", "emoji", "reaction_to", "reply_to")
-INBOUND_FIELDS = ("reply_to", "latitude", "longitude", "name", "emoji", "reaction_to")
 BATCH = 256  # router messages handled before timers get a turn
 _SRCFD = int(zmq.SRCFD)  # a plain int: the enum costs more than the lookup
 

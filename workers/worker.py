@@ -109,9 +109,7 @@ class Worker:
         self.inline = self.backend.runs_inline  # its connection runs in this loop: no thread hand-offs
         self.sender: Sender | InlineSender = (
             InlineSender(self.journal, self.backend, self.emit, media_root) if self.inline
-            else Sender(self.journal.path, self.backend, self.emit, media_root))
-        if isinstance(self.sender, Sender):
-            self.sender.sync = sync
+            else Sender(self.journal.path, self.backend, self.emit, media_root, sync))
         self.duplicates = 0
 
     # Thread-safe entry points: they only enqueue and wake the loop.

@@ -16,16 +16,14 @@ receiving a 50 MiB document.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
 import time
-import uuid
+from collections.abc import Callable
 
 import psutil
-import zmq
-from bench_send import burst, dealer
+from bench_send import burst
 from common import Daemon, EventTap, SimNetProcess, count_state, record, wait_for
 
 from ipc.mediastore import WIRE_CHUNK, put_args
@@ -64,33 +62,20 @@ def vm_hwm_kib(pid: int) -> int:
     return 0
 
 
-def send_burst(d: Daemon, net: SimNetProcess, companies: list[str], total: int, args_of) -> dict:  # noqa: ANN001
-    """`total` sends as fast as accepted; seconds until the network has them all."""
+def send_burst(d: Daemon, net: SimNetProcess, companies: list[str], total: int,
+               args_of: Callable[[int], dict]) -> dict:
+    """`total` sends as fast as accepted (bench_send's burst); seconds until the network has them all."""
     before = net.stats()["messages_sent"]
-    sock = dealer(d.run_dir)
-    frames = [json.dumps({"id": uuid.uuid4().hex, "cmd": "send",
-                          "args": {"company": companies[n % len(companies)], "to": f"1555{n % 9973:07d}",
-                                   **args_of(n)}}).encode() for n in range(total)]
     pids = [r["pid"] for r in d.ctl("list")["sessions"] if r.get("pid")]
     io_before = io_of(pids)
-    start = time.monotonic()
-    sent = answered = ok = 0
-    while answered < total:
-        while sent < total and sent - answered < 1000:
-            sock.send(frames[sent])
-            sent += 1
-        if not sock.poll(30_000):
-            raise RuntimeError("the daemon stopped answering")
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            answered += 1
-            ok += bool(json.loads(sock.recv()).get("ok"))
-    accepted = time.monotonic() - start
-    wait_for(lambda: net.stats()["messages_sent"] >= before + ok, timeout=600, interval=0.05)
-    elapsed = time.monotonic() - start
+    accepted = burst(d.run_dir, companies, total, args_of=args_of)
+    answered = time.monotonic()
+    wait_for(lambda: net.stats()["messages_sent"] >= before + accepted["accepted"], timeout=600, interval=0.05)
+    elapsed = accepted["seconds"] + time.monotonic() - answered
     io_after = io_of(pids)
-    sock.close(0)
-    return {"messages": total, "accepted": ok, "accept_seconds": round(accepted, 2), "seconds": round(elapsed, 2),
-            "sent_per_s": round(ok / elapsed), "worker_read_bytes": io_after[0] - io_before[0]}
+    return {"messages": total, "accepted": accepted["accepted"], "accept_seconds": accepted["seconds"],
+            "seconds": round(elapsed, 2), "sent_per_s": round(accepted["accepted"] / elapsed),
+            "worker_read_bytes": io_after[0] - io_before[0]}
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ import sqlite3
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 
 import psutil
 import zmq
@@ -30,21 +31,24 @@ def dealer(run_dir: str) -> zmq.Socket:
     return sock
 
 
-def requests(count: int, companies: list[str]) -> list[tuple[str, bytes]]:
-    """Encoded before the clock starts: the load client's CPU is taken from the daemon on 2 cores."""
+def requests(count: int, companies: list[str], args_of: Callable[[int], dict] | None = None) -> list[tuple[str, bytes]]:
+    """Encoded before the clock starts: the load client's CPU is taken from the daemon on 2 cores.
+    `args_of(n)`: the n-th send's own arguments (default a text)."""
     out = []
     for n in range(count):
         rid = uuid.uuid4().hex
+        own = args_of(n) if args_of else {"text": f"bench {n}"}
         body = {"id": rid, "cmd": "send", "args": {"company": companies[n % len(companies)],
-                                                   "to": f"1555{n % 9973:07d}", "text": f"bench {n}"}}
+                                                   "to": f"1555{n % 9973:07d}", **own}}
         out.append((rid, json.dumps(body).encode()))
     return out
 
 
-def burst(run_dir: str, companies: list[str], total: int, window: int = 1000) -> dict:
+def burst(run_dir: str, companies: list[str], total: int, window: int = 1000,
+          args_of: Callable[[int], dict] | None = None) -> dict:
     """As fast as the daemon answers, with `window` requests in flight."""
     sock = dealer(run_dir)
-    frames = [frame for _, frame in requests(total, companies)]
+    frames = [frame for _, frame in requests(total, companies, args_of)]
     sent = answered = ok = 0
     start = time.monotonic()
     while answered < total:

@@ -15,9 +15,17 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, ROOT)
 
-from conftest import Daemon, EventTap, RedisServer, SimNetProcess, processes_using, wait_for  # noqa: E402
+from conftest import (  # noqa: E402
+    BlackHole,
+    Daemon,
+    EventTap,
+    RedisServer,
+    SimNetProcess,
+    processes_using,
+    wait_for,
+)
 
-__all__ = ["Daemon", "EventTap", "RedisServer", "SimNetProcess", "processes_using", "wait_for",
+__all__ = ["BlackHole", "Daemon", "EventTap", "RedisServer", "SimNetProcess", "processes_using", "wait_for",
            "percentile", "machine", "record"]
 
 RESULTS = os.path.join(HERE, "results")
