@@ -85,7 +85,7 @@ def test_every_send_type_reaches_the_network_with_its_bytes_checked_by_sha256(co
                                                                           doc["size"])
     assert (loc["type"], loc["latitude"], loc["longitude"], loc["name"]) == ("location", 52.52, 13.405, "the salon")
     assert (react["type"], react["reaction_to"], react["emoji"]) == ("reaction", "WA-IN-1", "👍")
-    assert ("type" not in reply, reply["text"], reply["reply_to"]) == (True, "yes, at 8", "WA-IN-1")
+    assert (reply["type"], reply["text"], reply["reply_to"]) == ("text", "yes, at 8", "WA-IN-1")
     journal = {m["message_id"]: m for m in d.ctl("messages", company="acme", limit=20)["outbound"]}
     assert journal[ids[0]]["type"] == "image" and journal[ids[0]]["media"] == image["media_id"]
     assert journal[ids[5]]["reaction_to"] == "WA-IN-1" and journal[ids[4]]["latitude"] == 52.52

@@ -211,7 +211,8 @@ def test_send_is_recorded_and_acknowledged_with_a_receipt(auto_net: SimNetProces
     assert result["id"].startswith("SIM")
     assert s.push("receipt") == {"ids": [result["id"]], "type": "delivered", "chat": "15557654321"}
     sent = auto_net.call("sent", company="acme")["messages"]
-    assert sent == [{"company": "acme", "to": "15557654321", "text": "hi", "id": result["id"], "ts": result["ts"]}]
+    assert sent == [{"company": "acme", "to": "15557654321", "text": "hi", "id": result["id"], "ts": result["ts"],
+                     "type": "text"}]
     assert auto_net.call("sent", company="other")["messages"] == []
     assert auto_net.stats()["messages_sent"] == 1
     s.close()

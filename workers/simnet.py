@@ -522,12 +522,9 @@ class SimNet:
         if not isinstance(msg_id, str):
             raise WaportError(BAD_REQUEST, "field 'id' must be a string")
         ts = time.time()
-        entry = {"company": conn.company, "to": to, "text": text, "id": msg_id, "ts": ts}
-        if kind != "text":
-            entry["type"] = kind
-            entry.update({k: args[k] for k in SEND_FIELDS if k in args})
-        elif "reply_to" in args:
-            entry["reply_to"] = args["reply_to"]
+        # DESIGN.md §11: every `sent` entry carries its type
+        entry = {"company": conn.company, "to": to, "text": text, "id": msg_id, "ts": ts, "type": kind}
+        entry.update({k: args[k] for k in SEND_FIELDS if k in args})
         if kind in MEDIA_SEND_TYPES:
             if not peer.attachments or not isinstance(args.get("mimetype"), str):
                 raise WaportError(BAD_REQUEST, f"a {kind} carries its bytes after the request, and a mimetype")
