@@ -22,14 +22,16 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from api import schemas
+from api import consolepage, schemas
 from api.auth import Auth, Caller
 from api.daemon import ControlLink, EventHub
 from api.docs import DOCS_HTML
+from api.securityheaders import inline_policy
 from ipc import __version__, events
 from ipc.errors import (
     BAD_REQUEST,
     CAPACITY,
+    DISK_FULL,
     FORBIDDEN,
     INTERNAL,
     INVALID_COMPANY_ID,
@@ -57,13 +59,14 @@ STATUS = {
     BAD_REQUEST: 400, INVALID_COMPANY_ID: 400, INVALID_PHONE: 400, MESSAGE_TOO_LONG: 400,
     UNAUTHORIZED: 401, FORBIDDEN: 403, UNKNOWN_COMPANY: 404, NOT_FOUND: 404,
     NOT_CONNECTED: 409, CAPACITY: 409, MEDIA_TOO_LARGE: 413, RATE_LIMITED: 429, TIMEOUT: 504, INTERNAL: 500,
-    NOT_IMPLEMENTED: 501,
+    NOT_IMPLEMENTED: 501, DISK_FULL: 507,
 }
 MAX_BODY = 256 * 1024  # JSON bodies; media has routes of its own (§11)
 CONTROL_TIMEOUT = 10.0
 HEALTH_TIMEOUT = 3.0
 WORKER_TIMEOUT = 65.0  # commands that wait on a worker: its 30 s, or a stop's stop_timeout and SIGKILL
 JSON = "application/json"
+DOCS_POLICY = inline_policy(DOCS_HTML)  # its script and style are inline: allowed by their hashes only
 
 
 def error_parts(exc: WaportError) -> tuple[int, dict[str, str], bytes]:
@@ -502,6 +505,7 @@ def build(api: Api) -> FastAPI:
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:
-        return HTMLResponse(DOCS_HTML)
+        return HTMLResponse(DOCS_HTML, headers={"Content-Security-Policy": DOCS_POLICY})
 
+    consolepage.add_routes(app)  # §13: GET /console and its assets
     return app

@@ -25,7 +25,8 @@ fetch("/v1/openapi.json").then(r => r.json()).then(doc => {
     for (const [method, op] of Object.entries(item)) {
       const m = method.toUpperCase();
       const params = (op.parameters || []).map(p => `<code>${esc(p.name)}</code> (${esc(p.in)})`).join(", ");
-      const schema = op.requestBody && op.requestBody.content["application/json"].schema;
+      const content = (op.requestBody && op.requestBody.content) || {};
+      const schema = (content["application/json"] || Object.values(content)[0] || {}).schema;
       const body = schema ? `<pre>${esc(JSON.stringify(schema, null, 1))}</pre>` : "";
       const answers = Object.entries(op.responses || {})
         .map(([s, r]) => `<code>${esc(s)}</code> ${esc(r.description)}`).join("; ");

@@ -21,6 +21,7 @@ from api.auth import Auth
 from api.daemon import ControlLink, EventHub
 from api.fastpath import FastSend
 from api.httpbounds import BoundedHttpTools
+from api.securityheaders import SecurityHeaders
 from ipc.logfmt import log_to_stderr
 from ipc.validation import parse_listen
 
@@ -48,7 +49,7 @@ def make_app(run_dir: str, state_dir: str):  # noqa: ANN201 - a FastAPI app
             ctx.term()
 
     app.router.lifespan_context = lifespan
-    return FastSend(app, api)
+    return SecurityHeaders(FastSend(app, api))  # §13: on every answer, the fast path's included
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         host, port = parse_listen(args.listen, "http_listen")  # ":8480": every interface, as metrics_listen
     except ValueError as exc:
-        raise SystemExit(f"api: {exc}") from None
+        log.error("%s", exc)  # in the one log format, like every line of ours
+        raise SystemExit(2) from None
     app = make_app(args.run_dir, args.state_dir)
     # No access log: request lines would carry company ids at INFO for every send; errors are logged.
     # uvicorn says where it listens once it does (and why not, when the port is taken).
