@@ -4,12 +4,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUN_DIR ?= $(CURDIR)/.demo
 
-.PHONY: venv run test test-fast lint bench clean
+.PHONY: venv run test test-fast lint bench clean wheel
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,neonize]'
+	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
 venv: $(BIN)/.installed
@@ -31,9 +31,13 @@ test: venv
 test-fast: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not e2e" $(PYTEST_ARGS)
 
+# The package for servers (README "Install on a server"): dist/waport-VERSION-py3-none-any.whl
+wheel: venv
+	$(BIN)/pip wheel --no-deps --quiet -w dist .
+
 bench: venv
 	command -v wrk >/dev/null || [ "$$(id -u)" != 0 ] || (apt-get update -qq && apt-get install -y -qq wrk) || true
 	$(BIN)/python tests/bench/run.py
 
 clean:
-	rm -rf $(VENV) $(RUN_DIR) *.egg-info
+	rm -rf $(VENV) $(RUN_DIR) *.egg-info build dist

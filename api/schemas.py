@@ -29,7 +29,7 @@ class Open(BaseModel):
 class ErrorDetail(Open):
     code: str = Field(description="bad_request, invalid_company_id, invalid_phone, unknown_company, not_connected, "
                                   "rate_limited, message_too_long, timeout, internal, unauthorized, forbidden, "
-                                  "not_found, capacity, media_too_large")
+                                  "not_found, capacity, media_too_large, disk_full")
     message: str
 
 
@@ -231,6 +231,7 @@ SEND = Operation("sendMessage", "Send a message: durable (journaled) once answer
                  {202: SendResult, **COMPANY_ERRORS, 409: error("not_connected: stopped or needs a person"),
                   404: error("unknown company, media or message (reply_to, reaction)"),
                   413: error("media_too_large"),
+                  507: error("disk_full: the daemon's disk is full, nothing was written"),
                   429: {"model": Error, "description": "rate_limited", "headers": {"Retry-After": {
                       "description": "seconds to wait, at least 1", "schema": {"type": "integer"}}}}},
                  [COMPANY, {"name": "Idempotency-Key", "in": "header", "required": False,

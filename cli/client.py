@@ -6,6 +6,8 @@ command goes through `call`, so the messages and codes are the same for all of t
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -28,7 +30,8 @@ DEFAULT_TIMEOUT = 10.0
 # Commands the daemon answers only once a worker has acted (its worker calls wait up to 30 s, a
 # stop up to stop_timeout and the kill): a 10 s wait would report a busy daemon as unreachable.
 WORKER_BOUND_TIMEOUT = 60.0
-WORKER_BOUND = frozenset({"stop", "restart", "logout", "delete", "send", "pair_code", "read", "typing"})
+WORKER_BOUND = frozenset({"stop", "restart", "logout", "delete", "send", "pair_code", "read", "typing",
+                          "export", "backup", "import_commit"})  # bundles: a stop, copies of files
 MEDIA_FETCH_TIMEOUT = 130.0  # the daemon gives a download 120 s (three attempts)
 
 START_HINT = "is it running? (start it with `systemctl start waportd` or `waportd`)"
@@ -95,6 +98,20 @@ def call(settings: Settings, cmd: str, **args: Any) -> dict[str, Any]:
     if not isinstance(result, dict):
         fail(settings, WaportError(INTERNAL, f"malformed result from waportd: {result!r}"))
     return result
+
+
+def read_chunks(settings: Settings, cmd: str, write: Callable[[bytes], Any], **args: Any) -> tuple[str, int, dict]:
+    """A file on the daemon's side, chunk by chunk (base64 `data` from `offset` until `eof`), handed to
+    `write`: its SHA-256, its size, and the last reply."""
+    digest, offset = hashlib.sha256(), 0
+    while True:
+        part = call(settings, cmd, offset=offset, **args)
+        data = base64.b64decode(part.get("data") or "")
+        write(data)
+        digest.update(data)
+        offset += len(data)
+        if part.get("eof") or not data:
+            return digest.hexdigest(), offset, part
 
 
 def print_json(obj: Any) -> None:

@@ -6,11 +6,11 @@ Exit codes: 0 ok, 1 error reply, 2 usage, 3 daemon unreachable.
 
 from __future__ import annotations
 
-import base64
 import os
 import sys
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -27,11 +27,13 @@ from cli.client import (
     answer,
     call,
     print_json,
+    read_chunks,
     unreachable,
 )
 from cli.eventstream import EventStream
 from ipc import events, webhooks
 from ipc.control import DaemonUnreachable
+from ipc.logfmt import log_to_stderr
 from ipc.mediastore import WIRE_CHUNK, put_args
 from ipc.validation import parse_duration
 
@@ -344,12 +346,51 @@ def wait_for_outcome(settings: Settings, company: str, result: dict[str, Any], w
             stream.close()
 
 
-@cli.command()
+class ListByDefault(click.Group):
+    """`waportctl messages COMPANY` lists, as it always did; `waportctl messages purge COMPANY` erases."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["list", *args]
+        return super().parse_args(ctx, args)
+
+
+class Moment(click.ParamType):
+    """A point in time: an ISO date or date-time (local time unless it says), Unix seconds, or a
+    duration ago (`30d`: older than thirty days)."""
+
+    name = "TIME"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        text = str(value).strip()
+        try:
+            return float(text)
+        except ValueError:
+            pass
+        try:
+            return datetime.fromisoformat(text).astimezone().timestamp()
+        except ValueError:
+            pass
+        try:
+            return time.time() - parse_duration(text)
+        except ValueError:
+            self.fail(f"{value!r} is not a time: give 2026-01-31, 2026-01-31T18:00+01:00, Unix seconds or an "
+                      "age such as 30d", param, ctx)
+
+
+@cli.group(cls=ListByDefault)
+def messages() -> None:
+    """A company's messages: `messages COMPANY` lists them, `messages purge COMPANY` erases them."""
+
+
+@messages.command("list")
 @click.argument("company")
 @click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
 @global_options
 @pass_settings
-def messages(settings: Settings, company: str, limit: int) -> None:
+def messages_list(settings: Settings, company: str, limit: int) -> None:
     """Recent outbound and inbound messages of COMPANY from its journal, with their status."""
     result = call(settings, "messages", company=company, limit=limit)
     if settings.json:
@@ -365,6 +406,40 @@ def messages(settings: Settings, company: str, limit: int) -> None:
              "yes" if m.get("delivered") else "no", render.content(m)]
             for m in result.get("inbound", [])]
     click.echo(render.table(["TIME", "ID", "FROM", "NAME", "DELIVERED", "CONTENT"], rows) if rows else "  none")
+
+
+@messages.command("purge")
+@click.argument("company")
+@click.option("--before", type=Moment(), help="Only messages before this time (default: all until now).")
+@click.option("--chat", metavar="PHONE|JID", help="Only this chat's messages (an erasure request).")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@global_options
+@pass_settings
+def messages_purge(settings: Settings, company: str, before: float | None, chat: str | None, yes: bool) -> None:
+    """Erase COMPANY's sent and received messages from its journal (texts, media, ids): for erasure
+    requests. Sends not yet out are kept, and said so; nothing can bring the erased back."""
+    if not yes:
+        scope = (f" of chat {chat}" if chat else "") + (f" before {render.iso_seconds(before)}" if before else "")
+        if not stdin_is_tty():
+            raise click.UsageError(f"refusing to erase {company!r}'s messages without confirmation: stdin is not "
+                                   "a terminal; pass --yes")
+        if not click.confirm(f"Erase {company!r}'s messages{scope}? This cannot be undone", err=True):
+            click.echo("nothing erased", err=True)
+            raise click.exceptions.Exit(EXIT_ERROR)
+    args: dict[str, Any] = {"company": company}
+    if before is not None:
+        args["before"] = before
+    if chat is not None:
+        args["chat"] = chat
+    result = call(settings, "messages_purge", **args)
+    if settings.json:
+        print_json(result)
+        return
+    click.echo(f"{company}: erased {result['outbound']} sent and {result['inbound']} received messages"
+               f" ({result['media']} media files)")
+    if result.get("pending_kept"):
+        click.echo(f"{result['pending_kept']} sends not yet out were kept: they go out as promised (erase them "
+                   "after they are sent)")
 
 
 def _no_code(what: str, result: dict[str, Any]) -> NoReturn:
@@ -748,20 +823,10 @@ def store_file(settings: Settings, path: str, mimetype: str | None, company: str
 @pass_settings
 def media_get(settings: Settings, media_id: str, output: str) -> None:
     """Write the stored file MEDIA_ID to OUTPUT (checked against its SHA-256)."""
-    import hashlib
-
-    digest, offset, size = hashlib.sha256(), 0, 0
     with open(output, "wb") as fh:
-        while True:
-            result = call(settings, "media_get", media_id=media_id, offset=offset)
-            data = base64.b64decode(result.get("data") or "")
-            fh.write(data)
-            digest.update(data)
-            offset += len(data)
-            size = result.get("size", offset)
-            if result.get("eof") or not data:
-                break
-    if digest.hexdigest() != result.get("sha256"):
+        digest, offset, result = read_chunks(settings, "media_get", fh.write, media_id=media_id)
+    size = result.get("size", offset)
+    if digest != result.get("sha256"):
         raise click.ClickException(f"{output}: the bytes do not match the stored SHA-256")
     click.echo(f"{output}: {size} bytes", err=True)
 
@@ -786,6 +851,76 @@ def media_fetch(settings: Settings, company: str, message_id: str) -> None:
         sys.exit(1)
 
 
+def _bundle_options(func: F) -> F:
+    func = click.option("--passphrase-file", type=click.Path(exists=True, dir_okay=False),
+                        help="With --encrypt: read the passphrase from this file's first line (else a prompt).")(func)
+    func = click.option("--encrypt", is_flag=True, help="Encrypt the file with a passphrase (asked twice).")(func)
+    func = click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+                        help="The bundle file to write (a new file, mode 0600).")(func)
+    return func
+
+
+def _write_bundle(settings: Settings, cmd: str, company: str, output: str, encrypt: bool,
+                  passphrase_file: str | None) -> dict[str, Any]:
+    from cli import transfer
+
+    passphrase = transfer.read_passphrase(passphrase_file, confirm=True) if encrypt or passphrase_file else None
+    return transfer.fetch(settings, cmd, company, output, passphrase)
+
+
+@cli.command("export")
+@click.argument("company")
+@_bundle_options
+@global_options
+@pass_settings
+def export(settings: Settings, company: str, output: str, encrypt: bool, passphrase_file: str | None) -> None:
+    """Move COMPANY to another host: stop it here, write its session, journal (queued sends), media and
+    desired state to OUTPUT, then retire it here. On the other host: `waportctl import OUTPUT`."""
+    result = _write_bundle(settings, "export", company, output, encrypt, passphrase_file)
+    answer(settings, result, lambda r: (
+        f"{company}: exported to {output} ({r.get('size')} bytes{', encrypted' if r.get('encrypted') else ''}, "
+        f"{r.get('queued')} queued sends); it no longer runs on this host. Next: waportctl import {output} "
+        "on the new host"))
+
+
+@cli.command("backup")
+@click.argument("company")
+@_bundle_options
+@global_options
+@pass_settings
+def backup(settings: Settings, company: str, output: str, encrypt: bool, passphrase_file: str | None) -> None:
+    """Copy COMPANY's session while it runs, for disaster recovery (it keeps running here). Never import the
+    copy while this original runs: two hosts on one session knock each other off WhatsApp."""
+    result = _write_bundle(settings, "backup", company, output, encrypt, passphrase_file)
+    click.echo(f"warning: {output} is a backup of {company}, which still runs on this host. Do not import it "
+               "while this original runs; import it only once this host is gone for good "
+               "(waportctl import --original-stopped).", err=True)
+    answer(settings, result, lambda r: f"{company}: backup written to {output} ({r.get('size')} bytes"
+                                       f"{', encrypted' if r.get('encrypted') else ''})")
+
+
+@cli.command("import")
+@click.argument("path", metavar="FILE", type=click.Path(exists=True, dir_okay=False, readable=True))
+@click.option("--replace", is_flag=True, help="The company is known here and stopped: set its session here "
+                                              "aside and install the bundle's.")
+@click.option("--original-stopped", is_flag=True, help="Import a backup: its original is stopped for good.")
+@click.option("--passphrase-file", type=click.Path(exists=True, dir_okay=False),
+              help="An encrypted bundle's passphrase, from this file's first line (else a prompt).")
+@global_options
+@pass_settings
+def import_(settings: Settings, path: str, replace: bool, original_stopped: bool, passphrase_file: str | None) -> None:
+    """Install the company in FILE (from `export` or `backup`) on this host and start it: it connects with its
+    session (no pairing) and sends what was queued. Everything is verified before anything changes."""
+    from cli import transfer
+
+    result = transfer.send(settings, path, passphrase_file, replace, original_stopped)
+    answer(settings, result, lambda r: (
+        f"{r.get('company')}: imported ({r.get('kind')} from {r.get('source_host')}, {r.get('queued')} queued "
+        f"sends){', started' if r.get('started') else ', left stopped as it was'}"))
+
+
 def main() -> None:
     """Console-script entry point."""
+    # Its own warnings (a library's, a Python warning) in the one log format; answers stay plain text.
+    log_to_stderr("warning", "waportctl")
     cli.main(prog_name="waportctl")

@@ -34,6 +34,7 @@ COMMANDS = (
     "diagnose",
     "reload",
     "messages",
+    "messages_purge",
     "health",
     "token_create",
     "token_list",
@@ -50,6 +51,15 @@ COMMANDS = (
     "media_fetch",
     "read",
     "typing",
+    "export",  # a move: stop here, then bundle (waportd/transfer.py)
+    "backup",
+    "transfer_read",
+    "transfer_done",
+    "transfer_abort",
+    "import_begin",
+    "import_write",
+    "import_commit",
+    "import_abort",
 )
 
 MAX_REQUEST_BYTES = 1 << 20

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 BAD_REQUEST = "bad_request"
@@ -20,6 +21,7 @@ UNAUTHORIZED = "unauthorized"
 FORBIDDEN = "forbidden"
 NOT_FOUND = "not_found"
 MEDIA_TOO_LARGE = "media_too_large"
+DISK_FULL = "disk_full"  # the state directory's file system is full: nothing was written (HTTP 507)
 
 CODES = frozenset(
     {
@@ -38,8 +40,18 @@ CODES = frozenset(
         FORBIDDEN,
         NOT_FOUND,
         MEDIA_TOO_LARGE,
+        DISK_FULL,
     }
 )
+
+
+def is_disk_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(what: str = "nothing was written") -> WaportError:
+    """The one wording of a full disk, wherever a write of ours meets it."""
+    return WaportError(DISK_FULL, f"the state directory's disk is full: {what}; free space and try again")
 
 
 class WaportError(Exception):

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ipc.errors import INTERNAL, WaportError, disk_full
+
 FILENAME = "journal.db"
 _ids = random.Random()  # seeded from os.urandom: unique ids, not secrets, without a syscall each
 
@@ -33,7 +35,8 @@ _OPEN_SQL = "status != 'sent'"  # literally the outbox_open index's condition
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
-    seq INTEGER PRIMARY KEY,  -- rows are never deleted, so no AUTOINCREMENT (a page write per insert)
+    seq INTEGER PRIMARY KEY,  -- no AUTOINCREMENT (a page write per insert): a seq reused after an erasure is
+                              -- still above every row left, so the queue keeps its order
     message_id TEXT NOT NULL UNIQUE,
     idempotency_key TEXT,
     recipient TEXT NOT NULL,
@@ -152,6 +155,13 @@ def message_id_for(company: str, idempotency_key: str | None) -> str:
     return "3EB0" + digest[:16].upper()
 
 
+def storage_error(exc: sqlite3.Error) -> WaportError:
+    """What a failed journal write means to whoever asked: a full disk is said as such, with what to do."""
+    if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc):
+        return disk_full()
+    return WaportError(INTERNAL, f"the journal could not be written: {exc}")
+
+
 class Busy(Exception):
     """The other writer (worker or supervisor) holds the journal's write lock: try again shortly."""
 
@@ -265,10 +275,11 @@ class Journal:
                 run = []
                 out.append(self._insert(db, company, *item))
             out += self._insert_new(db, company, run)
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # a failed COMMIT (a full disk) leaves the transaction open
+                db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
         return out
 
     def _insert_new(
@@ -427,6 +438,65 @@ class Journal:
             msg.update(direction="in", received=r[9], delivered=bool(r[10]), copies=r[11])
             out.append(msg)
         return out
+
+    # ------------------------------------------------------------ retention and erasure
+
+    def purge(self, before: float, chat: str | None = None, limit: int | None = None) -> Purged:
+        """Erase ended sends and delivered inbound messages accepted before `before` (of one chat when
+        given: the forms of its JID from `chat_forms`). Sends not yet out stay: they were promised, and
+        an inbound message no sink has taken stays until it is delivered. Erased pages are overwritten
+        (secure_delete), not merely unlinked. `limit` bounds the rows of each table per call."""
+        chats = chat_forms(chat) if chat else ()
+        where_chat_out = f" AND recipient IN ({','.join('?' * len(chats))})" if chats else ""
+        where_chat_in = f" AND chat IN ({','.join('?' * len(chats))})" if chats else ""
+        cap = f" LIMIT {int(limit)}" if limit else ""
+        db = self.db
+        db.execute("PRAGMA secure_delete = ON")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            out = db.execute(
+                f"SELECT seq, payload FROM outbox WHERE status IN (?, ?, ?) AND created < ?{where_chat_out}"
+                f" ORDER BY seq{cap}", (*ENDED, before, *chats)).fetchall()
+            inn = db.execute(
+                f"SELECT id, payload FROM inbox WHERE delivered = 1 AND received < ?{where_chat_in}"
+                f" ORDER BY received{cap}", (before, *chats)).fetchall()
+            db.executemany("DELETE FROM outbox WHERE seq = ?", [(seq,) for seq, _ in out])
+            db.executemany("DELETE FROM inbox WHERE id = ?", [(i,) for i, _ in inn])
+            kept = db.execute(
+                f"SELECT COUNT(*) FROM outbox WHERE {_OPEN_SQL} AND status IN (?, ?) AND created < ?{where_chat_out}",
+                (*PENDING, before, *chats)).fetchone()[0]
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        media = {str(m["id"]) for _, p in inn
+                 if p and isinstance(m := json.loads(p).get("media"), dict) and m.get("id")}
+        return Purged(len(out), len(inn), kept, sorted(media))
+
+    def compact(self) -> None:
+        """After an erasure: the WAL's copies of the erased pages are folded in and the file truncated."""
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+@dataclass
+class Purged:
+    outbound: int  # ended sends erased
+    inbound: int  # delivered inbound messages erased
+    pending: int  # sends in the range not yet out, kept
+    inbound_media: list[str]  # media ids that the erased inbound messages had stored
+
+    def public(self) -> dict[str, Any]:
+        return {"outbound": self.outbound, "inbound": self.inbound, "pending_kept": self.pending,
+                "media": len(self.inbound_media)}
+
+
+def chat_forms(chat: str) -> tuple[str, ...]:
+    """The ways one chat appears in the journal: a send's recipient is digits or a JID as given, an
+    inbound message's chat a JID."""
+    if "@" not in chat:
+        return (chat, f"{chat}@s.whatsapp.net")
+    user, _, server = chat.partition("@")
+    return (chat, user) if server == "s.whatsapp.net" else (chat,)
 
 
 def _inbound(row: tuple) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ipc.errors import BAD_REQUEST, MEDIA_TOO_LARGE, NOT_FOUND, WaportError
+from ipc.errors import BAD_REQUEST, MEDIA_TOO_LARGE, NOT_FOUND, WaportError, disk_full, is_disk_full
 from ipc.files import make_dir, write_json_atomic
 
 CHUNK = 1 << 20  # the most bytes one store write or read takes
@@ -103,8 +103,14 @@ class Upload:
             raise WaportError(MEDIA_TOO_LARGE, f"media exceeds media_max_bytes ({self.store.max_bytes} bytes)",
                               max_bytes=self.store.max_bytes)
         view = memoryview(chunk)
-        while view:
-            view = view[os.write(self.fd, view):]
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError as exc:
+            self.abort()
+            if is_disk_full(exc):
+                raise disk_full("the upload was dropped") from None
+            raise
         self.hash.update(chunk)
         self.size += len(chunk)
 
@@ -116,6 +122,11 @@ class Upload:
             if self.size == 0:
                 raise WaportError(BAD_REQUEST, "an empty file is no media")
             os.fsync(self.fd)
+        except OSError as exc:
+            self.abort()
+            if is_disk_full(exc):
+                raise disk_full("the upload was dropped") from None
+            raise
         except BaseException:
             self.abort()
             raise
@@ -192,6 +203,23 @@ class MediaStore:
         with open(self.path(media_id), "rb") as fh:
             fh.seek(offset)
             return fh.read(length)
+
+    def release(self, media_id: str, company: str, keep: set[str] = frozenset()) -> bool:  # type: ignore[assignment]
+        """`company` no longer holds this file (its message was erased). The same bytes may belong to
+        others, or a queued send (`keep`) may need them: the file goes only when nobody does. True if gone."""
+        info = self.info(media_id)
+        if info is None:
+            return False
+        owners = [o for o in info.owners if o != company]
+        path = self.path(media_id)
+        if owners or media_id in keep:
+            info.owners = owners
+            write_json_atomic(path + ".json", asdict(info), 0o600)
+            return False
+        for p in (path, path + ".json"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+        return True
 
     def prune(self, now: float, retention: float, keep: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
         """Files older than `retention` go, unless a queued send still needs them (`keep`); stale uploads too."""

@@ -32,7 +32,7 @@ EVENTS = "EVENTS"  # worker -> supervisor: {events: [EVENT body, ...]}; a loop t
 STOP = "STOP"  # supervisor -> worker: {reason}; the worker stops and exits 0
 OUTBOX = "OUTBOX"  # supervisor -> worker: {}; the journal has new queued messages
 ACK = "ACK"  # supervisor -> worker: {ids}; these inbound messages reached every sink
-LOG = "LOG"  # worker -> supervisor: {level, name, msg, ts}; re-emitted by the supervisor's handlers
+LOG = "LOG"  # worker -> supervisor: {level, name, msg, ts, file?, line?, func?, event?}; re-emitted by the supervisor
 
 TYPES = frozenset({READY, HEARTBEAT, REQUEST, REPLY, EVENT, EVENTS, STOP, OUTBOX, ACK, LOG})
 

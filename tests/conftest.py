@@ -15,6 +15,7 @@ import contextlib
 import dis
 import inspect
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -599,3 +600,36 @@ def receiver() -> Iterator[WebhookReceiver]:
     r = WebhookReceiver()
     yield r
     r.stop()
+
+
+def api_pid(d: Daemon) -> int | None:
+    """The daemon's HTTP API server: its child run as `python -m api`."""
+    assert d.proc is not None
+    for child in psutil.Process(d.proc.pid).children():
+        try:
+            if child.cmdline()[1:3] == ["-m", "api"] and child.status() != psutil.STATUS_ZOMBIE:
+                return child.pid
+        except psutil.Error:
+            continue
+    return None
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """SIGTERM, and SIGKILL if it is still there after `timeout`."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class CollectRecords(logging.Handler):
+    """A log handler that keeps what it is given, for tests to read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)

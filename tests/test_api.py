@@ -22,9 +22,8 @@ from contextlib import ExitStack
 from typing import Any
 
 import httpx
-import psutil
 import pytest
-from conftest import Daemon, SimNetProcess, WebhookReceiver, free_port, wait_for
+from conftest import Daemon, SimNetProcess, WebhookReceiver, api_pid, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -108,15 +107,7 @@ class Api:
         return [m["text"] for m in self.net.call("sent", company=company)["messages"]]
 
     def api_pid(self) -> int | None:
-        """The API server: the child of waportd run as `python -m api`."""
-        assert self.d.proc is not None
-        for child in psutil.Process(self.d.proc.pid).children():
-            try:
-                if child.cmdline()[1:3] == ["-m", "api"] and child.status() != psutil.STATUS_ZOMBIE:
-                    return child.pid
-            except psutil.Error:
-                continue
-        return None
+        return api_pid(self.d)
 
     def full_log(self) -> str:
         """waportd's log with its children's (the API's included): all of it, not a tail."""

@@ -120,5 +120,5 @@ def test_a_backend_whose_dependencies_are_missing_is_named_with_what_to_install(
     assert missing_for("sim", nothing, nothing) is None
     assert missing_for("neonize", found, found) is None
     said = missing_for("neonize", nothing, found)
-    assert "pip install 'waport[neonize]'" in said and 'backend = "sim"' in said and "libmagic" not in said
+    assert "pip install neonize==0.5.2" in said and 'backend = "sim"' in said and "libmagic" not in said
     assert "apt-get install libmagic1" in missing_for("neonize", found, nothing)

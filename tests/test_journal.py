@@ -185,3 +185,71 @@ def test_a_batch_keeps_the_order_it_was_accepted_in_with_and_without_keys(tmp_pa
     assert out[2][0].message_id == first.message_id  # a key seen before: the first message, nothing new
     assert [m.text for m in journal.take_queued(10)] == ["k-first", "a", "b", "c", "d"]  # the queue's order
     assert journal.by_id(out[3][0].message_id).fields == {"latitude": 1.0, "longitude": 2.0}
+
+
+def _on_disk(j):
+    return b"".join(open(path, "rb").read() for path in (j.path, j.path + "-wal") if os.path.exists(path))
+
+
+def _aged(j, seconds):
+    """Everything in the journal so far happened `seconds` ago."""
+    j.db.execute("UPDATE outbox SET created = created - ?, updated = updated - ?", (seconds, seconds))
+    j.db.execute("UPDATE inbox SET received = received - ?", (seconds,))
+
+
+def test_purge_erases_what_ended_and_keeps_promised_sends(tmp_path):
+    j = J.Journal(str(tmp_path / "journal.db"))
+    sent, _ = j.enqueue("acme", "15550100001", "secret booking text", None)
+    failed, _ = j.enqueue("acme", "15550100002", "b", None)
+    queued, _ = j.enqueue("acme", "15550100003", "still to go", "k-queued")
+    j.mark(sent.message_id, J.SENT, sent_ts=time.time())
+    j.mark(failed.message_id, J.SEND_FAILED, error="x")
+    j.inbox_add({"id": "IN-1", "chat": "15550100001@s.whatsapp.net", "from": "15550100001@s.whatsapp.net",
+                 "text": "private words", "ts": 1.0})
+    j.inbox_add({"id": "IN-2", "chat": "15550100009@s.whatsapp.net", "text": "not yet delivered", "ts": 1.0})
+    j.delivered(["IN-1"])
+    _aged(j, 3600)
+    fresh, _ = j.enqueue("acme", "15550100001", "new", None)
+    j.mark(fresh.message_id, J.SENT, sent_ts=time.time())
+
+    j.compact()
+    assert b"secret booking text" in _on_disk(j) and b"private words" in _on_disk(j)
+    purged = j.purge(time.time() - 60)
+    assert (purged.outbound, purged.inbound, purged.pending) == (2, 1, 1)
+    assert j.by_id(sent.message_id) is None and j.by_id(failed.message_id) is None
+    assert j.by_id(queued.message_id).status == J.QUEUED and j.by_key("k-queued") is not None
+    assert j.by_id(fresh.message_id) is not None  # younger than the cut
+    assert j.inbound("IN-1") is None and j.inbound("IN-2") is not None  # an undelivered one waits for its sink
+    j.compact()
+    raw = _on_disk(j)
+    assert b"secret booking text" not in raw and b"private words" not in raw  # overwritten, not just unlinked
+    assert j.take_queued(10)[0].message_id == queued.message_id  # the queue still works after the erasure
+
+
+def test_purge_of_one_chat_matches_digits_and_jids(tmp_path):
+    j = J.Journal(str(tmp_path / "journal.db"))
+    mine, _ = j.enqueue("acme", "15550100001", "to the asker", None)
+    as_jid, _ = j.enqueue("acme", "15550100001@s.whatsapp.net", "to the asker by JID", None)
+    other, _ = j.enqueue("acme", "15550100002", "to someone else", None)
+    for m in (mine, as_jid, other):
+        j.mark(m.message_id, J.SENT, sent_ts=time.time())
+    j.inbox_add({"id": "IN-1", "chat": "15550100001@s.whatsapp.net", "text": "asker writes", "ts": 1.0,
+                 "media": {"id": "ab" * 32, "status": "stored"}})
+    j.inbox_add({"id": "IN-2", "chat": "15550100002@s.whatsapp.net", "text": "other writes", "ts": 1.0})
+    j.delivered(["IN-1", "IN-2"])
+    purged = j.purge(time.time() + 1, chat="15550100001")
+    assert (purged.outbound, purged.inbound) == (2, 1)
+    assert purged.inbound_media == ["ab" * 32]
+    assert j.by_id(other.message_id) is not None and j.inbound("IN-2") is not None
+    assert J.chat_forms("123456789@g.us") == ("123456789@g.us",)
+
+
+def test_purge_in_passes_erases_a_backlog_bit_by_bit(tmp_path):
+    j = J.Journal(str(tmp_path / "journal.db"))
+    for i in range(25):
+        m, _ = j.enqueue("acme", "15550100001", f"m{i}", None)
+        j.mark(m.message_id, J.SENT, sent_ts=time.time())
+    passes = []
+    while (n := j.purge(time.time() + 1, limit=10).outbound):
+        passes.append(n)
+    assert passes == [10, 10, 5] and j.counts() == {}

@@ -7,19 +7,10 @@ import os
 import re
 
 import pytest
-from conftest import wait_for
+from conftest import CollectRecords, wait_for
 
 from ipc import protocol
 from workers import logforward
-
-
-class Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
 
 
 def make(msg: str, level: int = logging.INFO, name: str = "waport.sim", func: str = "f") -> logging.LogRecord:
@@ -28,7 +19,7 @@ def make(msg: str, level: int = logging.INFO, name: str = "waport.sim", func: st
 
 
 def test_records_become_log_frames_once_attached():
-    fallback = Collect()
+    fallback = CollectRecords()
     h = logforward.ForwardHandler(fallback)
     h.handle(make("before the loop"))
     assert [r.getMessage() for r in fallback.records] == ["before the loop"]
@@ -45,7 +36,7 @@ def test_records_become_log_frames_once_attached():
 
 def test_tracebacks_travel_with_the_message():
     frames: list[list[bytes]] = []
-    h = logforward.ForwardHandler(Collect())
+    h = logforward.ForwardHandler(CollectRecords())
     h.sink = frames.append
     try:
         raise RuntimeError("backend exploded")
@@ -60,7 +51,7 @@ def test_tracebacks_travel_with_the_message():
 
 
 def test_the_socket_never_carries_news_about_itself_nor_a_flood():
-    fallback = Collect()
+    fallback = CollectRecords()
     frames: list[list[bytes]] = []
     h = logforward.ForwardHandler(fallback)
     h.sink = frames.append

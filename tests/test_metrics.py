@@ -15,7 +15,7 @@ import urllib.request
 from typing import Any
 
 import pytest
-from conftest import ROOT, free_port, wait_for
+from conftest import ROOT, free_port, stop_process, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from waportd.metrics import Metrics, MetricsServer, SessionView, Snapshot, health, parse_listen
@@ -364,10 +364,5 @@ def test_a_real_prometheus_scrapes_the_daemon(daemon_factory, simnet, tmp_path):
         health_ = [t["health"] for t in targets["data"]["activeTargets"]]
         assert health_ == ["up"], targets
     finally:
-        prom.terminate()
-        try:
-            prom.wait(15)
-        except subprocess.TimeoutExpired:
-            prom.kill()
-            prom.wait()
+        stop_process(prom)
         log.close()

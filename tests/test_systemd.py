@@ -17,7 +17,7 @@ UNIT = os.path.join(ROOT, "systemd", "waportd.service")
 def test_unit_passes_systemd_analyze_verify(tmp_path):
     # Point ExecStart at the waportd this test run installed, so verify can check it exists.
     waportd = os.path.join(os.path.dirname(sys.executable), "waportd")
-    text = open(UNIT).read().replace("/usr/local/bin/waportd", waportd)
+    text = open(UNIT).read().replace("/opt/waport/bin/waportd", waportd)
     unit = tmp_path / "waportd.service"
     unit.write_text(text)
     out = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)

@@ -34,8 +34,10 @@ from waportd.media import MediaDesk
 from waportd.messages import MessageDesk
 from waportd.ops import Ops
 from waportd.redis_bridge import EVENTS, RedisBridge
+from waportd.retention import Retention
 from waportd.roster import Roster
 from waportd.services import Clock, Kill, Services, Spawner, SystemClock
+from waportd.transfer import Transfers
 from waportd.webhooks import Webhooks
 from waportd.workerlink import WorkerLink
 
@@ -82,8 +84,13 @@ class Arbiter:
         self.webhooks = Webhooks(self.services, self.bus.publish, self.start_webhook_delivery)
         self.ops.webhook_figures = lambda: (self.webhooks.pending, self.webhooks.latency_counts,
                                             self.webhooks.latency_sum)
+        self.retention = Retention(self.services, self.roster, self.messages, self.media)
         self.controller = Controller(self.services, self.roster, self.messages, self.ops, self.reload, self.webhooks,
                                      self.media)
+        self.controller.owners["messages_"] = self.retention
+        self.transfers = Transfers(self.services, self.roster, self.messages, self.webhooks, self.media, self.wake)
+        for prefix in ("export", "backup", "transfer_", "import_"):
+            self.controller.owners[prefix] = self.transfers
         self.signals: list[int] = []
         self.child_exited = True
         self.next_mirror = 0.0
@@ -110,6 +117,7 @@ class Arbiter:
         make_dir(cfg.state_dir, 0o700)
         make_dir(os.path.join(cfg.state_dir, "sessions"), 0o700)
         self.lock.acquire()  # LockBusy names the holder; main() turns it into exit 1
+        self.transfers.open()  # an earlier daemon's unfinished transfers go
         make_dir(cfg.run_dir, 0o750)
         self.ctx = zmq.Context.instance()
         self.control = self.bind(zmq.ROUTER, paths.CONTROL_SOCK)
@@ -200,6 +208,7 @@ class Arbiter:
         self.handle_signals()
         self.messages.take_bridge_results()
         self.messages.take_synced()  # journal_sync = "full": the sends whose fsync is done are answered
+        self.transfers.take_done()  # bundles built or verified on their threads are answered
         self.messages.flush()  # durable before any send is answered
         if self.webhooks.flush():  # webhook events on disk before they are published
             self.messages.flush_acks()  # and before a worker hears its inbound messages are safe
@@ -262,6 +271,7 @@ class Arbiter:
     def close(self) -> None:
         self.webhooks.close()
         self.media.close()
+        self.transfers.close()  # unfinished transfers' files go
         if self.bridge:
             self.bridge.stop()
         self.messages.close()
@@ -323,6 +333,8 @@ class Arbiter:
             self.messages.mirror_all()
             self.messages.limiter.memory.prune(wall)
             self.media.prune(wall, self.messages.queued_media)
+            self.transfers.forget_idle(now)
+        self.retention.tick(wall)
         beat = now >= self.next_beat_out  # liveness is checked more often than we beat
         if beat:
             self.next_beat_out = now + self.cfg.heartbeat_interval

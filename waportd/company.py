@@ -20,6 +20,7 @@ from typing import Any
 from ipc import events, exitcodes, paths, protocol
 from ipc.errors import NOT_CONNECTED, TIMEOUT
 from ipc.files import make_dir
+from ipc.logfmt import About
 from ipc.states import ALIVE, BACKOFF, BANNED, CONNECTED, DISCONNECTED, STARTING, STOPPED, STOPPING, WORKER_REPORTED
 from waportd import process
 from waportd.locks import FileLock, LockBusy
@@ -86,6 +87,7 @@ class Company:
 
     def __post_init__(self) -> None:
         self.session = Session(self.name, since=self.services.clock.time())
+        self.log = About(log, self.name)  # its records carry the company (journald's WAPORT_COMPANY)
 
     # ------------------------------------------------------------ facts
 
@@ -116,9 +118,10 @@ class Company:
                 return False
         except InvalidTransition as exc:
             sv.counters[("refused_transition", before, state)] += 1
-            log.error("%s: refused state change %s (%s)", self.name, exc, reason or "no reason")
+            self.log.error("%s: refused state change %s (%s)", self.name, exc, reason or "no reason")
             return False
-        log.info("%s: %s -> %s%s", self.name, before, state, f" ({reason})" if reason else "")
+        self.log.info("%s: %s -> %s%s", self.name, before, state, f" ({reason})" if reason else "",
+                      extra={"event": "state"})
         sv.publish(self.name, events.STATE, {"state": state, "previous": before, "reason": reason, "pid": s.pid,
                                              "next_restart_at": s.next_restart_at}, None)
         sv.mirror(self.name, s.record())
@@ -169,7 +172,7 @@ class Company:
             assert self.lock.fd is not None
             child = sv.spawner.spawn_worker(self.worker_args(generation), self.lock.fd, self.worker_secrets())
         except OSError as exc:  # no fork server, no descriptors left, a full disk: a failed run, backed off
-            log.error("%s: spawn failed: %s", self.name, exc)
+            self.log.error("%s: spawn failed: %s", self.name, exc)
             self.set_state(STARTING, "spawn failed")
             self.exited(127, {"reason": "spawn failed", "message": str(exc)})
             return
@@ -282,7 +285,7 @@ class Company:
             req.on_reply(error_dict(NOT_CONNECTED, "the worker exited before it answered"))
         info = w.exit_info if w is not None else info
         if w is not None and w.stop_requested and not w.killed_reason:
-            log.info("%s: worker exited (%s) after stop", self.name, describe_exit(code, info))
+            self.log.info("%s: worker exited (%s) after stop", self.name, describe_exit(code, info))
             if w.keep_lock:
                 self.set_state(STOPPED, "restarting")
             else:
@@ -300,7 +303,7 @@ class Company:
         s.failures = outcome.failures
         s.last_error = outcome.reason
         sv.counters[("exit", self.name, outcome.reason.split(":")[0])] += 1
-        log.warning("%s: worker exited (%s)", self.name, describe_exit(code, info))
+        self.log.warning("%s: worker exited (%s)", self.name, describe_exit(code, info), extra={"event": "exit"})
         if sv.shutting_down:
             self.set_state(STOPPED, "daemon shutting down")
             return
@@ -319,7 +322,7 @@ class Company:
             self.due = None
             self.on_due()
         elif kind == KILL and w is not None and w.generation == token and w.kill_due is not None and w.kill_due <= now:
-            log.warning("%s: worker %d did not exit in time; SIGKILL", self.name, w.pid)
+            self.log.warning("%s: worker %d did not exit in time; SIGKILL", self.name, w.pid)
             self.services.kill(w.pid, signal.SIGKILL)
             w.kill_due = None
         elif kind == REQUEST and token in self.requests and self.requests[token].deadline <= now:
@@ -356,13 +359,14 @@ class Company:
         limit = MISSED_HEARTBEATS * hb + (0 if w.ready else STARTUP_GRACE)
         age = now - w.last_heartbeat
         if age > limit:
-            log.error("%s: no heartbeat for %.1f s: worker %d is hung; SIGABRT", self.name, age, w.pid)
+            self.log.error("%s: no heartbeat for %.1f s: worker %d is hung; SIGABRT", self.name, age, w.pid)
             w.killed_reason = "hung"
             self.kill_at(now + ABORT_GRACE, force=True)
             self.services.kill(w.pid, signal.SIGABRT)
             self.services.publish(self.name, events.HEALTH_CHECK_FAILED, {"check": "heartbeat", "age": age}, None)
         elif s.state == DISCONNECTED and wall - s.since > cfg.reconnect_timeout:
-            log.warning("%s: disconnected for over %.0f s; restarting the worker", self.name, cfg.reconnect_timeout)
+            self.log.warning("%s: disconnected for over %.0f s; restarting the worker", self.name,
+                             cfg.reconnect_timeout)
             self.services.publish(self.name, events.HEALTH_CHECK_FAILED, {"check": "reconnect_timeout"}, None)
             self.restart_worker("reconnect_timeout", now)
 
@@ -385,7 +389,7 @@ class Company:
         body, s = msg.body, self.session
         if msg.type == protocol.READY:
             if body["company"] != self.name or body["pid"] != w.pid:
-                log.error("%s: READY names %s pid %s", self.name, body["company"], body["pid"])
+                self.log.error("%s: READY names %s pid %s", self.name, body["company"], body["pid"])
                 self.services.counters[("malformed", "worker")] += 1
             elif body["version"] != protocol.VERSION:
                 self.restart_mismatched(w, body["version"])
@@ -426,7 +430,7 @@ class Company:
         misread, so it is stopped and restarted with backoff, saying why."""
         why = (f"protocol_mismatch: the worker speaks protocol version {version}, this waportd "
                f"{protocol.VERSION}; restart waportd after an upgrade")
-        log.error("%s: %s", self.name, why)
+        self.log.error("%s: %s", self.name, why)
         w.mismatched = True
         if not w.ending:
             self.restart_worker(why, self.services.clock.monotonic())

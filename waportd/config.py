@@ -71,6 +71,7 @@ class Config:
     go_gc: int = 0
     go_memory_limit: int = 0
     go_max_procs: int = 2
+    journal_retention: float = 0.0  # ended sends and delivered inbound messages older than it are erased; 0 keeps all
     journal_sync: str = "normal"  # normal: survives any process crash; full: a power cut too (grouped fsyncs)
     source: str = field(default="", compare=False)  # the file it came from, for messages
 
@@ -89,6 +90,7 @@ _DURATIONS = {
     "webhook_timeout",
     "webhook_max_age",
     "media_retention",
+    "journal_retention",
 }
 _BACKENDS = ("neonize", "sim")
 _UNIT_BYTES = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1024**2,

@@ -19,7 +19,6 @@ from ipc.errors import (
     CAPACITY,
     INTERNAL,
     NOT_FOUND,
-    UNKNOWN_COMPANY,
     WaportError,
 )
 from ipc.states import ALIVE, CONNECTED, PAIRING
@@ -112,11 +111,7 @@ class Controller:
     # ------------------------------------------------------------ helpers
 
     def known(self, args: dict[str, Any]) -> Company:
-        name = validate_company(args.get("company"))
-        company = self.roster.get(name)
-        if company is None:
-            raise WaportError(UNKNOWN_COMPANY, f"no session for company {name!r}; start it first")
-        return company
+        return self.roster.known(args)
 
     def record(self, company: Company, live: bool = True) -> dict[str, Any]:
         """`live` reads the worker's RSS now; `list` uses the last sample (psutil for 1,000 workers is slow)."""
@@ -131,6 +126,12 @@ class Controller:
     def not_shutting_down(self) -> None:
         if self.services.shutting_down:
             raise WaportError(BAD_REQUEST, "waportd is shutting down")
+
+    def not_exporting(self, name: str) -> None:
+        """A company stopped for an export not yet confirmed stays stopped (waportd/transfer.py)."""
+        transfers = self.owners.get("export")
+        if transfers is not None:
+            transfers.check_free(name)  # type: ignore[attr-defined]
 
     def worker_call(
         self, company: Company, cmd: str, args: dict[str, Any], ok: Callable, fail: Callable,
@@ -165,6 +166,7 @@ class Controller:
     def cmd_start(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
         name = validate_company(args.get("company"))
         self.not_shutting_down()
+        self.not_exporting(name)
         limit = self.services.cfg.max_companies
         if self.roster.get(name) is None and len(self.roster) >= limit:
             raise WaportError(CAPACITY, f"this host already has {len(self.roster)} companies, its limit "
@@ -189,6 +191,7 @@ class Controller:
     def cmd_restart(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
         company = self.known(args)
         self.not_shutting_down()
+        self.not_exporting(company.name)
         self.roster.want(company.name)
         company.restart(lambda: ok(self.record(company)))
 
@@ -225,7 +228,7 @@ class Controller:
 
     def cmd_send(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
         """Durable before it answers: `queued` means journaled; the outcome follows as an event."""
-        self.messages.accept(args, ok)
+        self.messages.accept(args, ok, on_fail=fail)
 
     def cmd_messages(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
         name = self.known(args).name

@@ -86,7 +86,7 @@ def simnet(services: Services) -> Helper:
     endpoint = paths.endpoint(cfg.run_dir, paths.SIMNET_SOCK)
     services.sim_endpoint = endpoint
     return Helper("simulated network", ["-m", "workers.simnet", "--endpoint", endpoint, "--state-dir", state,
-                                        "--auto-pair"], services)
+                                        "--auto-pair", "--log-level", cfg.log_level.upper()], services)
 
 
 def http_api(services: Services) -> Helper:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -12,6 +13,7 @@ from waportd.arbiter import Arbiter
 from waportd.locks import LockBusy
 
 EXIT_CONFIG = 2
+log = logging.getLogger("waport.main")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -32,6 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    logsetup.configure("info")  # what goes wrong before the config is read is said in the one format too
     process.raise_fd_limit()
     overrides = {k: getattr(args, k) for k in (
         "state_dir", "run_dir", "backend", "sim_endpoint", "metrics_listen", "redis_url", "companies",
@@ -43,11 +46,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load()
     except config.ConfigError as exc:
-        print(f"waportd: configuration error: {exc}", file=sys.stderr)
+        log.error("configuration error: %s", exc)
         sys.exit(EXIT_CONFIG)
     missing = process.missing_for(cfg.backend)
     if missing:
-        print(f"waportd: {missing}", file=sys.stderr)
+        log.error("%s", missing)
         sys.exit(EXIT_CONFIG)
     logsetup.configure(cfg.log_level)
     arbiter = Arbiter(cfg, reload_config=load)
@@ -55,9 +58,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(arbiter.run())
     except LockBusy as exc:
         who = f"pid {exc.holder}" if exc.holder else "another process"
-        print(f"waportd: another waportd ({who}) already uses state directory {cfg.state_dir} "
-              f"(lock {exc.path})", file=sys.stderr)
+        log.error("another waportd (%s) already uses state directory %s (lock %s)", who, cfg.state_dir, exc.path)
         sys.exit(1)
     except PermissionError as exc:
-        print(f"waportd: {exc}", file=sys.stderr)
+        log.error("%s", exc)
         sys.exit(1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from typing import Any
 
 from ipc import events, protocol
 from ipc.errors import BAD_REQUEST, NOT_CONNECTED, NOT_FOUND, RATE_LIMITED, UNKNOWN_COMPANY, WaportError
-from ipc.journal import Busy, Journal
+from ipc.journal import Busy, Journal, storage_error
 from ipc.mediastore import MediaStore
 from ipc.richmessage import INBOUND_FIELDS, SEND_ARGS, check_media, parse_send
 from ipc.states import REFUSES_SENDS
@@ -31,6 +32,7 @@ from waportd.services import Services
 log = logging.getLogger("waport.messages")
 
 Done = Callable[[dict[str, Any]], None]
+Failed = Callable[[WaportError], None]
 OPEN_JOURNALS = 256
 LOCK_WAIT = 0.5  # seconds a read of the journal may wait (a write never waits: it tries again next turn)
 SEEN_INBOUND = 100_000
@@ -97,12 +99,13 @@ class MessageDesk:
 
     # ------------------------------------------------------------ outbound
 
-    def accept(self, args: dict[str, Any], on_done: Done, source: str = "control") -> None:
+    def accept(self, args: dict[str, Any], on_done: Done, source: str = "control",
+               on_fail: Failed | None = None) -> None:
         """Validate, de-duplicate, rate limit, then journal with the turn's batch: the one path for every send.
 
         `args` are the `send` command's (DESIGN.md §4, §11). Refusals raise `WaportError` at once;
         `on_done(result)` runs after the batch is committed (`flush`), so an answer is never given
-        before the message is durable.
+        before the message is durable; `on_fail(error)` if the commit fails (a full disk).
         """
         sv = self.services
         company = validate_company(args.get("company"))
@@ -142,7 +145,8 @@ class MessageDesk:
                                             f"{decision.retry_after_ms} ms", retry_after_ms=decision.retry_after_ms)
         if info is not None and company not in info.owners:  # the company sent it: its token may read it back
             self.media_store().record(info.media_id, info.size, info.mimetype, company, None)
-        self.batch.setdefault(company, []).append((recipient, spec.text, key, source, spec.type, fields, on_done))
+        self.batch.setdefault(company, []).append(
+            (recipient, spec.text, key, source, spec.type, fields, on_done, on_fail or _log_failure))
 
     def media_store(self) -> MediaStore:
         if self.store is None:
@@ -166,6 +170,9 @@ class MessageDesk:
             except Busy:
                 self.batch.setdefault(company, [])[:0] = items  # the worker is writing: next turn, in order
                 continue
+            except sqlite3.Error as exc:  # nothing was written: every caller hears why, the loop goes on
+                self.refuse(company, items, storage_error(exc))
+                continue
             created = sum(1 for _, new in results if new)
             counters[("accepted", company)] += created
             answer = functools.partial(self.answer, company, created, results, items)
@@ -181,7 +188,13 @@ class MessageDesk:
             c.session.queued += created
             c.nudge()
         for (message, _), item in zip(results, items, strict=True):
-            item[-1](message.result())
+            item[6](message.result())
+
+    def refuse(self, company: str, items: list[tuple[Any, ...]], error: WaportError) -> None:
+        self.services.counters[("error", company, error.code)] += len(items)
+        log.warning("%s: %d sends refused: %s", company, len(items), error.message)
+        for item in items:
+            item[7](error)
 
     def take_synced(self) -> None:
         if self.syncer is not None:
@@ -263,6 +276,9 @@ class MessageDesk:
             bridge.put_outbox_result(entry_id, {"company": company, "idempotency_key": key, "ts": time.time(),
                                                 **result})
 
+        def reject(exc: WaportError) -> None:
+            answer({"ok": False, "status": "rejected", "error": exc.code, "message": exc.message})
+
         # a producer's entry is all strings: the §11 fields it may carry, the numbers among them read below
         args: dict[str, Any] = {k: fields[k] for k in ("to", *SEND_ARGS) if k in fields}
         args.update(company=company, idempotency_key=key)
@@ -272,9 +288,9 @@ class MessageDesk:
                     args[number] = _number(args[number], number)
             if "voice" in args:
                 args["voice"] = args["voice"].lower() in ("1", "true", "yes")
-            self.accept(args, lambda r: answer({"ok": True, **r}), source="redis")
+            self.accept(args, lambda r: answer({"ok": True, **r}), source="redis", on_fail=reject)
         except WaportError as exc:
-            answer({"ok": False, "status": "rejected", "error": exc.code, "message": exc.message})
+            reject(exc)
 
     def mirror_all(self) -> None:
         """Every session record to the Redis mirror (it has a TTL; and Redis may have come back empty)."""
@@ -288,3 +304,7 @@ def _number(value: str, name: str) -> float:
         return float(value)
     except ValueError:
         raise WaportError(BAD_REQUEST, f"{name}: a number") from None
+
+
+def _log_failure(error: WaportError) -> None:
+    """A caller that cannot be told (none passed `on_fail`): the warning of `refuse` is all there is."""

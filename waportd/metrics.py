@@ -65,6 +65,7 @@ class Snapshot:
     pid: int = 0
     uptime: float = 0.0
     webhook: tuple[dict[str, int], list[int], float] = ({}, [], 0.0)  # pending per company, latency counts, sum
+    memory_limit: int = 0  # bytes, 0 = off: exported so alerts can compare worker RSS with it
 
 
 # name -> (help, label names) of the per-key counters in Arbiter.counters; the key's first item
@@ -91,6 +92,8 @@ COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                        "old incarnation, a stray): it is told to stop.", ()),
     "webhook": ("waport_webhook_deliveries", "Webhook delivery attempts and their end, by outcome (ok, retry, "
                 "dead, disabled).", ("company", "outcome")),
+    "purged": ("waport_messages_purged", "Journal rows (sends and inbound messages) erased by journal_retention "
+               "or `messages purge`.", ("company",)),
     "refused_transition": ("waport_refused_transitions", "State changes the transition table refused (a bug: "
                            "see the log).", ("from", "to")),
 }
@@ -132,6 +135,12 @@ class ArbiterCollector(Collector):
         yield up
         yield age
         yield pending
+        # One series per company, its current state: alerts on failed/logged_out/banned can name the company.
+        state = GaugeMetricFamily("waport_session_state", "1 for the company's current session state.",
+                                  labels=["company", "state"])
+        for v in sorted(snap.sessions, key=lambda v: v.company):
+            state.add_metric([v.company, v.state], 1)
+        yield state
 
         families = {key: CounterMetricFamily(name, help_, labels=list(labels))
                     for key, (name, help_, labels) in COUNTERS.items()}
@@ -164,6 +173,10 @@ class ArbiterCollector(Collector):
         for company, seconds in sorted(snap.cpu_seconds.items()):
             cpu.add_metric([company], round(seconds, 3))
         yield rss
+        limit = GaugeMetricFamily("waport_worker_memory_limit_bytes", "memory_limit: worker RSS above it restarts "
+                                  "the worker (0 = off).")
+        limit.add_metric([], snap.memory_limit)
+        yield limit
         yield cpu
         yield threads
         yield fds

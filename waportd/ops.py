@@ -121,11 +121,17 @@ class Ops:
         logger = logging.getLogger(name)
         if not logger.isEnabledFor(level):
             return
-        record = logger.makeRecord(name, level, "worker", 0, body["msg"], None, None)
+        where = body.get("file"), body.get("line"), body.get("func")  # the worker's code (journald's CODE_*)
+        record = logger.makeRecord(name, level, str(where[0])[:500] if isinstance(where[0], str) else "worker",
+                                   where[1] if type(where[1]) is int else 0, body["msg"], None, None,
+                                   str(where[2])[:200] if isinstance(where[2], str) else None)
         record.created = float(body["ts"])
         record.msecs = (record.created - int(record.created)) * 1000
         record.company = company.name
-        record.process = company.session.pid
+        record.program = "worker"  # its line says worker[company/pid]; journald's SYSLOG_IDENTIFIER
+        record.process = company.session.pid or (company.worker.pid if company.worker else 0)  # never None
+        if isinstance(body.get("event"), str):
+            record.event = body["event"][:64]
         logger.handle(record)
 
     def worker_error(self, company: Company, data: dict[str, Any]) -> None:
@@ -195,6 +201,7 @@ class Ops:
             pid=os.getpid(),
             uptime=time.time() - self.started_at,
             webhook=self.webhook_figures(),
+            memory_limit=sv.cfg.memory_limit,
         )
 
     def redis_state(self) -> str:

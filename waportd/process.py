@@ -155,7 +155,7 @@ def missing_for(backend: str, find_spec: Any = None, find_library: Any = None) -
     find_library = find_library or ctypes.util.find_library
     missing = []
     if find_spec("neonize") is None:
-        missing.append("the neonize package (pip install 'waport[neonize]', or neonize==0.5.2)")
+        missing.append("the neonize package (pip install neonize==0.5.2: a requirement of waport, missing here)")
     if find_library("magic") is None:
         missing.append("the system's libmagic (apt-get install libmagic1)")
     if not missing:

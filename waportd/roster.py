@@ -9,7 +9,10 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from typing import Any
 
+from ipc.errors import UNKNOWN_COMPANY, WaportError
+from ipc.validation import validate_company
 from waportd import desired as desired_store
 from waportd.company import Company
 from waportd.services import Services
@@ -30,6 +33,14 @@ class Roster:
 
     def get(self, name: str) -> Company | None:
         return self.companies.get(name)
+
+    def known(self, args: dict[str, Any]) -> Company:
+        """The company a command names, or `invalid_company_id` / `unknown_company`."""
+        name = validate_company(args.get("company"))
+        company = self.companies.get(name)
+        if company is None:
+            raise WaportError(UNKNOWN_COMPANY, f"no session for company {name!r} on this host; start it first")
+        return company
 
     def add(self, name: str) -> Company:
         company = self.companies.get(name)

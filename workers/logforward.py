@@ -4,7 +4,7 @@ Why not multiprocessing-logging: it hands records to the parent through a pipe i
 `fork`, and workers are not forked but spawned (`python -m workers`: a Go runtime does not
 survive fork, DESIGN.md §1); neither do the standard library's queue handlers reach another
 interpreter without a transport. The worker protocol already is that transport: one
-`LOG {level, name, msg, ts}` frame per record, sent by the worker loop (ZeroMQ sockets are not
+`LOG {level, name, msg, ts, file, line, func, event?}` frame per record, sent by the worker loop (ZeroMQ sockets are not
 thread-safe, so the handler only enqueues), re-emitted by the supervisor through its own handlers
 with the company tag (`ipc.logfmt`). Lines written before the worker reached its loop, after it
 left it, or when forwarding is congested go to stderr in the same format (the supervisor's
@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 
 from ipc import protocol
-from ipc.logfmt import CompanyTag, LineFormatter, under_journald
+from ipc.logfmt import CompanyTag, route_stray_output, stderr_handler
 
 MAX_MSG_CHARS = 16_384
 MAX_PER_SECOND = 1000  # beyond this, lines go to stderr: a feedback loop cannot grow without bound
@@ -50,7 +50,11 @@ class ForwardHandler(logging.Handler):
                 msg += "\n" + logging.Formatter().formatException(record.exc_info)
             if len(msg) > MAX_MSG_CHARS:
                 msg = msg[:MAX_MSG_CHARS] + " [truncated]"
-            body = {"level": record.levelno, "name": record.name, "msg": msg, "ts": record.created}
+            body = {"level": record.levelno, "name": record.name, "msg": msg, "ts": record.created,
+                    "file": record.pathname, "line": record.lineno, "func": record.funcName or ""}
+            event = getattr(record, "event", None)
+            if isinstance(event, str):
+                body["event"] = event
             sink(protocol.encode(protocol.LOG, body))
         except Exception:  # noqa: BLE001 - logging must never break the worker
             self.handleError(record)
@@ -69,13 +73,12 @@ _handler: ForwardHandler | None = None
 def setup(company: str, level: str) -> ForwardHandler:
     """The worker's logging: every record goes through the forwarder, stderr until attached."""
     global _handler
-    stderr = logging.StreamHandler(sys.stderr)
-    stderr.setFormatter(LineFormatter(journald=under_journald(sys.stderr)))
-    handler = ForwardHandler(stderr)
+    handler = ForwardHandler(stderr_handler("worker", sys.stderr))  # journald's socket under systemd
     handler.addFilter(CompanyTag(company))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    route_stray_output()  # warnings and uncaught exceptions: records too
     _handler = handler
     return handler
 

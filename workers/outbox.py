@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import threading
 import time
 from typing import Any
@@ -26,6 +27,17 @@ from workers.backend import Backend, BackendError, Emit, SendItem
 
 log = logging.getLogger("waport.outbox")
 RETRY_PAUSE = 0.5
+WARN_EVERY = 10.0  # seconds between two warnings of failing journal writes
+_warned = {"at": -WARN_EVERY}
+
+
+def journal_write_failed(exc: Exception) -> None:
+    """A journal write failed (a full disk, most likely): nothing is lost, the write is tried again; said
+    at most every WARN_EVERY seconds, since it repeats until space returns."""
+    now = time.monotonic()
+    if now - _warned["at"] >= WARN_EVERY:
+        _warned["at"] = now
+        log.warning("a journal write failed (%s); nothing is lost, trying again until it succeeds", exc)
 
 
 def failure_event(m: J.Outgoing, reason: str, message: str) -> dict[str, Any]:
@@ -37,11 +49,27 @@ Marks = list[tuple[str, str, str | None, float | None, str | None]]
 Reports = list[tuple[str, dict[str, Any]]]
 
 
-def announce_interrupted(journal: J.Journal, emit: Emit) -> None:
-    """After a crash: sends that began but whose outcome is unknown become `uncertain`, and are said so."""
-    for m in journal.interrupted():
+def announce_interrupted(journal: J.Journal, emit: Emit) -> bool:
+    """After a crash: sends that began but whose outcome is unknown become `uncertain`, and are said so.
+    False if the journal could not be written (a full disk): try again later."""
+    try:
+        interrupted = journal.interrupted()
+    except sqlite3.Error as exc:
+        journal_write_failed(exc)
+        return False
+    for m in interrupted:
         log.warning("message %s was being sent when the worker ended; marked uncertain", m.message_id)
         emit("send_failed", failure_event(m, J.UNCERTAIN, "worker ended during the send; not resent"))
+    return True
+
+
+def try_begin_window(journal: J.Journal, window: int) -> list[J.Outgoing] | None:
+    """`begin_window`, or None when the journal cannot be written (a full disk): nothing was taken."""
+    try:
+        return begin_window(journal, window)
+    except sqlite3.Error as exc:
+        journal_write_failed(exc)
+        return None
 
 
 def begin_window(journal: J.Journal, window: int) -> list[J.Outgoing]:
@@ -122,8 +150,9 @@ class Sender(threading.Thread):
     def run(self) -> None:
         journal = J.Journal(self.journal_path, sync=self.sync)
         try:
-            announce_interrupted(journal, self.emit)
+            announced = False
             while not self.stopping:
+                announced = announced or announce_interrupted(journal, self.emit)
                 self.wakeup.wait(1.0)
                 self.wakeup.clear()
                 self.drain(journal)
@@ -132,14 +161,23 @@ class Sender(threading.Thread):
 
     def drain(self, journal: J.Journal) -> None:
         while self.connected and not self.stopping:
-            batch = begin_window(journal, self.backend.send_window)
+            batch = try_begin_window(journal, self.backend.send_window)
             if not batch or not self.send_window(journal, batch):
                 return
 
     def send_window(self, journal: J.Journal, batch: list[J.Outgoing]) -> bool:
         """Send a window already marked `sending`; False when the backend was not connected after all."""
         items = items_of(journal, batch, self.media_root)
-        reports, requeued = settle_window(journal, batch, self.backend.send_many(items))
+        outcomes = self.backend.send_many(items)
+        while True:  # the outcomes are known: they wait here until the journal takes them (a full disk)
+            try:
+                reports, requeued = settle_window(journal, batch, outcomes)
+                break
+            except sqlite3.Error as exc:
+                journal_write_failed(exc)
+                if self.stopping:
+                    return False  # left `sending`: the next start says uncertain, never resends
+                time.sleep(RETRY_PAUSE)
         for type_, data in reports:
             self.emit(type_, data)
         if requeued:
@@ -160,12 +198,16 @@ class InlineSender:
         self.stopping = False
         self.in_flight: list[J.Outgoing] | None = None
         self.retry_at: float | None = None  # monotonic: look again after a not_connected window
+        self.announced = False
+        self.unsettled: tuple[list[J.Outgoing], list[Any]] | None = None  # outcomes the journal refused
         # Rows may be queued that no window took: set by every nudge (the supervisor nudges after each
         # commit), so a window that ends with nothing new costs no look at the journal.
         self.dirty = True
 
     def start(self) -> None:
-        announce_interrupted(self.journal, self.emit)
+        self.announced = announce_interrupted(self.journal, self.emit)
+        if not self.announced:
+            self.retry_at = time.monotonic() + RETRY_PAUSE
 
     def nudge(self, connected: bool | None = None) -> None:
         if connected is not None:
@@ -177,15 +219,22 @@ class InlineSender:
         """The loop's turn: retry after a pause; the seconds until it wants the next turn."""
         if self.retry_at is not None and now >= self.retry_at:
             self.retry_at = None
-            self.pump()
+            self.announced = self.announced or announce_interrupted(self.journal, self.emit)
+            if self.unsettled is not None:
+                self.settle(*self.unsettled)
+            else:
+                self.pump()
         return None if self.retry_at is None else max(0.0, self.retry_at - now)
 
     def pump(self) -> None:
         if (not self.dirty or self.in_flight is not None or not self.connected or self.stopping
-                or self.retry_at is not None):
+                or self.retry_at is not None or self.unsettled is not None):
             return
         window = self.backend.send_window
-        batch = begin_window(self.journal, window)
+        batch = try_begin_window(self.journal, window)
+        if batch is None:
+            self.retry_at = time.monotonic() + RETRY_PAUSE
+            return
         self.dirty = len(batch) >= window  # a full window: more may wait
         if batch:
             self.in_flight = batch
@@ -193,9 +242,18 @@ class InlineSender:
 
     def on_done(self, outcomes: list[Any]) -> None:
         batch, self.in_flight = self.in_flight, None
-        if batch is None:
+        if batch is not None:
+            self.settle(batch, outcomes)
+
+    def settle(self, batch: list[J.Outgoing], outcomes: list[Any]) -> None:
+        try:
+            reports, requeued = settle_window(self.journal, batch, outcomes)
+        except sqlite3.Error as exc:  # kept until the journal takes them; no new window meanwhile
+            journal_write_failed(exc)
+            self.unsettled = (batch, outcomes)
+            self.retry_at = time.monotonic() + RETRY_PAUSE
             return
-        reports, requeued = settle_window(self.journal, batch, outcomes)
+        self.unsettled = None
         for type_, data in reports:
             self.emit(type_, data)
         if requeued:

@@ -73,6 +73,7 @@ from ipc import paths
 from ipc.control import error_reply, ok_reply, parse_request, request_id_of
 from ipc.errors import BAD_REQUEST, INTERNAL, NOT_CONNECTED, UNKNOWN_COMPANY, WaportError
 from ipc.files import write_json_atomic
+from ipc.logfmt import log_to_stderr
 from ipc.richmessage import INBOUND_FIELDS
 from ipc.validation import (
     normalize_phone,
@@ -866,9 +867,10 @@ def main(argv: list[str] | None = None) -> int:
         default=LIVENESS_TIMEOUT,
         help="seconds of silence after which a connection is dropped (default %(default)s)",
     )
-    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default="INFO", type=str.upper,
+                        choices=["DEBUG", "INFO", "WARN", "WARNING", "ERROR", "CRITICAL"])
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s simnet %(levelname)s %(message)s", stream=sys.stderr)
+    log_to_stderr(args.log_level, "simnet")  # the one format of every process of ours (ipc/logfmt.py)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

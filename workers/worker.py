@@ -17,6 +17,7 @@ import logging
 import os
 import queue
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -36,7 +37,7 @@ from workers import logforward
 from workers.backend import Backend, BackendError, WorkerContext
 from workers.backends import load
 from workers.mediafetch import PENDING, MediaFetcher, is_pending
-from workers.outbox import InlineSender, Sender
+from workers.outbox import InlineSender, Sender, journal_write_failed
 from workers.wakeup import Wakeup
 
 log = logging.getLogger("waport.worker")
@@ -111,6 +112,7 @@ class Worker:
             InlineSender(self.journal, self.backend, self.emit, media_root) if self.inline
             else Sender(self.journal.path, self.backend, self.emit, media_root, sync))
         self.duplicates = 0
+        self.deferred: list[tuple[str, dict[str, Any]]] = []  # reports not journaled yet (a full disk)
 
     # Thread-safe entry points: they only enqueue and wake the loop.
     def emit(self, type_: str, data: dict[str, Any]) -> None:
@@ -139,6 +141,7 @@ class Worker:
             now = time.monotonic()
             if now >= next_beat:
                 self.heartbeat(now)
+                self.retry_deferred()
                 self.redeliver()
                 next_beat = now + protocol.aligned_delay(self.heartbeat_interval)
                 self.sender.nudge()  # a fallback look at the queue
@@ -178,6 +181,12 @@ class Worker:
             return
         self.send(protocol.HEARTBEAT, {"state": self.state, "queued": self.journal.pending()})
 
+    def retry_deferred(self) -> None:
+        """Reports whose journal write failed (a full disk) are tried again, in their order."""
+        deferred, self.deferred = self.deferred, []
+        for report in deferred:
+            self.reports.put(report)
+
     def redeliver(self) -> None:
         """Inbound messages no sink has acknowledged go out again (after a crash, or a Redis outage)."""
         now = time.time()
@@ -203,7 +212,10 @@ class Worker:
             elif msg.type == protocol.OUTBOX:
                 self.sender.nudge()
             elif msg.type == protocol.ACK:
-                self.journal.delivered([i for i in msg.body["ids"] if isinstance(i, str)])
+                try:
+                    self.journal.delivered([i for i in msg.body["ids"] if isinstance(i, str)])
+                except sqlite3.Error as exc:  # not marked: redelivered later, and the sinks drop the copy
+                    journal_write_failed(exc)
 
     def flush_reports(self) -> None:
         while not self.replies.empty():
@@ -217,32 +229,46 @@ class Worker:
                 continue
             if self.exit is not None and type_ not in OUTCOMES:
                 if type_ == "message":  # journaled, so the network may forget it: the successor delivers it
-                    self.journal.inbox_add(data)
-                    journaled.append(data["id"])
+                    try:
+                        self.journal.inbox_add(data)
+                        journaled.append(data["id"])
+                    except sqlite3.Error as exc:  # not acknowledged: the network redelivers it to the successor
+                        journal_write_failed(exc)
                 continue
-            if type_ == "state":
-                self.state = data.get("state", self.state)
-                self.sender.nudge(connected=self.state == states.CONNECTED)
-            elif type_ == "message":
-                if isinstance(data.get("media"), dict):
-                    data["media"] = {**data["media"], "status": PENDING}
-                added = self.journal.inbox_add(data)
-                journaled.append(data["id"])
-                if not added:
-                    self.duplicates += 1  # a redelivery by the network: journaled once, delivered once
-                    log.debug("dropped a duplicate of inbound message %s", data.get("id"))
-                    continue
-                if is_pending(data):
-                    self.fetcher.submit(data)  # published once its media is stored, or has failed
-                    continue
-                data = public_inbound(data)
-            elif type_ == "media_fetched":
-                self.journal.set_inbound_fields(data["id"], extra_fields(data))
-                type_, data = "message", public_inbound(data)
-            batch.append({"type": type_, "ts": time.time(), "data": data})
+            try:
+                item = self.journal_report(type_, data, journaled)
+            except sqlite3.Error as exc:  # a full disk: not journaled, so not acknowledged; again soon
+                self.deferred.append((type_, data))
+                journal_write_failed(exc)
+                continue
+            if item is not None:
+                batch.append(item)
         if journaled:
             self.backend.journaled(journaled)
         self.send_events(batch)
+
+    def journal_report(self, type_: str, data: dict[str, Any], journaled: list[str]) -> dict[str, Any] | None:
+        """One backend report: journaled first where it must be, then the event to publish (None: none)."""
+        if type_ == "state":
+            self.state = data.get("state", self.state)
+            self.sender.nudge(connected=self.state == states.CONNECTED)
+        elif type_ == "message":
+            if isinstance(data.get("media"), dict):
+                data["media"] = {**data["media"], "status": PENDING}
+            added = self.journal.inbox_add(data)
+            journaled.append(data["id"])
+            if not added:
+                self.duplicates += 1  # a redelivery by the network: journaled once, delivered once
+                log.debug("dropped a duplicate of inbound message %s", data.get("id"))
+                return None
+            if is_pending(data):
+                self.fetcher.submit(data)  # published once its media is stored, or has failed
+                return None
+            data = public_inbound(data)
+        elif type_ == "media_fetched":
+            self.journal.set_inbound_fields(data["id"], extra_fields(data))
+            type_, data = "message", public_inbound(data)
+        return {"type": type_, "ts": time.time(), "data": data}
 
     def serve(self, body: dict[str, Any]) -> None:
         """Run one supervisor request on a pool thread; the reply goes back through the loop."""
@@ -366,6 +392,8 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, worker.on_signal)
     # Log records become LOG frames that the loop sends (replies are flushed even at shutdown).
     logforward.attach(lambda frames: (worker.replies.put(frames), worker.wakeup.poke()))
-    code = worker.run()
-    logforward.detach()
+    try:
+        code = worker.run()
+    finally:
+        logforward.detach()  # what follows (a crash's traceback too) goes to stderr: the loop is gone
     sys.exit(code)

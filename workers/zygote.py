@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import array
 import json
+import logging
 import os
 import signal
 import socket
@@ -34,9 +35,11 @@ import workers.mediafetch  # noqa: F401
 import workers.outbox  # noqa: F401
 import workers.sim_backend  # noqa: F401
 import workers.worker
+from ipc.logfmt import log_to_stderr
 from ipc.protocol import SECRETS_ENV
 
 MAX_REQUEST = 1 << 16
+log = logging.getLogger("waport.zygote")
 
 
 def recv_request(sock: socket.socket) -> tuple[dict, list[int]] | None:
@@ -107,9 +110,8 @@ def run_worker(argv: list[str], lock_fd: int | None, server: socket.socket, supe
         sys.stderr.flush()
         os._exit(code)
     except BaseException:  # noqa: BLE001 - report, and never return into the fork server's loop
-        import traceback
-
-        traceback.print_exc()
+        log.exception("the worker crashed")  # in the one log format, tagged with its company once set up
+        logging.shutdown()
         sys.stderr.flush()
         os._exit(1)
     os._exit(0)
@@ -121,7 +123,7 @@ def serve(fd: int, supervisor: int) -> None:
         try:
             got = recv_request(server)
         except (OSError, ValueError) as exc:
-            print(f"waport-zygote: bad request: {exc}", file=sys.stderr)
+            log.warning("bad request: %s", exc)
             continue
         if got is None:
             return  # the supervisor closed its end
@@ -153,7 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--supervisor", type=int, required=True)
     p.add_argument("--preload", action="append", choices=["neonize"], default=[],
                    help="also load this backend's Python side (never a Go library)")
+    p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
+    log_to_stderr(args.log_level, "zygote")  # each worker sets up its own after the fork
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if "neonize" in args.preload:
         from workers import neonize_preload
