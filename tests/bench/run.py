@@ -28,6 +28,7 @@ RUNS = {
     "neonize_download": ["bench_neonize_download.py", "--mib", "64"],
     "neonize_scale": ["bench_neonize_scale.py", "--workers", "1", "100", "300"],
     "supervisord": ["bench_supervisord.py", "--workers", "500"],
+    "hop": ["bench_hop.py", "--messages", "20000"],
 }
 
 
@@ -77,6 +78,11 @@ def write_markdown() -> str:
              "buffer laid out as its Go side returns it (only the Go call is stood in for: no network here);",
              "`worst_one_download_mib` adds an idle neonize worker and an estimated Go heap of 2x the file.",
              "",
+             "`hop`: the floor under the send path. An echo process (ROUTER, poll loop, JSON in and out, as each",
+             "of our processes handles a frame) answers a DEALER client, one message at a time (each wakes it)",
+             "and with 1,000 in flight; its CPU per message, times the six process crossings of a send",
+             "(client, supervisor, worker, network and back, plus the nudge), is what the pipeline costs before",
+             "any journal, rate limit or validation.", "",
              "`host_speed_kops` (every benchmark): thousands of JSON round trips per second on one core, timed",
              "right after the run. The same VM type is 10-20% slower on some days than on others; compare",
              "figures from different days through it.", ""]
