@@ -497,6 +497,40 @@ def pair(settings: Settings, company: str, phone: str) -> None:
         click.echo("enter it on the phone: WhatsApp > Linked devices > Link with phone number", err=True)
 
 
+@cli.command("cluster")
+@global_options
+@pass_settings
+def cluster_(settings: Settings) -> None:
+    """The hosts of the cluster (DESIGN.md §12): state, heartbeat age, companies, capacity."""
+    result = call(settings, "cluster")
+    if settings.json:
+        print_json(result)
+        return
+    rows = [[h["host_id"] + (" (this host)" if h.get("me") else ""), h["state"], render.duration(h["heartbeat_age"]),
+             str(h["companies"]), str(h["capacity"] or "unlimited")] for h in result.get("hosts", [])]
+    click.echo(render.table(["HOST", "STATE", "HEARTBEAT", "COMPANIES", "CAPACITY"], rows) if rows else "no hosts")
+
+
+@cli.command()
+@click.argument("host")
+@global_options
+@pass_settings
+def drain(settings: Settings, host: str) -> None:
+    """Move every company away from HOST, gracefully (each stops there, then starts elsewhere)."""
+    answer(settings, call(settings, "drain", host=host), lambda r: f"{r['host']}: draining")
+
+
+@cli.command()
+@click.argument("company")
+@click.argument("host")
+@global_options
+@pass_settings
+def move(settings: Settings, company: str, host: str) -> None:
+    """Run COMPANY on HOST: it stops where it runs, then starts there (no pairing: its session moves)."""
+    answer(settings, call(settings, "move", company=company, host=host),
+           lambda r: f"{r['company']}: moving to {r['host']}")
+
+
 @cli.command("events")
 @click.option("-c", "--company", help="Only this company's events.")
 @click.option("-t", "--type", "type_", type=click.Choice(sorted(events.TYPES)), help="Only this event type.")

@@ -23,6 +23,8 @@ RECONNECT_FAILED = "reconnect_failed"
 HEALTH_CHECK_FAILED = "health_check_failed"
 RATE_LIMITED = "rate_limited"
 WEBHOOK_DISABLED = "webhook_disabled"  # an endpoint answered 410 (DESIGN.md §10)
+LEASE_ACQUIRED = "lease_acquired"  # this host now runs the company (DESIGN.md §12)
+LEASE_LOST = "lease_lost"  # it does not any more: another host holds a newer epoch, or this one was cut off
 
 TYPES = frozenset(
     {
@@ -43,6 +45,8 @@ TYPES = frozenset(
         HEALTH_CHECK_FAILED,
         RATE_LIMITED,
         WEBHOOK_DISABLED,
+        LEASE_ACQUIRED,
+        LEASE_LOST,
     }
 )
 

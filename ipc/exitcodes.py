@@ -19,6 +19,8 @@ OUTDATED = 81
 PAIRING_TIMEOUT = 82
 SESSION_LOCKED = 83  # the session lock is held by another process
 SUPERVISOR_LOST = 84  # the supervisor died or went silent
+FENCED = 85  # cluster mode: the lease deadline was near and no newer one came; the session was stopped
+FENCED_REASON = "fenced: lease lost"  # the company's reason after it: stopped, the cluster decides what next
 
 # exit code -> (state after exit, reason). Codes not listed are crashes.
 TERMINAL = {
@@ -37,8 +39,10 @@ REASON_TO_CODE = {
     "pairing_timeout": PAIRING_TIMEOUT,
     "connect_failed": TEMPFAIL,
     "reconnect_failed": TEMPFAIL,
+    "database_unavailable": TEMPFAIL,  # cluster mode: PostgreSQL away at start (credentials unread): retried
     "session_locked": SESSION_LOCKED,
     "supervisor_lost": SUPERVISOR_LOST,
+    "fenced": FENCED,
     "usage": USAGE,
     "crash": CRASH,
     "stopped": OK,

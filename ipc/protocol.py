@@ -24,7 +24,7 @@ VERSION = 2  # 2: EVENTS; the supervisor restarts a worker that speaks another v
 SECRETS_ENV = "WAPORT_WORKER_SECRETS"
 
 READY = "READY"  # worker -> supervisor: {company, pid, generation, version}
-HEARTBEAT = "HEARTBEAT"  # both ways: {} (worker adds {state, queued})
+HEARTBEAT = "HEARTBEAT"  # both ways: {} (worker adds {state, queued}; supervisor may add {lease_deadline})
 REQUEST = "REQUEST"  # supervisor -> worker: {id, cmd, args, deadline}
 REPLY = "REPLY"  # worker -> supervisor: {id, ok, result | error}
 EVENT = "EVENT"  # worker -> supervisor: {type, ts, data}
@@ -50,6 +50,12 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     LOG: {"level": int, "name": str, "msg": str, "ts": (int, float)},
 }
 
+# Cluster mode (DESIGN §12): a supervisor's HEARTBEAT may carry `lease_deadline`, an absolute
+# time.monotonic() value (CLOCK_MONOTONIC is system-wide on Linux: the same clock in both processes).
+# The worker stops its session FENCE_MARGIN seconds before it, whether or not its supervisor still talks.
+LEASE_DEADLINE = "lease_deadline"
+FENCE_MARGIN = 1.0
+
 MAX_FRAME_BYTES = 1 << 20
 BATCH_BYTES = MAX_FRAME_BYTES // 2  # an EVENTS frame larger than this is split in two
 
@@ -62,7 +68,7 @@ class ProtocolError(ValueError):
 class Message:
     type: str
     body: dict[str, Any] = field(default_factory=dict)
-    dropped: int = 0  # EVENTS: malformed items left out (the others still count)
+    dropped: int = 0  # EVENTS: malformed items left out (the others still count); HEARTBEAT: a bad lease_deadline
 
 
 def encode(type_: str, body: dict[str, Any] | None = None) -> list[bytes]:
@@ -108,7 +114,23 @@ def decode(frames: list[bytes]) -> Message:
         items = [item for item in body["events"] if _valid_event(item)]
         dropped = len(body["events"]) - len(items)
         return Message(type_, {**body, "events": items}, dropped)
+    if type_ == HEARTBEAT and body.get(LEASE_DEADLINE) is not None:
+        deadline = valid_deadline(body[LEASE_DEADLINE])
+        if deadline is None:  # the value is left out and counted; the beat itself still counts
+            return Message(type_, {k: v for k, v in body.items() if k != LEASE_DEADLINE}, 1)
+        return Message(type_, {**body, LEASE_DEADLINE: deadline})
     return Message(type_, body)
+
+
+def valid_deadline(value: Any) -> float | None:
+    """A `lease_deadline` as a float, or None when it is no finite positive number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        deadline = float(value)
+    except OverflowError:  # an integer of 400 digits
+        return None
+    return deadline if math.isfinite(deadline) and deadline > 0 else None
 
 
 def _valid_event(item: Any) -> bool:

@@ -13,6 +13,7 @@ import asyncio
 import builtins
 import contextlib
 import dis
+import glob
 import inspect
 import json
 import logging
@@ -543,6 +544,142 @@ def redis_server(short_tmp: str) -> Iterator[RedisServer]:
     server = RedisServer(short_tmp)
     yield server
     server.stop()
+
+
+def postgres_bin() -> str | None:
+    """The bin directory of the newest PostgreSQL installed the Debian way, or None."""
+    found = glob.glob("/usr/lib/postgresql/*/bin/postgres")
+    found.sort(key=lambda p: int(p.split("/")[-3]) if p.split("/")[-3].isdigit() else 0)
+    return os.path.dirname(found[-1]) if found else None
+
+
+def _ended(p: psutil.Process) -> bool:
+    try:
+        return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+class PgServer:
+    """A real PostgreSQL of the test's own: initdb into a temporary directory (as user `postgres` when the
+    tests run as root: initdb refuses root), trust authentication, a free port on 127.0.0.1, its unix socket
+    in that directory. A test may stop it, start it again (same data, same port), kill it (SIGKILL of the
+    postmaster and every backend: a crash) or pause it (SIGSTOP: a server that answers nothing).
+    fsync=off: a killed server keeps every commit (the OS has it), only a machine crash would lose some.
+    initdb + start take about 1 s, so each test gets a server of its own rather than a shared one."""
+
+    def __init__(self) -> None:
+        bindir = postgres_bin()
+        if bindir is None:
+            pytest.skip("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/postgres): "
+                        "run .ci/install-system-deps")
+        self.bin = bindir
+        self.dir = tempfile.mkdtemp(prefix="wp-pg-", dir="/tmp")
+        self.data = os.path.join(self.dir, "data")
+        self.logfile = os.path.join(self.dir, "postgres.log")
+        self.port = free_port()
+        self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self.proc: subprocess.Popen | None = None
+        # Root runs the server as `postgres`; anyone else as themselves.
+        self.as_user: dict[str, Any] = {}
+        if os.geteuid() == 0:
+            import pwd
+
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+            self.as_user = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+        subprocess.run([os.path.join(self.bin, "initdb"), "-D", self.data, "-A", "trust", "-U", "postgres",
+                        "-N", "-E", "UTF8", "--locale", "C"], cwd=self.dir, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **self.as_user)
+        self.start()
+
+    def start(self) -> None:
+        with open(self.logfile, "ab") as log:
+            self.proc = subprocess.Popen(
+                [os.path.join(self.bin, "postgres"), "-D", self.data, "-p", str(self.port), "-k", self.dir,
+                 "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
+                 "-c", "full_page_writes=off", "-c", "shared_buffers=16MB", "-c", "max_connections=300"],
+                cwd=self.dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **self.as_user)
+        wait_for(self.ready, timeout=30, what="postgres to accept connections")
+
+    def ready(self) -> bool:
+        if self.proc is None or self.proc.poll() is not None:
+            raise AssertionError(f"postgres exited: {self.log()[-2000:]}")
+        try:
+            with self.connect(connect_timeout=2):
+                return True
+        except Exception:  # noqa: BLE001 - not up yet
+            return False
+
+    def connect(self, **kwargs: Any):
+        """A psycopg connection (autocommit) as the superuser; keywords go to psycopg.connect."""
+        import psycopg
+
+        kwargs.setdefault("autocommit", True)
+        return psycopg.connect(self.dsn, **kwargs)
+
+    def sql(self, query: str, *params: Any) -> list[tuple]:
+        """Run one statement on a connection of its own; the rows it returns (none: [])."""
+        with self.connect() as conn:
+            cur = conn.execute(query, params or None)
+            return cur.fetchall() if cur.description else []
+
+    def log(self) -> str:
+        with open(self.logfile, errors="replace") as f:
+            return f.read()
+
+    def _signal_all(self, sig: int) -> list[psutil.Process]:
+        """Signal the postmaster and every backend (each backend is a session of its own: no killpg)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        try:
+            main = psutil.Process(self.proc.pid)
+            procs = [main, *main.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.send_signal(sig)
+        return procs
+
+    def stop(self) -> None:
+        """A fast shutdown (SIGINT): clients are disconnected, the data stays."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self._signal_all(signal.SIGCONT)
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL the whole server at once, like a machine that dies; `start` then recovers from the WAL."""
+        if self.proc is None:
+            return
+        procs = self._signal_all(signal.SIGKILL)
+        self.proc.wait(10)
+        # A backend holds the shared memory until it is gone, and a new postmaster refuses to start before.
+        wait_for(lambda: all(map(_ended, procs)), timeout=10, what="postgres backends to end")
+
+    def pause(self) -> None:
+        """SIGSTOP the server: connections open and queries hang (what a client's timeouts are for)."""
+        self._signal_all(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal_all(signal.SIGCONT)
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def pg() -> Iterator[PgServer]:
+    """A PostgreSQL server of this test's own (skipped, with the reason, where PostgreSQL is not installed)."""
+    server = PgServer()
+    yield server
+    server.close()
 
 
 class WebhookReceiver:

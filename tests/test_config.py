@@ -122,3 +122,17 @@ def test_a_backend_whose_dependencies_are_missing_is_named_with_what_to_install(
     said = missing_for("neonize", nothing, found)
     assert "pip install neonize==0.5.2" in said and 'backend = "sim"' in said and "libmagic" not in said
     assert "apt-get install libmagic1" in missing_for("neonize", found, nothing)
+
+
+def test_cluster_keys_are_checked_and_the_dsn_never_shown():
+    cfg = config.load("/dev/null", environ={"WAPORT_CLUSTER_DSN": "postgresql://waport:s3cret@db/waport",
+                                            "WAPORT_HOST_ID": "host-a.example"})
+    assert cfg.host_id == "host-a.example" and "s3cret" not in repr(cfg)
+    assert config.load("/dev/null", environ={}).cluster_dsn == ""
+    for env, match in (({"WAPORT_CLUSTER_DSN": "mysql://x"}, "cluster_dsn"),
+                       ({"WAPORT_HOST_ID": "a b"}, "host_id"),
+                       ({"WAPORT_FENCE_AFTER": "12"}, "less than lease_ttl"),
+                       ({"WAPORT_FENCE_AFTER": "4", "WAPORT_LEASE_RENEW_INTERVAL": "2"}, "more than two"),
+                       ({"WAPORT_LEASE_TTL": "0"}, "lease_ttl")):
+        with pytest.raises(ConfigError, match=match):
+            config.load("/dev/null", environ=env)

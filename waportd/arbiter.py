@@ -25,6 +25,7 @@ from ipc.errors import BAD_REQUEST, WaportError
 from ipc.files import make_dir
 from ipc.zsocket import recv_ready, send_frames
 from waportd import helpers, process
+from waportd.cluster import CLUSTER_COMMANDS, CLUSTER_LIFECYCLE, Cluster, NoCluster
 from waportd.company import Company
 from waportd.config import Config, ConfigError
 from waportd.controller import Controller
@@ -47,7 +48,7 @@ RECOVER_OUTCOMES = 200  # latest sends looked at for outcomes a killed worker jo
 TIMER_BATCH = 20  # timers fired per loop turn: 1,000 companies start a batch a turn, the sockets answer meanwhile
 # Keys a reload does not change (a restart of waportd does).
 RESTART_ONLY = ("state_dir", "run_dir", "backend", "sim_endpoint", "metrics_listen", "http_listen", "worker_spawn",
-                "go_gc", "go_memory_limit", "go_max_procs", "journal_sync")
+                "go_gc", "go_memory_limit", "go_max_procs", "journal_sync", "cluster_dsn", "host_id")
 Reap = Callable[[], list[tuple[int, int]]]
 
 
@@ -91,6 +92,10 @@ class Arbiter:
         self.transfers = Transfers(self.services, self.roster, self.messages, self.webhooks, self.media, self.wake)
         for prefix in ("export", "backup", "transfer_", "import_"):
             self.controller.owners[prefix] = self.transfers
+        self.cluster: Cluster | None = None  # cluster mode (DESIGN.md §12): made by `setup`
+        self.cluster_link: Any = None
+        for cmd in CLUSTER_COMMANDS:
+            self.controller.owners[cmd] = NoCluster()  # until `setup` joins a cluster
         self.signals: list[int] = []
         self.child_exited = True
         self.next_mirror = 0.0
@@ -136,7 +141,17 @@ class Arbiter:
             self.add_helper(helpers.simnet(self.services))
         if cfg.http_listen:
             self.add_helper(helpers.http_api(self.services))
-        self.boot()
+        if cfg.cluster_dsn:
+            from waportd.clusterstore import ClusterLink  # psycopg: loaded only in cluster mode
+
+            self.cluster_link = ClusterLink(cfg.cluster_dsn, cfg.host_id, cfg.lease_ttl, self.wake)
+            self.cluster_link.start()
+            self.cluster = Cluster(self.services, self.roster, self.cluster_link.submit)
+            for cmd in (*CLUSTER_COMMANDS, *CLUSTER_LIFECYCLE):
+                self.controller.owners[cmd] = self.cluster
+            self.ops.cluster_figures = self.cluster.figures
+        else:
+            self.boot()
         log.info(
             "waportd ready: pid %d, backend %s, %d companies, control %s",
             os.getpid(), cfg.backend, len(self.roster), paths.endpoint(cfg.run_dir, paths.CONTROL_SOCK),
@@ -207,6 +222,8 @@ class Arbiter:
                 drain(self.wake_r)
         self.handle_signals()
         self.messages.take_bridge_results()
+        if self.cluster is not None:
+            self.cluster_link.take_done()  # the cluster's rounds and claims, answered on the loop
         self.messages.take_synced()  # journal_sync = "full": the sends whose fsync is done are answered
         self.transfers.take_done()  # bundles built or verified on their threads are answered
         self.messages.flush()  # durable before any send is answered
@@ -274,6 +291,10 @@ class Arbiter:
         self.transfers.close()  # unfinished transfers' files go
         if self.bridge:
             self.bridge.stop()
+        if self.cluster is not None:
+            self.cluster_link.stop()  # its thread ends; what is left runs here, bounded by the store's timeouts
+            self.cluster.leave(self.cluster_link.store)
+            self.cluster_link.store.close()
         self.messages.close()
         self.services.spawner.close()
         self.ops.close()
@@ -335,6 +356,8 @@ class Arbiter:
             self.media.prune(wall, self.messages.queued_media)
             self.transfers.forget_idle(now)
         self.retention.tick(wall)
+        if self.cluster is not None:
+            self.cluster.tick(now)
         beat = now >= self.next_beat_out  # liveness is checked more often than we beat
         if beat:
             self.next_beat_out = now + self.cfg.heartbeat_interval

@@ -72,6 +72,11 @@ class WorkerRequest:
     on_reply: Reply
 
 
+def no_lease_deadline() -> float | None:
+    """Single-host mode: heartbeats carry no lease deadline, and the worker never fences."""
+    return None
+
+
 @dataclass
 class Company:
     name: str
@@ -84,6 +89,12 @@ class Company:
     exit_waiters: list[Callable[[], None]] = field(default_factory=list)
     restarting: bool = False  # a restart waits for the worker to go; a stop meanwhile cancels it
     proxy: str | None = None  # this company's own proxy ("": direct), kept with the desired state; None: the config's
+    # Cluster mode (waportd/cluster.py sets it): the monotonic moment the worker must have stopped by,
+    # sent with each heartbeat so the worker fences itself even when this process is frozen.
+    lease_deadline: Callable[[], float | None] = no_lease_deadline
+    # Cluster mode (waportd/cluster.py sets it on acquiring the lease): the epoch the worker writes with,
+    # passed to it with the cluster's DSN (a secret); None: one host, credentials in the session directory.
+    cluster_epoch: int | None = None
 
     def __post_init__(self) -> None:
         self.session = Session(self.name, since=self.services.clock.time())
@@ -190,15 +201,22 @@ class Company:
             options["connect_timeout"] = cfg.connect_timeout
         if cfg.backend == "sim":
             options.update(cfg.sim_options)  # test knobs of the sim backend (e.g. grow_bytes_per_s)
+        if self.cluster_epoch is not None:
+            options["epoch"] = self.cluster_epoch  # its writes carry it; cluster_dsn is among the secrets
         return process.worker_args(
             self.name, generation, paths.endpoint(cfg.run_dir, paths.WORKERS_SOCK), self.session_dir,
             cfg.backend, cfg.heartbeat_interval, options, cfg.log_level, cfg.worker_nice,
         )  # fmt: skip
 
     def worker_secrets(self) -> dict[str, Any]:
-        """Options kept out of the worker's arguments: the proxy (its URL may hold a password)."""
-        proxy = self.services.cfg.proxy if self.proxy is None else self.proxy
-        return {"proxy": proxy} if proxy else {}
+        """Options kept out of the worker's arguments: the proxy and the cluster's DSN (their URLs may hold
+        a password)."""
+        cfg = self.services.cfg
+        proxy = cfg.proxy if self.proxy is None else self.proxy
+        secrets: dict[str, Any] = {"proxy": proxy} if proxy else {}
+        if self.cluster_epoch is not None and cfg.cluster_dsn:
+            secrets["cluster_dsn"] = cfg.cluster_dsn
+        return secrets
 
     # ------------------------------------------------------------ stopping
 
@@ -309,6 +327,8 @@ class Company:
             return
         s.next_restart_at = outcome.restart_at
         self.set_state(outcome.state, outcome.reason)
+        if outcome.state == STOPPED:  # fenced: stopped like a stop request, the session lock freed
+            self.release_lock()
         if outcome.restart_at is not None:
             self.schedule(sv.clock.monotonic() + outcome.delay)
 
@@ -353,7 +373,7 @@ class Company:
             return
         hb = cfg.heartbeat_interval
         if beat and w.ready:
-            self.send(protocol.HEARTBEAT, {})
+            self.beat()
         if w.ending:
             return
         limit = MISSED_HEARTBEATS * hb + (0 if w.ready else STARTUP_GRACE)
@@ -371,6 +391,19 @@ class Company:
             self.restart_worker("reconnect_timeout", now)
 
     # ------------------------------------------------------------ the worker's frames
+
+    def beat(self, only_with_deadline: bool = False) -> bool:
+        """A heartbeat to the live worker, with the lease deadline in cluster mode; the cluster may call it
+        right after a renewal so the worker hears the new deadline at once."""
+        try:
+            deadline = self.lease_deadline()
+        except Exception:  # noqa: BLE001 - no deadline sent: the worker keeps the last one and fences by it
+            self.services.counters[("loop_errors",)] += 1
+            self.log.exception("%s: lease deadline unavailable; heartbeat sent without it", self.name)
+            deadline = None
+        if deadline is None and only_with_deadline:
+            return False
+        return self.send(protocol.HEARTBEAT, {} if deadline is None else {protocol.LEASE_DEADLINE: deadline})
 
     def heard_from(self) -> bool:
         """A frame from the live worker arrived: a sign of life. False if nothing it says is to be read."""
@@ -396,6 +429,7 @@ class Company:
             else:
                 w.ready = True
                 self.send(protocol.OUTBOX, {})  # whatever was queued meanwhile
+                self.beat(only_with_deadline=True)  # cluster mode: the worker knows its deadline at once
             return True
         if msg.type == protocol.HEARTBEAT:
             if isinstance(body.get("queued"), int):

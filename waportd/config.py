@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from typing import Any
 
 from ipc import jsonsafe, webhooks
 from ipc.errors import WaportError
+from ipc.protocol import FENCE_MARGIN
 from ipc.validation import parse_duration as parse_seconds
 from ipc.validation import parse_listen, validate_company, validate_proxy
 
@@ -73,6 +75,13 @@ class Config:
     go_max_procs: int = 2
     journal_retention: float = 0.0  # ended sends and delivered inbound messages older than it are erased; 0 keeps all
     journal_sync: str = "normal"  # normal: survives any process crash; full: a power cut too (grouped fsyncs)
+    # Several hosts on PostgreSQL (DESIGN.md §12): "" = this host alone.
+    cluster_dsn: str = field(default="", repr=False)  # may hold a password: never in argv, never in a repr
+    host_id: str = field(default_factory=socket.gethostname)
+    host_capacity: int = 0  # companies this host may run; 0 = unlimited
+    lease_ttl: float = 15.0
+    lease_renew_interval: float = 2.0
+    fence_after: float = 10.0  # unable to renew this long: this host stops its sessions (< ttl - 2 renewals)
     source: str = field(default="", compare=False)  # the file it came from, for messages
 
 
@@ -91,8 +100,12 @@ _DURATIONS = {
     "webhook_max_age",
     "media_retention",
     "journal_retention",
+    "lease_ttl",
+    "lease_renew_interval",
+    "fence_after",
 }
 _BACKENDS = ("neonize", "sim")
+HOST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,63}")
 _UNIT_BYTES = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1024**2,
                "g": 1e9, "gb": 1e9, "gib": 1024**3}
 KEYS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "source")
@@ -127,7 +140,7 @@ def _coerce(key: str, value: Any) -> Any:
     if key in ("memory_limit", "media_max_bytes", "go_memory_limit"):
         return parse_bytes(key, value)
     if key in ("max_restarts", "rate_limit_max", "rate_limit_company_max", "stream_maxlen", "worker_nice",
-               "max_companies", "webhook_concurrency", "go_gc", "go_max_procs"):
+               "max_companies", "webhook_concurrency", "go_gc", "go_max_procs", "host_capacity"):
         try:
             n = int(value)
         except (TypeError, ValueError):
@@ -200,6 +213,14 @@ def _coerce(key: str, value: Any) -> Any:
             return validate_proxy(value)
         except WaportError as exc:
             raise ConfigError(exc.message) from None
+    if key == "cluster_dsn":
+        if not isinstance(value, str) or (value and not value.startswith(("postgres://", "postgresql://"))):
+            raise ConfigError("cluster_dsn: expected a postgresql:// URL (or \"\" for one host)")
+        return value
+    if key == "host_id":
+        if not isinstance(value, str) or not HOST_ID_RE.fullmatch(value):
+            raise ConfigError(f"host_id: {value!r} must be 1-63 letters, digits, dots, dashes or underscores")
+        return value
     if key == "journal_sync":
         if value not in ("normal", "full"):
             raise ConfigError(f"journal_sync: {value!r} is not one of normal, full")
@@ -252,7 +273,16 @@ def load(
         raise ConfigError("heartbeat_interval: must be > 0")
     if coerced.get("webhook_url") and not coerced.get("webhook_secret"):
         raise ConfigError("webhook_secret: required with webhook_url (`waportctl webhook secret` makes one)")
-    for key in ("webhook_timeout", "webhook_max_age"):
+    for key in ("webhook_timeout", "webhook_max_age", "lease_ttl", "lease_renew_interval", "fence_after"):
         if coerced.get(key, 1) <= 0:
             raise ConfigError(f"{key}: must be > 0")
+    ttl = coerced.get("lease_ttl", Config.lease_ttl)
+    renew = coerced.get("lease_renew_interval", Config.lease_renew_interval)
+    fence = coerced.get("fence_after", Config.fence_after)
+    if fence >= ttl - 2 * renew:
+        raise ConfigError("fence_after: must be less than lease_ttl minus two lease_renew_interval (a host stops "
+                          "its sessions before another may claim them)")
+    if fence <= FENCE_MARGIN + 2 * renew:
+        raise ConfigError(f"fence_after: must be more than two lease_renew_interval plus {FENCE_MARGIN:g} s (the "
+                          "margin a worker keeps), or sessions stop whenever one renewal is late")
     return Config(source=source if os.path.exists(source) else "", **coerced)

@@ -66,6 +66,7 @@ class Snapshot:
     uptime: float = 0.0
     webhook: tuple[dict[str, int], list[int], float] = ({}, [], 0.0)  # pending per company, latency counts, sum
     memory_limit: int = 0  # bytes, 0 = off: exported so alerts can compare worker RSS with it
+    cluster: tuple[dict[str, int], int] | None = None  # cluster mode: hosts per state, leases this host holds
 
 
 # name -> (help, label names) of the per-key counters in Arbiter.counters; the key's first item
@@ -92,6 +93,8 @@ COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                        "old incarnation, a stray): it is told to stop.", ()),
     "webhook": ("waport_webhook_deliveries", "Webhook delivery attempts and their end, by outcome (ok, retry, "
                 "dead, disabled).", ("company", "outcome")),
+    "lease_renew_failures": ("waport_lease_renew_failures", "Cluster rounds (beat and lease renewal) that "
+                             "PostgreSQL did not answer (DESIGN.md §12).", ()),
     "purged": ("waport_messages_purged", "Journal rows (sends and inbound messages) erased by journal_retention "
                "or `messages purge`.", ("company",)),
     "refused_transition": ("waport_refused_transitions", "State changes the transition table refused (a bug: "
@@ -177,6 +180,16 @@ class ArbiterCollector(Collector):
                                   "the worker (0 = off).")
         limit.add_metric([], snap.memory_limit)
         yield limit
+        if snap.cluster is not None:
+            by_state, owned = snap.cluster
+            hosts = GaugeMetricFamily("waport_cluster_hosts", "Hosts of the cluster per state, as this host last "
+                                      "saw them (DESIGN.md §12).", labels=["state"])
+            for state in ("up", "draining", "down"):
+                hosts.add_metric([state], by_state.get(state, 0))
+            yield hosts
+            leases = GaugeMetricFamily("waport_leases_owned", "Company leases this host holds.")
+            leases.add_metric([], owned)
+            yield leases
         yield cpu
         yield threads
         yield fds

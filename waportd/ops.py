@@ -60,6 +60,7 @@ class Ops:
         self.next_status = 0.0
         # Set by the arbiter: pending per company, latency bucket counts and sum, as the delivery reported them.
         self.webhook_figures: Callable[[], tuple[dict[str, int], list[int], float]] = lambda: ({}, [], 0.0)
+        self.cluster_figures: Callable[[], tuple[dict[str, int], int] | None] = lambda: None  # cluster mode
 
     # ------------------------------------------------------------ arbiter hooks
 
@@ -202,6 +203,7 @@ class Ops:
             uptime=time.time() - self.started_at,
             webhook=self.webhook_figures(),
             memory_limit=sv.cfg.memory_limit,
+            cluster=self.cluster_figures(),
         )
 
     def redis_state(self) -> str:

@@ -99,6 +99,8 @@ def exit_outcome(
     code = returncode if returncode >= 0 else None
     if killed_reason:
         reason, code = killed_reason, None
+    if code == exitcodes.FENCED:  # its lease ran out (cluster mode): the cluster decides, not our backoff
+        return ExitOutcome(STOPPED, exitcodes.FENCED_REASON, None, session.failures)
     if code in exitcodes.TERMINAL:
         state, why = exitcodes.TERMINAL[code]
         why = f"{why}: {info['message']}" if info.get("message") else why

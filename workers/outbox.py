@@ -134,16 +134,22 @@ class Sender(threading.Thread):
         self.connected = False
         self.stopping = False
         self.wakeup = threading.Event()
+        self.gate = threading.Lock()  # held from the `stopping` check to the window's `sending` mark
 
     def nudge(self, connected: bool | None = None) -> None:
         if connected is not None:
             self.connected = connected
         self.wakeup.set()
 
+    def halt(self) -> None:
+        """No new window from the moment this returns (fencing); one in flight goes on."""
+        with self.gate:
+            self.stopping = True
+        self.wakeup.set()
+
     def stop(self, timeout: float = 5.0) -> None:
         """Let a send in flight finish (bounded), then stop: a clean stop leaves nothing uncertain."""
-        self.stopping = True
-        self.wakeup.set()
+        self.halt()
         if self.is_alive():
             self.join(timeout)
 
@@ -161,7 +167,8 @@ class Sender(threading.Thread):
 
     def drain(self, journal: J.Journal) -> None:
         while self.connected and not self.stopping:
-            batch = try_begin_window(journal, self.backend.send_window)
+            with self.gate:
+                batch = None if self.stopping else try_begin_window(journal, self.backend.send_window)
             if not batch or not self.send_window(journal, batch):
                 return
 
@@ -262,9 +269,13 @@ class InlineSender:
         else:
             self.pump()
 
+    def halt(self) -> None:
+        """No new window from now on (fencing); one in flight goes on. The loop's thread is the only caller."""
+        self.stopping = True
+
     def stop(self, timeout: float = 5.0) -> None:
         """Let the window in flight be answered (bounded): a clean stop leaves nothing uncertain."""
-        self.stopping = True
+        self.halt()
         deadline = time.monotonic() + timeout
         sockets = self.backend.loop_sockets()
         poller = zmq.Poller()

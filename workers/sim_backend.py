@@ -16,7 +16,6 @@ import functools
 import itertools
 import json
 import logging
-import os
 import queue
 import threading
 import time
@@ -29,13 +28,13 @@ import zmq
 
 from ipc import jsonsafe, states
 from ipc.errors import BAD_REQUEST, INTERNAL, NOT_CONNECTED, NOT_FOUND, TIMEOUT
-from ipc.files import write_json_atomic
 from ipc.protocol import aligned_delay
 from ipc.richmessage import INBOUND_FIELDS
 from ipc.states import State
 from ipc.zsocket import readable
 from workers.backend import Backend, BackendError, Emit, Outcome, Phase, SendItem, WorkerContext
 from workers.inbound import normalize_message
+from workers.simcreds import Fenced, Unavailable, Unreadable, store_for
 from workers.wakeup import Wakeup
 
 log = logging.getLogger("waport.sim")
@@ -48,6 +47,7 @@ BYE_WAIT = 0.3
 BACKOFF_MIN = 0.2
 BACKOFF_MAX = 5.0
 MEDIA_CHUNK = 1 << 20  # the most bytes of media one frame carries, either way
+SAVE_RETRY = 2.0  # seconds between tries to store a fresh pairing's credentials while PostgreSQL is away
 SEND_FIELDS = ("mimetype", "filename", "voice", "latitude", "longitude", "name", "emoji")
 
 # The hello's answer `{"status": ...}` when the network knows our token (else "pairing"): the
@@ -81,7 +81,10 @@ class SimBackend(Backend):
         self.endpoint = endpoint
         self.pairing_timeout = float(ctx.options.get("pairing_timeout") or 170)
         self.connect_timeout = float(ctx.options.get("connect_timeout") or 5)
-        self.creds_path = os.path.join(ctx.session_dir, CREDS_FILE)
+        # The session file, or PostgreSQL in cluster mode (options cluster_dsn, a secret, and epoch).
+        self.creds = store_for(ctx.company, ctx.session_dir, ctx.options, CREDS_FILE)
+        self._unsaved: dict[str, Any] | None = None  # paired, but PostgreSQL was away: saved at _save_retry_at
+        self._save_retry_at: float | None = None
         # The session state last reported (connecting: the first hello in flight), or exited.
         self.phase: State | Phase = states.CONNECTING
         self._stopping = threading.Event()
@@ -124,6 +127,8 @@ class SimBackend(Backend):
     def stop(self) -> None:
         """On the loop's thread, after its last turn: a bye to the network, then everything closes."""
         self._stopping.set()
+        if self._unsaved is not None:  # the device exists on the network; its token is lost with us
+            log.error("stopping with the credentials of a fresh pairing not stored: the next start pairs again")
         if self.phase != Phase.EXITED:
             self._guarded(self._say_bye)
         self._finish()
@@ -328,7 +333,8 @@ class SimBackend(Backend):
         self._check_timers(time.monotonic())
 
     def _poll_timeout_ms(self) -> int:
-        deadlines = [d for d in (self._hello_deadline, self._retry_at, self._pairing_deadline) if d is not None]
+        deadlines = [d for d in (self._hello_deadline, self._retry_at, self._pairing_deadline, self._save_retry_at)
+                     if d is not None]
         if self.phase in ON_NETWORK:
             deadlines += [self._next_heartbeat, self._last_heard + SILENCE_TIMEOUT]
         if not deadlines:
@@ -360,6 +366,8 @@ class SimBackend(Backend):
             elif now >= self._next_heartbeat:
                 self._next_heartbeat = now + aligned_delay(HEARTBEAT_INTERVAL)
                 self._request("heartbeat", {}, self._on_heartbeat)
+        if self._save_retry_at is not None and now >= self._save_retry_at and self._unsaved is not None:
+            self._save_creds(self._unsaved)
         if self._pairing_deadline is not None and now >= self._pairing_deadline and self.phase != Phase.EXITED:
             self._exit("pairing_timeout", message=f"not paired within {self.pairing_timeout:g} s")
         for req_id, (deadline, on_reply, caller) in list(self._pending.items()):
@@ -374,13 +382,20 @@ class SimBackend(Backend):
         """A fresh socket and a hello; the answer decides between connected, pairing and exit."""
         assert self._zctx is not None
         self._close_socket()
+        try:
+            token = self._load_creds().get("token")
+        except Fenced as exc:
+            self._exit("fenced", message=str(exc))
+            return
+        except Unavailable as exc:  # never "no credentials": pairing now would make a second device
+            self._exit("database_unavailable", message=f"cannot read the credentials: {exc}")
+            return
         sock = self._zctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.endpoint)
         self._sock = sock
         self._attempt += 1
         args: dict[str, Any] = {"company": self.ctx.company}
-        token = self._load_creds().get("token")
         if token:
             args["token"] = token
         self._hello_deadline = time.monotonic() + self.connect_timeout
@@ -524,7 +539,8 @@ class SimBackend(Backend):
             self.emit("receipt", {"ids": data.get("ids", []), "type": data.get("type"), "chat": data.get("chat")})
         elif event == "paired":
             self._save_creds({"company": self.ctx.company, "token": data["token"], "phone": data["phone"]})
-            self._connected(str(data["phone"]))
+            if self.phase != Phase.EXITED:  # not fenced
+                self._connected(str(data["phone"]))
         elif event == "dropped":
             if self.phase in ON_NETWORK:
                 self._lost("connection lost")
@@ -539,24 +555,34 @@ class SimBackend(Backend):
     # ------------------------------------------------------------------ credentials
 
     def _load_creds(self) -> dict[str, Any]:
+        """The stored credentials, {} for none; raises `Unavailable` or `Fenced` (cluster mode)."""
         try:
-            with open(self.creds_path, encoding="utf-8") as f:
-                data = jsonsafe.loads(f.read())
-        except FileNotFoundError:
+            return self.creds.load()
+        except Unreadable as exc:
+            self.emit("error", {"kind": "credentials", "message": f"{exc}: pairing again"})
             return {}
-        except ValueError:
-            self.emit("error", {"kind": "credentials", "message": f"unreadable {self.creds_path}: pairing again"})
-            return {}
-        return data if isinstance(data, dict) else {}
 
     def _save_creds(self, creds: dict[str, Any]) -> None:
-        write_json_atomic(self.creds_path, creds)  # 0600: the token is the session
+        """On the loop's thread. Refused for an older epoch: the session stops (`fenced`). PostgreSQL away:
+        kept in memory and tried again every SAVE_RETRY seconds while the session runs."""
+        self._unsaved, self._save_retry_at = None, None
+        try:
+            self.creds.save(creds)
+        except Fenced as exc:
+            self._exit("fenced", message=str(exc))
+        except Unavailable as exc:
+            log.warning("credentials not stored yet (%s); retrying in %g s", exc, SAVE_RETRY)
+            self.emit("error", {"kind": "credentials", "message": f"not stored yet, retrying: {exc}"})
+            self._unsaved, self._save_retry_at = creds, time.monotonic() + SAVE_RETRY
 
     def _delete_creds(self) -> None:
+        """Logged out: the credentials go. If that fails now, the next start's hello is refused as logged
+        out and deletes them then; a newer epoch's credentials are never touched."""
+        self._unsaved, self._save_retry_at = None, None
         try:
-            os.unlink(self.creds_path)
-        except FileNotFoundError:
-            pass
+            self.creds.delete()
+        except (Fenced, Unavailable) as exc:
+            log.warning("credentials not deleted: %s", exc)
 
 
 def _settle(fut: Future[Any], reply: Reply) -> None:

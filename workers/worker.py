@@ -4,7 +4,8 @@ It holds the session lock it inherited, connects a DEALER to the supervisor,
 says READY, heartbeats both ways, turns supervisor requests into backend calls
 and backend reports into events, and exits with a code that says why
 (`ipc.exitcodes`). It dies with its supervisor: PR_SET_PDEATHSIG, a parent
-check, and supervisor heartbeats.
+check, and supervisor heartbeats; in cluster mode it also stops its session
+before the lease deadline the heartbeats carry (`workers.fencing`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from ipc.zsocket import NOBLOCK, readable, send_frames
 from workers import logforward
 from workers.backend import Backend, BackendError, WorkerContext
 from workers.backends import load
+from workers.fencing import Fence
 from workers.mediafetch import PENDING, MediaFetcher, is_pending
 from workers.outbox import InlineSender, Sender, journal_write_failed
 from workers.wakeup import Wakeup
@@ -97,6 +99,7 @@ class Worker:
         self.exit: dict[str, Any] | None = None
         self.stop_signal: int | None = None
         self.last_supervisor = time.monotonic()
+        self.fence = Fence()  # the newest lease deadline heard (cluster mode); none: no fencing
         self.malformed = 0
         options = json.loads(args.options or "{}")
         options.update(json.loads(os.environ.pop(protocol.SECRETS_ENV, "") or "{}"))  # kept out of argv
@@ -139,6 +142,8 @@ class Worker:
         wait = 0.0
         while self.exit is None and self.stop_signal is None:
             now = time.monotonic()
+            if self.fenced(now):
+                break
             if now >= next_beat:
                 self.heartbeat(now)
                 self.retry_deferred()
@@ -146,10 +151,14 @@ class Worker:
                 next_beat = now + protocol.aligned_delay(self.heartbeat_interval)
                 self.sender.nudge()  # a fallback look at the queue
             polled = self.repoll(poller, polled)
-            timeout = min(next_beat - time.monotonic(), wait)
+            now = time.monotonic()
+            fence_in = self.fence.seconds_left(now)  # the loop wakes in time to fence, even if nothing arrives
+            timeout = min(next_beat - now, wait, 3600.0 if fence_in is None else fence_in)
             ready = dict(poller.poll(max(0, int(timeout * 1000)) + 1))
             if self.sock in ready:
                 self.read_supervisor()
+                if self.fenced(time.monotonic()):  # a deadline already due: no backend turn, no window
+                    break
             if self.wakeup.r in ready:
                 self.wakeup.drain()
             wait = self.step_backend(ready, time.monotonic())
@@ -181,6 +190,19 @@ class Worker:
             return
         self.send(protocol.HEARTBEAT, {"state": self.state, "queued": self.journal.pending()})
 
+    def fenced(self, now: float) -> bool:
+        """The fence decision: near the lease deadline with no newer one, the session ends (exit `fenced`)."""
+        if not self.fence.due(now):
+            return False
+        self.sender.halt()  # no new window from here on
+        deadline = self.fence.deadline
+        assert deadline is not None
+        message = (f"no newer lease deadline from the supervisor; {deadline - now:.2f} s left of the lease "
+                   f"(fence margin {self.fence.margin:.1f} s)")
+        log.warning("fenced: %s; stopping the session before the lease can expire", message)
+        self.exit = {"reason": "fenced", "message": message}
+        return True
+
     def retry_deferred(self) -> None:
         """Reports whose journal write failed (a full disk) are tried again, in their order."""
         deferred, self.deferred = self.deferred, []
@@ -203,7 +225,12 @@ class Worker:
                 log.warning("dropped a malformed frame from the supervisor: %s", exc)
                 continue
             self.last_supervisor = time.monotonic()
-            if msg.type == protocol.REQUEST:
+            if msg.dropped:
+                self.malformed += msg.dropped
+                log.warning("dropped a malformed %s from a %s frame", protocol.LEASE_DEADLINE, msg.type)
+            if msg.type == protocol.HEARTBEAT:
+                self.fence.heard(msg.body.get(protocol.LEASE_DEADLINE))
+            elif msg.type == protocol.REQUEST:
                 fut = self.pool.submit(self.serve, msg.body)
                 self.in_flight.add(fut)
                 fut.add_done_callback(self.in_flight.discard)
@@ -336,11 +363,18 @@ class Worker:
         except zmq.Again:
             log.warning("supervisor socket full; dropped a %s frame", frames[1].decode())
 
+    def window_grace(self) -> float:
+        """How long a window in flight may take to be answered: when fenced, half of what is left of the
+        lease, so the backend's connection ends before the deadline."""
+        if self.exit is None or self.exit.get("reason") != "fenced" or self.fence.deadline is None:
+            return 5.0
+        return max(0.0, min(5.0, (self.fence.deadline - time.monotonic()) / 2))
+
     def shutdown(self) -> int:
         """Stop the backend, tell the supervisor why, and pick the exit code."""
         info = self.exit or {"reason": "stopped", "message": f"signal {self.stop_signal}"}
         code = exitcodes.REASON_TO_CODE.get(info.get("reason", "crash"), exitcodes.CRASH)
-        self.sender.stop()
+        self.sender.stop(self.window_grace())
         self.fetcher.stop()
         try:
             self.backend.stop()

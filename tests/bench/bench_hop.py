@@ -47,8 +47,8 @@ def echo(endpoint: str, ready: multiprocessing.synchronize.Event) -> None:  # ty
                     sock.close(linger=1000)
                     ctx.term()
                     return
-                sock.send_multipart([ident, json.dumps({"id": msg["id"], "ok": True,
-                                                        "result": {"message_id": msg["id"], "status": "queued"}}).encode()])
+                reply = {"id": msg["id"], "ok": True, "result": {"message_id": msg["id"], "status": "queued"}}
+                sock.send_multipart([ident, json.dumps(reply).encode()])
 
 
 def cpu_of(sock: zmq.Socket) -> float:

@@ -1,0 +1,103 @@
+"""Cluster mode's PostgreSQL schema and the SQL that both the supervisor and the workers run (DESIGN.md §12).
+
+A leaf (no database driver imported here): `waportd/clusterstore.py` migrates and uses it, and a worker
+(the sim backend's credentials) runs the same statements from its own connection, so there is one copy.
+Statements use psycopg's named placeholders (`%(name)s`). Every time is the database's clock (`now()`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+SCHEMA_VERSION = 1
+# One number for every waportd sharing a database: `migrate` holds it while it creates or upgrades the schema.
+MIGRATION_LOCK = 0x77706F7274  # "wport"
+
+# Version N's statements bring a version N-1 schema to N. Only ever append.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE IF NOT EXISTS waport_hosts (
+            host_id text PRIMARY KEY,
+            started_at timestamptz NOT NULL DEFAULT now(),
+            heartbeat_at timestamptz NOT NULL DEFAULT now(),
+            capacity int NOT NULL DEFAULT 0,
+            state text NOT NULL DEFAULT 'up' CHECK (state IN ('up', 'draining', 'down')),
+            companies int NOT NULL DEFAULT 0)""",
+        """CREATE TABLE IF NOT EXISTS waport_companies (
+            company text PRIMARY KEY,
+            wanted boolean NOT NULL,
+            proxy text,
+            preferred_host text,
+            updated_at timestamptz NOT NULL DEFAULT now())""",
+        """CREATE TABLE IF NOT EXISTS waport_leases (
+            company text PRIMARY KEY,
+            owner text NOT NULL,
+            epoch bigint NOT NULL CHECK (epoch > 0),
+            expires_at timestamptz NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS waport_leases_owner ON waport_leases (owner)",
+        """CREATE TABLE IF NOT EXISTS waport_credentials (
+            company text PRIMARY KEY,
+            epoch bigint NOT NULL,
+            data jsonb NOT NULL,
+            updated_at timestamptz NOT NULL DEFAULT now())""",
+    ),
+}
+assert max(MIGRATIONS) == SCHEMA_VERSION
+
+SCHEMA_TABLE = """CREATE TABLE IF NOT EXISTS waport_schema (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    version int NOT NULL)"""
+
+# --- Credentials (the sim backend's session): written only by the holder of the lease's current epoch ---
+
+# `data`: JSON text (or psycopg's Jsonb). Refused (0 rows) when the lease row's epoch is not `epoch`, or a
+# newer epoch already wrote. FOR SHARE: a claim bumping the epoch at the same moment waits for this write, or
+# this write sees the new epoch.
+PUT_CREDENTIALS_SQL = """
+INSERT INTO waport_credentials AS c (company, epoch, data, updated_at)
+SELECT %(company)s, %(epoch)s, %(data)s::jsonb, now()
+WHERE (SELECT l.epoch FROM waport_leases l WHERE l.company = %(company)s FOR SHARE) = %(epoch)s
+ON CONFLICT (company) DO UPDATE SET epoch = EXCLUDED.epoch, data = EXCLUDED.data, updated_at = now()
+    WHERE c.epoch <= EXCLUDED.epoch
+RETURNING c.epoch"""
+
+GET_CREDENTIALS_SQL = "SELECT data FROM waport_credentials WHERE company = %(company)s"
+
+# --- application_name: which company and epoch a database connection works for (fencing) ---------------
+
+APP_PREFIX = "waport/"
+NAME_MAX_BYTES = 63  # PostgreSQL cuts application_name at NAMEDATALEN - 1
+_TOKEN_MAX = 30  # 'waport/' + 30 + '/' + 19 digits of a bigint epoch = 57 bytes: never cut
+_APP_RE = re.compile(r"waport/([A-Za-z0-9_~-]{1,30})/([0-9]{1,19})")
+
+
+def company_token(company: str) -> str:
+    """The company as it appears in an application_name: itself up to 30 characters, else its first 19 and a
+    hash ('~' never occurs in a company id, so a token never equals another company's name)."""
+    if len(company) <= _TOKEN_MAX:
+        return company
+    digest = hashlib.blake2b(company.encode(), digest_size=5).hexdigest()
+    return f"{company[:19]}~{digest}"
+
+
+def application_name(company: str, epoch: int) -> str:
+    """'waport/<company>/<epoch>' for a connection made on behalf of `company` under lease `epoch`."""
+    name = f"{APP_PREFIX}{company_token(company)}/{int(epoch)}"
+    assert len(name.encode()) <= NAME_MAX_BYTES
+    return name
+
+
+def parse_application_name(name: str) -> tuple[str, int] | None:
+    """(company token, epoch) of a name made by `application_name`, else None. The token is the company
+    itself unless the company is longer than 30 characters (compare with `company_token`)."""
+    m = _APP_RE.fullmatch(name or "")
+    if m is None:
+        return None
+    return m.group(1), int(m.group(2))
+
+
+def like_prefix(company: str) -> str:
+    """A LIKE pattern matching every application_name of `company`, whatever the epoch."""
+    token = company_token(company).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"{APP_PREFIX}{token}/%"

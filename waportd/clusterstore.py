@@ -1,0 +1,474 @@
+"""Cluster mode's state in PostgreSQL (DESIGN.md §12): hosts, leases with epochs, the desired companies,
+the sim backend's credentials.
+
+`ClusterStore` is synchronous, on one connection, and bounded in time: a connect gives up after
+`connect_timeout`, a statement after `statement_timeout` (server side), and a call after `call_timeout`
+whatever the server does (a watchdog shuts the socket: a SIGSTOPped server or a cut network answers
+nothing, not even an error). A lost connection raises `StoreUnavailable` and the next call reconnects.
+Every time comes from the database's clock. `ClusterLink` runs a store on a thread of its own so the
+supervisor's loop never waits for PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import urllib.parse
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from ipc import clusterschema as schema
+
+log = logging.getLogger("waport.cluster")
+
+HOST_STATES = ("up", "draining", "down")
+
+
+class StoreError(Exception):
+    """A cluster store call failed; the message never holds the DSN's password."""
+
+
+class StoreUnavailable(StoreError):
+    """PostgreSQL cannot be reached (or did not answer in time); the next call tries again."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A lease as granted or renewed: `expires_at - db_now` is how long it still holds, on any clock."""
+
+    company: str
+    epoch: int
+    expires_at: datetime
+    db_now: datetime
+
+    @property
+    def remaining(self) -> float:
+        return (self.expires_at - self.db_now).total_seconds()
+
+    def deadline(self, monotonic_at_start: float) -> float:
+        """The local time.monotonic() at which it ends, from the moment the query was sent (never later)."""
+        return monotonic_at_start + self.remaining
+
+
+@dataclass(frozen=True)
+class LeaseRow:
+    """A row of waport_leases, live or not, as of the database's now."""
+
+    company: str
+    owner: str
+    epoch: int
+    expires_at: datetime
+    live: bool
+    remaining: float  # seconds until it expires (< 0: expired), on the database's clock
+
+
+@dataclass(frozen=True)
+class Host:
+    host_id: str
+    state: str
+    heartbeat_age: float  # seconds, on the database's clock
+    capacity: int
+    companies: int
+    started_at: datetime
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """A company the cluster should run (waport_companies), and where if it was moved."""
+
+    company: str
+    proxy: str | None
+    preferred_host: str | None
+    updated_at: datetime
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with its password (URL or `password=` keyword form) replaced by ***."""
+    if "://" in dsn:
+        parts = urllib.parse.urlsplit(dsn)
+        if parts.password is not None:
+            host = parts.netloc.rsplit("@", 1)[1]
+            user = parts.username or ""
+            netloc = f"{user}:***@{host}"
+            dsn = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        if any(k == "password" for k, _ in query):
+            kept = urllib.parse.urlencode([(k, "***" if k == "password" else v) for k, v in query], safe="*")
+            dsn = urllib.parse.urlunsplit(urllib.parse.urlsplit(dsn)._replace(query=kept))
+        return dsn
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return "<unparsable dsn>"
+    if "password" in params:
+        params["password"] = "***"
+    return psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in params.items()})
+
+
+def _password(dsn: str) -> str | None:
+    try:
+        value = psycopg.conninfo.conninfo_to_dict(dsn).get("password")
+    except psycopg.Error:
+        return None
+    return str(value) if value else None
+
+
+class ClusterStore:
+    def __init__(self, dsn: str, host_id: str, lease_ttl: float, *, connect_timeout: float = 3.0,
+                 statement_timeout: float = 5.0, call_timeout: float = 8.0) -> None:
+        self._dsn = dsn
+        self._secret = _password(dsn)
+        self.host_id = host_id
+        self.lease_ttl = float(lease_ttl)
+        self.connect_timeout = connect_timeout
+        self.statement_timeout = statement_timeout
+        self.call_timeout = call_timeout
+        self._conn: psycopg.Connection | None = None
+        self._started = False  # this store's first beat sets started_at
+        self._lock = threading.Lock()  # one call at a time on the connection
+
+    def __repr__(self) -> str:
+        return f"ClusterStore({redact_dsn(self._dsn)!r}, host_id={self.host_id!r})"
+
+    __str__ = __repr__
+
+    # ------------------------------------------------------------ the connection
+
+    def _clean(self, exc: BaseException) -> str:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if self._secret:
+            text = text.replace(self._secret, "***")
+        return text
+
+    def _connect(self) -> psycopg.Connection:
+        # libpq counts connect_timeout in whole seconds (and treats < 2 as 2).
+        return psycopg.connect(
+            self._dsn, autocommit=True, connect_timeout=max(2, round(self.connect_timeout)),
+            application_name=f"waportd/{self.host_id}"[:schema.NAME_MAX_BYTES],
+            options=f"-c statement_timeout={int(self.statement_timeout * 1000)} -c lock_timeout="
+                    f"{int(self.statement_timeout * 1000)} -c idle_in_transaction_session_timeout=60000",
+            keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
+            tcp_user_timeout=int(self.call_timeout * 1000))
+
+    def _call(self, what: str, fn: Callable[[psycopg.Connection], Any]) -> Any:
+        """Run `fn` on the connection (made now if there is none), bounded by `call_timeout`; any failure
+        to reach the server becomes StoreUnavailable, raised outside the driver's exception (no chain that
+        could carry connection details)."""
+        with self._lock:
+            failure: str | None = None
+            unavailable = True
+            fired = threading.Event()
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = None
+                    self._conn = self._connect()
+                conn = self._conn
+                watchdog = threading.Timer(self.call_timeout, _shut, (conn, fired))
+                watchdog.daemon = True
+                watchdog.start()
+                try:
+                    return fn(conn)
+                finally:
+                    watchdog.cancel()
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                failure = f"no answer in {self.call_timeout:g} s" if fired.is_set() else self._clean(exc)
+                self._drop()
+            except psycopg.Error as exc:
+                failure, unavailable = self._clean(exc), False
+            if unavailable:
+                raise StoreUnavailable(f"cluster store: {what}: {failure}")
+            raise StoreError(f"cluster store: {what}: {failure}")
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - it is gone either way
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    # ------------------------------------------------------------ schema
+
+    def migrate(self) -> int:
+        """Create or upgrade the schema to SCHEMA_VERSION, once, under an advisory lock (hosts that start
+        together wait for the first); idempotent. Returns the version found before."""
+
+        def run(conn: psycopg.Connection) -> int:
+            conn.execute("SET statement_timeout = 0")  # waiting for another host's migration is normal
+            conn.execute("SET lock_timeout = 0")
+            try:
+                conn.execute("SELECT pg_advisory_lock(%s)", (schema.MIGRATION_LOCK,))
+                try:
+                    conn.execute(schema.SCHEMA_TABLE)
+                    row = conn.execute("SELECT version FROM waport_schema").fetchone()
+                    before = row[0] if row else 0
+                    if before > schema.SCHEMA_VERSION:
+                        raise StoreError(f"cluster store: the database's schema is version {before}, newer "
+                                         f"than this waportd's {schema.SCHEMA_VERSION}: upgrade waportd")
+                    for version in range(before + 1, schema.SCHEMA_VERSION + 1):
+                        with conn.transaction():
+                            for statement in schema.MIGRATIONS[version]:
+                                conn.execute(statement)
+                            conn.execute("INSERT INTO waport_schema (version) VALUES (%s) ON CONFLICT (one) "
+                                         "DO UPDATE SET version = EXCLUDED.version", (version,))
+                    return before
+                finally:
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (schema.MIGRATION_LOCK,))
+            finally:
+                ms = int(self.statement_timeout * 1000)
+                conn.execute(f"SET statement_timeout = {ms}")
+                conn.execute(f"SET lock_timeout = {ms}")
+
+        saved, self.call_timeout = self.call_timeout, max(self.call_timeout, 60.0)
+        try:
+            return self._call("migrate", run)
+        finally:
+            self.call_timeout = saved
+
+    # ------------------------------------------------------------ hosts
+
+    def beat(self, capacity: int, companies: int, state: str = "up") -> None:
+        """This host is alive: its row with heartbeat_at = now() (started_at on this store's first beat).
+        A host drained by `set_host_state` stays draining when it beats `up`, until it restarts."""
+        if state not in HOST_STATES:
+            raise ValueError(f"host state {state!r} is not one of {', '.join(HOST_STATES)}")
+        first = not self._started
+        self._call("beat", lambda conn: conn.execute(
+            """INSERT INTO waport_hosts AS h (host_id, started_at, heartbeat_at, capacity, state, companies)
+               VALUES (%(host)s, now(), now(), %(capacity)s, %(state)s, %(companies)s)
+               ON CONFLICT (host_id) DO UPDATE SET heartbeat_at = now(), capacity = EXCLUDED.capacity,
+                   companies = EXCLUDED.companies,
+                   state = CASE WHEN NOT %(first)s AND h.state = 'draining' AND EXCLUDED.state = 'up'
+                                THEN h.state ELSE EXCLUDED.state END,
+                   started_at = CASE WHEN %(first)s THEN now() ELSE h.started_at END""",
+            {"host": self.host_id, "capacity": int(capacity), "state": state, "companies": int(companies),
+             "first": first}))
+        self._started = True
+
+    def set_host_state(self, host_id: str, state: str) -> bool:
+        """Set any host's state (`drain`: draining); its own beats keep `draining` until it restarts.
+        False: no such host."""
+        if state not in HOST_STATES:
+            raise ValueError(f"host state {state!r} is not one of {', '.join(HOST_STATES)}")
+        row = self._call("set_host_state", lambda conn: conn.execute(
+            "UPDATE waport_hosts SET state = %(state)s WHERE host_id = %(host)s RETURNING host_id",
+            {"host": host_id, "state": state}).fetchone())
+        return row is not None
+
+    def hosts(self) -> list[Host]:
+        rows = self._call("hosts", lambda conn: conn.execute(
+            """SELECT host_id, state, EXTRACT(EPOCH FROM now() - heartbeat_at)::float8, capacity, companies,
+                      started_at
+               FROM waport_hosts ORDER BY host_id""").fetchall())
+        return [Host(*row) for row in rows]
+
+    # ------------------------------------------------------------ leases
+
+    def claim(self, company: str) -> Lease | None:
+        """Take `company`'s lease if nobody holds it, it expired, or it is mine: a new or expired lease gets
+        epoch + 1 (a first one epoch 1), my own live one keeps its epoch. None: another host holds it.
+        One statement: of two hosts claiming at once, the second sees the first's row and gets nothing."""
+        row = self._call("claim", lambda conn: conn.execute(
+            """INSERT INTO waport_leases AS l (company, owner, epoch, expires_at)
+               VALUES (%(company)s, %(owner)s, 1, now() + make_interval(secs => %(ttl)s))
+               ON CONFLICT (company) DO UPDATE SET
+                   owner = EXCLUDED.owner,
+                   epoch = CASE WHEN l.owner = EXCLUDED.owner AND l.expires_at > now() THEN l.epoch
+                                ELSE l.epoch + 1 END,
+                   expires_at = EXCLUDED.expires_at
+               WHERE l.owner = EXCLUDED.owner OR l.expires_at <= now()
+               RETURNING company, epoch, expires_at, now()""",
+            {"company": company, "owner": self.host_id, "ttl": self.lease_ttl}).fetchone())
+        return Lease(*row) if row else None
+
+    def renew(self, companies: dict[str, int]) -> dict[str, Lease]:
+        """Extend every lease of `companies` (company -> epoch) still mine at that epoch, in one statement.
+        A company missing from the answer is lost: another host took it (a newer epoch)."""
+        if not companies:
+            return {}
+        names = list(companies)
+        rows = self._call("renew", lambda conn: conn.execute(
+            """UPDATE waport_leases AS l SET expires_at = now() + make_interval(secs => %(ttl)s)
+               FROM unnest(%(companies)s::text[], %(epochs)s::bigint[]) AS r(company, epoch)
+               WHERE l.company = r.company AND l.epoch = r.epoch AND l.owner = %(owner)s
+               RETURNING l.company, l.epoch, l.expires_at, now()""",
+            {"ttl": self.lease_ttl, "companies": names, "epochs": [int(companies[c]) for c in names],
+             "owner": self.host_id}).fetchall())
+        return {row[0]: Lease(*row) for row in rows}
+
+    def release(self, company: str, epoch: int) -> bool:
+        """End my lease of `company` at `epoch` now (a graceful stop, a move): it expires rather than
+        disappears, so the next owner's epoch is still higher. False: it was not mine at that epoch."""
+        row = self._call("release", lambda conn: conn.execute(
+            """UPDATE waport_leases SET expires_at = now()
+               WHERE company = %(company)s AND owner = %(owner)s AND epoch = %(epoch)s RETURNING epoch""",
+            {"company": company, "owner": self.host_id, "epoch": int(epoch)}).fetchone())
+        return row is not None
+
+    def leases(self) -> list[LeaseRow]:
+        rows = self._call("leases", lambda conn: conn.execute(
+            """SELECT company, owner, epoch, expires_at, expires_at > now(),
+                      EXTRACT(EPOCH FROM expires_at - now())::float8
+               FROM waport_leases ORDER BY company""").fetchall())
+        return [LeaseRow(*row) for row in rows]
+
+    def fence_older(self, company: str, epoch: int) -> int:
+        """End every database connection made for `company` under an epoch older than `epoch` (a host that
+        wakes late cannot write with them any more), waiting up to 2 s for each to be gone. How many."""
+        token = schema.company_token(company)
+
+        def run(conn: psycopg.Connection) -> int:
+            rows = conn.execute(
+                """SELECT pid, application_name FROM pg_stat_activity
+                   WHERE application_name LIKE %(prefix)s AND pid <> pg_backend_pid()""",
+                {"prefix": schema.like_prefix(company)}).fetchall()
+            pids = []
+            for pid, name in rows:
+                parsed = schema.parse_application_name(name)
+                if parsed is not None and parsed[0] == token and parsed[1] < epoch:
+                    pids.append(pid)
+            if not pids:
+                return 0
+            row = conn.execute("SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 2000)) "
+                               "FROM unnest(%(pids)s::int[]) AS pid", {"pids": pids}).fetchone()
+            return int(row[0]) if row else 0
+
+        return self._call("fence_older", run)
+
+    # ------------------------------------------------------------ desired state
+
+    def wanted(self) -> list[Wanted]:
+        """The companies the cluster should run (a stopped one keeps its row, with its preferred host)."""
+        rows = self._call("wanted", lambda conn: conn.execute(
+            "SELECT company, proxy, preferred_host, updated_at FROM waport_companies WHERE wanted "
+            "ORDER BY company").fetchall())
+        return [Wanted(*row) for row in rows]
+
+    def set_wanted(self, company: str, wanted: bool, proxy: str | None = None) -> None:
+        """Whether the cluster should run `company` (and through which proxy); its preferred host stays."""
+        self._call("set_wanted", lambda conn: conn.execute(
+            """INSERT INTO waport_companies (company, wanted, proxy, updated_at)
+               VALUES (%(company)s, %(wanted)s, %(proxy)s, now())
+               ON CONFLICT (company) DO UPDATE SET wanted = EXCLUDED.wanted, proxy = EXCLUDED.proxy,
+                   updated_at = now()""",
+            {"company": company, "wanted": bool(wanted), "proxy": proxy}))
+
+    def set_preferred(self, company: str, host: str | None) -> bool:
+        """Where `company` should run (`move`), or None for wherever placement says. False: no such company."""
+        row = self._call("set_preferred", lambda conn: conn.execute(
+            """UPDATE waport_companies SET preferred_host = %(host)s, updated_at = now()
+               WHERE company = %(company)s RETURNING company""",
+            {"company": company, "host": host}).fetchone())
+        return row is not None
+
+    # ------------------------------------------------------------ credentials (the sim backend's session)
+
+    def credentials(self, company: str) -> dict | None:
+        row = self._call("credentials", lambda conn: conn.execute(
+            schema.GET_CREDENTIALS_SQL, {"company": company}).fetchone())
+        return row[0] if row else None
+
+    def put_credentials(self, company: str, epoch: int, data: dict) -> bool:
+        """Store `company`'s credentials on behalf of lease `epoch`; False: refused, the lease has another
+        epoch (this host's lease was taken over)."""
+        row = self._call("put_credentials", lambda conn: conn.execute(
+            schema.PUT_CREDENTIALS_SQL, {"company": company, "epoch": int(epoch), "data": Jsonb(data)}).fetchone())
+        return row is not None
+
+
+def _shut(conn: psycopg.Connection, fired: threading.Event) -> None:
+    """The watchdog: end a call that waits too long by shutting its socket (the read returns at once)."""
+    fired.set()
+    try:
+        fd = conn.pgconn.socket
+        sock = socket.socket(fileno=socket.dup(fd))
+    except Exception:  # noqa: BLE001 - already closed
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+    log.warning("cluster store: no answer from PostgreSQL in time; connection dropped")
+
+
+class ClusterLink(threading.Thread):
+    """A ClusterStore on a thread of its own: the supervisor's loop `submit`s work (a function of the store)
+    with what to do with its result, and runs those in `take_done` after `wake` poked it (as with the Redis
+    bridge): the loop never waits for PostgreSQL. The schema is migrated before the first work runs (and
+    again before the next while that fails)."""
+
+    def __init__(self, dsn: str, host_id: str, lease_ttl: float, wake: Callable[[], None],
+                 **store_options: Any) -> None:
+        super().__init__(name="cluster", daemon=True)
+        self.store = ClusterStore(dsn, host_id, lease_ttl, **store_options)
+        self.wake = wake
+        self.cond = threading.Condition()
+        self.works: deque[tuple[Callable[[ClusterStore], Any], Callable[[Any], None]]] = deque()
+        self.done: deque[tuple[Callable[[Any], None], Any]] = deque()
+        self.migrated = False
+        self.stopping = False
+
+    def submit(self, work: Callable[[ClusterStore], Any], done: Callable[[Any], None]) -> None:
+        """Run `work(store)` on the thread; `done` gets its result, or the exception it raised."""
+        with self.cond:
+            self.works.append((work, done))
+            self.cond.notify()
+
+    def pending(self) -> int:
+        with self.cond:
+            return len(self.works)
+
+    def take_done(self) -> int:
+        """On the loop: hand each finished work's result to its `done`; how many."""
+        with self.cond:
+            finished = list(self.done)
+            self.done.clear()
+        for done, result in finished:
+            try:
+                done(result)
+            except Exception:  # noqa: BLE001 - one bad callback must not lose the others' results
+                log.exception("cluster: handling a result failed")
+        return len(finished)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        self.join(timeout)
+        self.store.close()
+
+    def run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.works and not self.stopping:
+                    self.cond.wait()
+                if self.stopping:
+                    return
+                work, done = self.works.popleft()
+            result: Any
+            try:
+                if not self.migrated:
+                    self.store.migrate()
+                    self.migrated = True
+                result = work(self.store)
+            except StoreError as exc:
+                result = exc
+            except Exception as exc:  # noqa: BLE001 - a bug must not end the thread: the work failed
+                log.exception("cluster: a call to the store failed")
+                result = exc
+            with self.cond:
+                self.done.append((done, result))
+            self.wake()
