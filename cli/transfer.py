@@ -15,6 +15,7 @@ from cli.client import Settings, call, fail, read_chunks
 from ipc import bundle
 from ipc.control import ControlClient
 from ipc.errors import BAD_REQUEST, WaportError
+from ipc.files import create_private
 from ipc.mediastore import WIRE_CHUNK
 
 
@@ -35,12 +36,11 @@ def open_partial(output: str) -> tuple[str, int]:
         raise click.BadParameter(f"{output} exists; name a new file", param_hint="-o")
     partial = output + ".partial"
     try:
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = create_private(partial)
     except FileExistsError:
         raise click.BadParameter(f"{partial} exists (an interrupted run?); remove it first", param_hint="-o") from None
     except OSError as exc:
         raise click.BadParameter(f"cannot write {partial}: {exc.strerror}", param_hint="-o") from None
-    os.fchmod(fd, 0o600)
     return partial, fd
 
 

@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from ipc.errors import WaportError
+from ipc.files import create_private
 from ipc.validation import validate_company
 
 MAGIC = b"WAPB"
@@ -224,8 +225,7 @@ def read(stream: BinaryIO, dest: str) -> Manifest:
         path = os.path.join(dest, member.name)
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         mine = hashlib.sha256()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
+        with os.fdopen(create_private(path), "wb") as fh:
             left = member.size
             while left:
                 chunk = take(min(COPY_CHUNK, left), member.name)
@@ -288,8 +288,7 @@ def copy_sqlite(src: str, dst: str) -> None:
     """A consistent copy of a live SQLite database (WAL included) through SQLite's backup API."""
     source = sqlite3.connect(src, timeout=10)  # read only in effect; a read-only open would leave -wal/-shm files
     try:
-        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        os.close(fd)
+        os.close(create_private(dst))
         target = sqlite3.connect(dst)
         try:
             source.backup(target)
@@ -302,8 +301,7 @@ def copy_sqlite(src: str, dst: str) -> None:
 
 def copy_file(src: str, dst: str) -> None:
     """A private copy (0600) of a file that is replaced atomically, never written in place."""
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as out, open(src, "rb") as fh:
+    with os.fdopen(create_private(dst), "wb") as out, open(src, "rb") as fh:
         shutil.copyfileobj(fh, out, COPY_CHUNK)
 
 

@@ -39,6 +39,14 @@ def write_json_atomic(path: str, data: Any, mode: int = 0o600, **dump: Any) -> N
     write_atomic(path, json.dumps(data, **dump), mode)
 
 
+def create_private(path: str) -> int:
+    """A new file only we may read (0600), never one that exists already (FileExistsError): a descriptor
+    open for writing."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)  # the umask may have narrowed it
+    return fd
+
+
 def make_dir(path: str, mode: int) -> None:
     """Create `path` if needed and give it exactly `mode` (makedirs' mode is narrowed by the umask)."""
     os.makedirs(path, mode=mode, exist_ok=True)

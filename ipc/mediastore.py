@@ -18,7 +18,7 @@ import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from ipc.errors import BAD_REQUEST, MEDIA_TOO_LARGE, NOT_FOUND, WaportError, disk_full, is_disk_full
 from ipc.files import make_dir, write_json_atomic
@@ -107,10 +107,7 @@ class Upload:
             while view:
                 view = view[os.write(self.fd, view):]
         except OSError as exc:
-            self.abort()
-            if is_disk_full(exc):
-                raise disk_full("the upload was dropped") from None
-            raise
+            self.drop(exc)
         self.hash.update(chunk)
         self.size += len(chunk)
 
@@ -123,10 +120,7 @@ class Upload:
                 raise WaportError(BAD_REQUEST, "an empty file is no media")
             os.fsync(self.fd)
         except OSError as exc:
-            self.abort()
-            if is_disk_full(exc):
-                raise disk_full("the upload was dropped") from None
-            raise
+            self.drop(exc)
         except BaseException:
             self.abort()
             raise
@@ -140,6 +134,13 @@ class Upload:
         else:
             os.rename(self.tmp, path)
         return self.store.record(media_id, self.size, mimetype, company, filename)
+
+    def drop(self, exc: OSError) -> NoReturn:
+        """A write failed: nothing of the upload stays, and a full disk is said as such."""
+        self.abort()
+        if is_disk_full(exc):
+            raise disk_full("the upload was dropped") from None
+        raise exc
 
     def abort(self) -> None:
         if self.fd is not None:

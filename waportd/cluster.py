@@ -67,7 +67,6 @@ class Cluster:
         self.in_round = False
         self.next_round = 0.0
         self.unclaimed_since: dict[str, float] = {}
-        self.state = UP
         self.booted = False
 
     @property
@@ -85,7 +84,7 @@ class Cluster:
         """For /metrics: hosts per state (a silent one counts as down), and the leases held here."""
         by_state: dict[str, int] = {}
         for h in self.view.hosts:
-            state = h.state if h.live(self.cfg.lease_ttl) else DOWN
+            state = h.seen_state(self.cfg.lease_ttl)
             by_state[state] = by_state.get(state, 0) + 1
         return by_state, len(self.owned)
 
@@ -101,14 +100,14 @@ class Cluster:
     def start_round(self, now: float) -> None:
         self.in_round = True
         asked = {c: o.epoch for c, o in self.owned.items()}
-        capacity, state, boot = self.cfg.host_capacity, self.state, not self.booted
+        capacity, boot = self.cfg.host_capacity, not self.booted
         configured = list(self.cfg.companies)
 
         def work(store: Any) -> Round:
             if boot:
                 for name in configured:  # the config's companies join the cluster's desired state
                     store.set_wanted(name, True)
-            store.beat(capacity, len(asked), state)
+            store.beat(capacity, len(asked), UP)  # a drained host's row stays `draining` (the store keeps it)
             return Round(store.renew(asked), store.hosts(), store.leases(), store.wanted())
 
         self.submit(work, lambda result: self.on_round(now, asked, result))
@@ -127,7 +126,7 @@ class Cluster:
             if lease is None or lease.epoch != epoch:
                 self.lose(company, "lease lost: another host holds a newer epoch")
             elif company in self.owned:
-                self.owned[company].deadline = started + seconds(lease.expires_at - lease.db_now)
+                self.owned[company].deadline = lease.deadline(started)
                 c = self.roster.get(company)
                 if c is not None and c.ready:
                     c.beat(only_with_deadline=True)  # the worker hears its new deadline at once
@@ -150,7 +149,7 @@ class Cluster:
                 log.info("%s: the lease still holds (its worker fenced itself on a late renewal); starting again",
                          company)
                 c.start()
-        live = {c for c, lease in self.view.leases.items() if lease.remaining > 0 and lease.owner != me}
+        live = {c for c, lease in self.view.leases.items() if lease.live and lease.owner != me}
         for company in self.view.wanted:
             if company in live or company in self.owned:
                 self.unclaimed_since.pop(company, None)
@@ -188,7 +187,7 @@ class Cluster:
             if isinstance(lease, BaseException):
                 log.warning("%s: claim failed: %s", company, lease)
             return
-        self.owned[company] = Owned(lease.epoch, asked_at + seconds(lease.expires_at - lease.db_now))
+        self.owned[company] = Owned(lease.epoch, lease.deadline(asked_at))
         self.unclaimed_since.pop(company, None)
         wanted = self.view.wanted.get(company)
         c = self.roster.add(company)
@@ -259,7 +258,7 @@ class Cluster:
         if c is not None and company in self.owned:
             return {**c.record(), "host": self.cfg.host_id}
         lease = self.view.leases.get(company)
-        host = lease.owner if lease is not None and lease.remaining > 0 else None
+        host = lease.owner if lease is not None and lease.live else None
         return {"company": company, "state": "starting" if host is None else "elsewhere", "host": host,
                 "reason": f"runs on {host}" if host else "waiting for a host to claim it"}
 
@@ -288,25 +287,27 @@ class Cluster:
         me = self.cfg.host_id
         owners: dict[str, int] = {}
         for lease in self.view.leases.values():
-            if lease.remaining > 0:
+            if lease.live:
                 owners[lease.owner] = owners.get(lease.owner, 0) + 1
         ok({"host": me, "hosts": [
-            {"host_id": h.host_id, "state": h.state if h.live(self.cfg.lease_ttl) else "down",
+            {"host_id": h.host_id, "state": h.seen_state(self.cfg.lease_ttl),
              "heartbeat_age": round(h.heartbeat_age, 3), "companies": owners.get(h.host_id, 0),
              "capacity": h.capacity, "me": h.host_id == me} for h in sorted(self.view.hosts, key=lambda h: h.host_id)]})
 
-    def cmd_drain(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
+    def known_host(self, args: dict[str, Any]) -> str:
         host = args.get("host")
         if not isinstance(host, str) or host not in {h.host_id for h in self.view.hosts}:
             raise WaportError(BAD_REQUEST, f"no host {str(host)[:63]!r} in the cluster (waportctl cluster lists them)")
+        return host
+
+    def cmd_drain(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
+        host = self.known_host(args)
         self.submit(lambda store: store.set_host_state(host, DRAINING), lambda r: answer(r, ok, fail, {"host": host,
                                                                                                   "state": DRAINING}))
 
     def cmd_move(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
         company = validate_company(args.get("company"))
-        host = args.get("host")
-        if not isinstance(host, str) or host not in {h.host_id for h in self.view.hosts}:
-            raise WaportError(BAD_REQUEST, f"no host {str(host)[:63]!r} in the cluster (waportctl cluster lists them)")
+        host = self.known_host(args)
         self.submit(lambda store: store.set_preferred(company, host),
                     lambda r: answer(r, ok, fail, {"company": company, "host": host}))
 
@@ -330,7 +331,3 @@ def answer(result: Any, ok: Callable, fail: Callable, shown: dict[str, Any]) -> 
     else:
         ok(shown)
 
-
-def seconds(delta: Any) -> float:
-    """A database interval (timedelta) or a number of seconds."""
-    return delta.total_seconds() if hasattr(delta, "total_seconds") else float(delta)

@@ -30,6 +30,10 @@ class HostView:
     def has_room(self) -> bool:
         return self.state == UP and (self.capacity == 0 or self.companies < self.capacity)
 
+    def seen_state(self, lease_ttl: float) -> str:
+        """Its state as others should show it: a silent host is down, whatever it said last."""
+        return self.state if self.live(lease_ttl) else DOWN
+
 
 @dataclass(frozen=True)
 class LeaseView:
@@ -37,6 +41,10 @@ class LeaseView:
     owner: str
     epoch: int
     remaining: float  # seconds left on the database's clock (negative: expired)
+
+    @property
+    def live(self) -> bool:
+        return self.remaining > 0
 
 
 @dataclass
@@ -84,7 +92,7 @@ def plan(me: str, hosts: list[HostView], leases: dict[str, LeaseView], wanted: d
         return out
     for company in sorted(wanted):
         lease = leases.get(company)
-        if company in owned or (lease is not None and lease.remaining > 0):
+        if company in owned or (lease is not None and lease.live):
             continue
         if room is not None and len(out.claim) >= room:
             break

@@ -27,7 +27,7 @@ from typing import Any
 
 from ipc import __version__, bundle
 from ipc.errors import BAD_REQUEST, CAPACITY, INTERNAL, WaportError, disk_full, is_disk_full
-from ipc.files import make_dir, write_atomic
+from ipc.files import create_private, make_dir, write_atomic
 from ipc.mediastore import WIRE_CHUNK, MediaStore, validate_mimetype
 from ipc.states import ALIVE
 from ipc.webhookstore import Endpoint
@@ -222,8 +222,7 @@ class Transfers:
             sources = gather(name, session_dir, stage, state, needed, store)
             manifest = bundle.manifest_for(name, kind, sources, self.services.clock.time(), socket.gethostname(),
                                            __version__)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "wb") as fh:
+            with os.fdopen(create_private(path), "wb") as fh:
                 digest = bundle.write(fh, manifest, sources)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -329,8 +328,7 @@ class Transfers:
         make_dir(self.root, 0o700)
         tid = "im_" + secrets.token_hex(8)
         path = os.path.join(self.root, tid + ".in")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        self.incoming[tid] = Incoming(tid, path, fd, 0, self.services.clock.monotonic())
+        self.incoming[tid] = Incoming(tid, path, create_private(path), 0, self.services.clock.monotonic())
         ok({"transfer": tid})
 
     def incoming_of(self, args: dict[str, Any]) -> Incoming:
