@@ -152,6 +152,9 @@ def _list(settings: Settings) -> None:
         print_json(result)
     else:
         click.echo(render.sessions_table(result.get("sessions") or []))
+    if result.get("unanswered"):
+        click.echo(f"hosts that did not answer (their sessions are missing): {', '.join(result['unanswered'])}",
+                   err=True)
 
 
 @cli.command("list")

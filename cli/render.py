@@ -135,13 +135,16 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 
 
 def sessions_table(records: Sequence[dict[str, Any]], now: float | None = None) -> str:
+    """A cluster's list (DESIGN.md §12) adds where each session runs: HOST."""
     now = time.time() if now is None else now
     if not records:
         return "no sessions"
+    clustered = any("host" in r for r in records)
     rows = [
         [
             scalar(r.get("company")),
             scalar(r.get("state")),
+            *([scalar(r.get("host"))] if clustered else []),
             scalar(r.get("reason")),
             scalar(r.get("pid")),
             since(r.get("since"), now),
@@ -151,7 +154,8 @@ def sessions_table(records: Sequence[dict[str, Any]], now: float | None = None) 
         ]
         for r in sorted(records, key=lambda r: str(r.get("company", "")))
     ]
-    return table(SESSION_COLUMNS, rows)
+    columns = (*SESSION_COLUMNS[:2], "HOST", *SESSION_COLUMNS[2:]) if clustered else SESSION_COLUMNS
+    return table(columns, rows)
 
 
 def field_value(name: str, value: Any, now: float) -> str:

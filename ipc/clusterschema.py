@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # One number for every waportd sharing a database: `migrate` holds it while it creates or upgrades the schema.
 MIGRATION_LOCK = 0x77706F7274  # "wport"
 
@@ -42,12 +42,31 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             data jsonb NOT NULL,
             updated_at timestamptz NOT NULL DEFAULT now())""",
     ),
+    # 2: mail between hosts (a command forwarded to a company's owner and its answer; an event too large for
+    # a NOTIFY), each row taken by the host it is for; NOTIFY waport_mail tells that host to look.
+    2: (
+        """CREATE TABLE IF NOT EXISTS waport_mail (
+            id bigserial PRIMARY KEY,
+            to_host text NOT NULL,
+            from_host text NOT NULL,
+            kind text NOT NULL,
+            body text NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT now())""",
+        "CREATE INDEX IF NOT EXISTS waport_mail_to ON waport_mail (to_host, id)",
+    ),
 }
 assert max(MIGRATIONS) == SCHEMA_VERSION
 
 SCHEMA_TABLE = """CREATE TABLE IF NOT EXISTS waport_schema (
     one boolean PRIMARY KEY DEFAULT true CHECK (one),
     version int NOT NULL)"""
+
+# --- Between hosts: channels, and what a NOTIFY may carry (PostgreSQL refuses 8,000 bytes or more) -----------
+
+MAIL_CHANNEL = "waport_mail"  # payload: the host_id that has mail
+EVENTS_CHANNEL = "waport_events"  # payload: {"h": origin host_id, "e": the event}
+NOTIFY_MAX_BYTES = 7900
+MAIL_KEEP_SECONDS = 300  # mail nobody took (its host died) goes after this
 
 # --- Credentials (the sim backend's session): written only by the holder of the lease's current epoch ---
 

@@ -120,6 +120,10 @@ def error_reply(req_id: str, error: WaportError) -> bytes:
     return _dump({"id": req_id, "ok": False, "error": error.to_dict()})
 
 
+def encode_request(cmd: str, args: dict[str, Any], req_id: str) -> bytes:
+    return _dump({"id": req_id, "cmd": cmd, "args": args})
+
+
 def _dump(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":"), default=str).encode()
 
@@ -165,7 +169,7 @@ class ControlClient:
     def call(self, cmd: str, timeout: float | None = None, **args: Any) -> dict[str, Any]:
         """Return the reply's result, or raise the reply's error as `WaportError`."""
         req_id = uuid.uuid4().hex
-        reply = self.call_raw(_dump({"id": req_id, "cmd": cmd, "args": args}), timeout)
+        reply = self.call_raw(encode_request(cmd, args, req_id), timeout)
         if reply.get("id") != req_id:
             raise WaportError(BAD_REQUEST, f"reply id {reply.get('id')!r} does not match")
         if reply.get("ok"):

@@ -13,7 +13,9 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from conftest import Daemon, SimNetProcess, wait_for
+from conftest import Daemon, EventTap, SimNetProcess, wait_for
+
+from ipc.errors import WaportError
 
 WAPORTCTL = os.path.join(os.path.dirname(sys.executable), "waportctl")
 TIMERS = {"lease_ttl": 6.0, "lease_renew_interval": 0.5, "fence_after": 3.0, "heartbeat_interval": 0.5}
@@ -23,6 +25,7 @@ class Hosts:
     def __init__(self, base: str, dsn: str, net: SimNetProcess) -> None:
         self.base, self.dsn, self.net = base, dsn, net
         self.daemons: dict[str, Daemon] = {}
+        self.frozen: set[str] = set()  # SIGSTOPped: not asked (each call would wait for the client's timeout)
 
     def start(self, host_id: str, **config: object) -> Daemon:
         os.makedirs(os.path.join(self.base, host_id))
@@ -32,16 +35,17 @@ class Hosts:
         return d.start()
 
     def owners(self, company: str) -> list[str]:
-        """The hosts whose own record says the company is connected there."""
+        """The hosts whose own record (not one forwarded from another host) says the company is connected."""
         found = []
         for host_id, d in self.daemons.items():
-            if d.proc is None or d.proc.poll() is not None:
+            if d.proc is None or d.proc.poll() is not None or host_id in self.frozen:
                 continue
             try:
-                if d.status(company)["state"] == "connected":
-                    found.append(host_id)
+                record = d.status(company)
             except Exception:  # noqa: BLE001 - unknown here, or a frozen daemon
                 continue
+            if record["state"] == "connected" and record.get("host") == host_id:
+                found.append(host_id)
         return found
 
     def owner(self, company: str, timeout: float = 20, exclude: tuple[str, ...] = ()) -> str:
@@ -99,18 +103,19 @@ def test_a_frozen_host_loses_its_sessions_before_another_host_claims_them(cluste
     first = cluster.owner("acme")
     frozen = cluster.daemons[first]
     os.kill(frozen.proc.pid, signal.SIGSTOP)  # the supervisor stops; its worker does not
+    cluster.frozen.add(first)
     try:
         # The worker fences itself (its lease deadline passes), then the other host claims the company.
         wait_for(lambda: not cluster.net.connections().get("acme"), timeout=TIMERS["lease_ttl"],
                  what="the frozen host's worker to end its session by itself")
         other = next(h for h in cluster.daemons if h != first)
-        wait_for(lambda: cluster.daemons[other].status("acme")["state"] == "connected",
-                 timeout=TIMERS["lease_ttl"] + 10, what="the other host to take acme over")
+        assert cluster.owner("acme", timeout=TIMERS["lease_ttl"] + 10, exclude=(first,)) == other
     finally:
         os.kill(frozen.proc.pid, signal.SIGCONT)
-    # Woken, the old host finds its lease gone and stays away: no fight, no double session.
-    wait_for(lambda: frozen.status("acme")["state"] in ("stopped", "stopping"), timeout=10,
-             what="the woken host to give acme up")
+        cluster.frozen.discard(first)
+    # Woken, the old host finds its lease gone and stays away: no fight, no double session; asked about
+    # acme, it answers with the new owner's record.
+    wait_for(lambda: frozen.status("acme")["host"] == other, timeout=10, what="the woken host to give acme up")
     assert cluster.net.stats()["replaced"] == 0 and cluster.net.connections().get("acme") == 1
     assert cluster.owners("acme") == [other]
 
@@ -156,3 +161,53 @@ def test_a_host_stopped_gracefully_hands_its_companies_over_without_waiting_for_
     listed = cluster.daemons[other].ctl("cluster")["hosts"]
     assert {h["host_id"]: h["state"] for h in listed}[first] == "down"
     assert cluster.net.stats()["replaced"] == 0 and cluster.net.stats()["pairings"] == 1
+
+
+def test_any_host_answers_commands_and_streams_events_for_the_whole_cluster(cluster):
+    h1, h2 = cluster.start("h1"), cluster.start("h2")
+    names = ["acme", "beta", "gamma", "delta"]
+    for name in names:
+        h2.ctl("start", company=name)
+    owners = {name: cluster.owner(name) for name in names}
+    away = {d: next((n for n in names if owners[n] != d), None) for d in ("h1", "h2")}
+    assert all(away.values()), f"placement put everything on one host: {owners}"  # rendezvous over 2 hosts
+
+    for asker in (h1, h2):  # each host lists the whole cluster, each record from its owner
+        listed = wait_for(lambda a=asker: len(s := a.ctl("list")["sessions"]) == len(names) and s,
+                          what="the whole cluster listed")
+        assert [(r["company"], r["state"], r["host"]) for r in listed] == [
+            (n, "connected", owners[n]) for n in sorted(names)]
+        assert "unanswered" not in asker.ctl("list")
+    shown = subprocess.run([WAPORTCTL, "--run-dir", h1.run_dir, "list"], capture_output=True, text=True, timeout=20)
+    lines = shown.stdout.splitlines()
+    assert shown.returncode == 0 and lines[0].split()[:3] == ["COMPANY", "STATE", "HOST"]
+    assert sorted(line.split()[:3] for line in lines[1:]) == [[n, "connected", owners[n]] for n in sorted(names)]
+
+    asker, company = h1, away["h1"]  # h1 asked about a company h2 runs
+    taps = {h: EventTap(d.run_dir, prefix=company.encode()) for h, d in cluster.daemons.items()}
+    record = asker.status(company)
+    assert record["host"] == owners[company] and record["state"] == "connected" and record["pid"]
+    sent = asker.ctl("send", company=company, to="15550100001", text="forwarded", idempotency_key="k1")
+    again = asker.ctl("send", company=company, to="15550100001", text="forwarded", idempotency_key="k1")
+    assert again["message_id"] == sent["message_id"]  # answered by the owner's journal both times
+    for tap in taps.values():  # the owner's `sent` event, on both hosts' sockets
+        tap.wait(lambda e: e["type"] == "sent" and e["data"].get("message_id") == sent["message_id"],
+                 what="the sent event")
+    cluster.net.call("inbound", company=company, **{"from": "15550100009"}, text="hello there")
+    for tap in taps.values():
+        tap.wait(lambda e: e["type"] == "message" and e["data"].get("text") == "hello there", what="the inbound")
+    for tap in taps.values():
+        assert sum(e["type"] == "sent" for e in tap.seen) == 1  # relayed once, never echoed back
+        tap.close()
+    shown = asker.ctl("messages", company=company)
+    assert [m["message_id"] for m in shown["outbound"]] == [sent["message_id"]]
+    assert [m["text"] for m in cluster.net.call("sent", company=company)["messages"]] == ["forwarded"]
+
+    # What stays with the owner's files says where to run it; unknown companies stay unknown.
+    out = subprocess.run([WAPORTCTL, "--run-dir", asker.run_dir, "export", company, "--output",
+                          os.path.join(cluster.base, "x.bundle")], capture_output=True, text=True, timeout=20)
+    assert out.returncode == 1 and f"runs on host {owners[company]}" in out.stderr
+    with pytest.raises(WaportError) as unknown:
+        asker.status("nobody")
+    assert unknown.value.code == "unknown_company"
+    assert cluster.net.stats()["replaced"] == 0

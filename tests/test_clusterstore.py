@@ -4,6 +4,7 @@ and an outage that fails fast and heals."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import select
@@ -18,7 +19,7 @@ import pytest
 from conftest import PgServer, wait_for
 
 from ipc.clusterschema import MIGRATION_LOCK, PUT_CREDENTIALS_SQL, SCHEMA_VERSION, application_name
-from waportd.clusterstore import ClusterLink, ClusterStore, Lease, StoreError, StoreUnavailable
+from waportd.clusterstore import ClusterLink, ClusterListener, ClusterStore, Lease, Letter, StoreError, StoreUnavailable
 
 SECRET = "hunter2-not-for-logs"
 
@@ -69,7 +70,7 @@ def test_migrate_is_idempotent_and_safe_from_two_hosts_at_once(pg: PgServer) -> 
     found = at_once(a.migrate, b.migrate)
     assert sorted(found) == [0, SCHEMA_VERSION]  # one created it, the other waited and found it done
     assert tables(pg) == {"waport_schema", "waport_hosts", "waport_companies", "waport_leases",
-                          "waport_credentials"}
+                          "waport_credentials", "waport_mail"}
     assert a.migrate() == SCHEMA_VERSION
     assert pg.sql("SELECT version FROM waport_schema") == [(SCHEMA_VERSION,)]
     a.close()
@@ -303,3 +304,69 @@ def test_cluster_link_answers_through_the_loop_without_blocking_it(pg: PgServer)
         link.stop()
         r.close()
         w.close()
+
+
+def test_mail_reaches_the_host_it_is_for_even_when_posted_before_it_listened(pg: PgServer) -> None:
+    a, b = ClusterStore(pg.dsn, "a", 15), ClusterStore(pg.dsn, "b", 15)
+    a.migrate()
+    a.post([("b", "request", "first"), ("c", "request", "not b's")])  # before b listens
+    woken = threading.Event()
+    ready = threading.Event()
+    ready.set()
+    listener = ClusterListener(b, woken.set, ready, sweep=30)
+    listener.start()
+    try:
+        assert woken.wait(10)
+        assert listener.take()[0] == [Letter("a", "request", "first")]
+        assert listener.listening.wait(10)
+        woken.clear()
+        a.post([("b", "reply", "second"), ("b", "reply", "third")])  # the NOTIFY, not the 30 s sweep
+        assert woken.wait(5)
+        letters: list[Letter] = []
+        deadline = time.monotonic() + 5
+        while len(letters) < 2 and time.monotonic() < deadline:
+            letters += listener.take()[0]
+            time.sleep(0.01)
+        assert [x.body for x in letters] == ["second", "third"]  # in the order posted
+        a.broadcast(['{"h":"a"}', '{"h":"a","n":2}'])
+        deadline = time.monotonic() + 5
+        events: list[str] = []
+        while len(events) < 2 and time.monotonic() < deadline:
+            events += listener.take()[1]
+            time.sleep(0.01)
+        assert events == ['{"h":"a"}', '{"h":"a","n":2}']
+        assert pg.sql("SELECT to_host, body FROM waport_mail") == [("c", "not b's")]  # taken mail is gone
+        pg.sql("UPDATE waport_mail SET created_at = now() - interval '1 hour'")
+        a.post([("b", "reply", "fourth")])  # and mail nobody took for long goes with the next post
+        assert pg.sql("SELECT to_host FROM waport_mail WHERE to_host = 'c'") == []
+    finally:
+        listener.stop()
+        a.close()
+        b.close()
+
+
+def test_the_listener_comes_back_after_postgresql_restarts(pg: PgServer) -> None:
+    a, b = ClusterStore(pg.dsn, "a", 15), ClusterStore(pg.dsn, "b", 15)
+    a.migrate()
+    ready = threading.Event()
+    ready.set()
+    listener = ClusterListener(b, lambda: None, ready)
+    listener.start()
+    try:
+        assert listener.listening.wait(10)
+        pg.stop()
+        pg.start()
+        got: list[str] = []
+
+        def mail_arrives() -> bool:
+            with contextlib.suppress(StoreUnavailable):  # the store's first call finds its connection gone
+                a.post([("b", "k", "after")])
+            got.extend(x.body for x in listener.take()[0])
+            return bool(got)
+
+        wait_for(mail_arrives, timeout=30, interval=0.5, what="mail after the restart")
+        assert set(got) == {"after"}
+    finally:
+        listener.stop()
+        a.close()
+        b.close()

@@ -30,6 +30,7 @@ from waportd.company import Company
 from waportd.config import Config, ConfigError
 from waportd.controller import Controller
 from waportd.eventbus import EventBus
+from waportd.forwarding import Forwarder
 from waportd.locks import FileLock
 from waportd.media import MediaDesk
 from waportd.messages import MessageDesk
@@ -94,6 +95,8 @@ class Arbiter:
             self.controller.owners[prefix] = self.transfers
         self.cluster: Cluster | None = None  # cluster mode (DESIGN.md §12): made by `setup`
         self.cluster_link: Any = None
+        self.cluster_listener: Any = None
+        self.forwarder: Forwarder | None = None
         for cmd in CLUSTER_COMMANDS:
             self.controller.owners[cmd] = NoCluster()  # until `setup` joins a cluster
         self.signals: list[int] = []
@@ -142,20 +145,42 @@ class Arbiter:
         if cfg.http_listen:
             self.add_helper(helpers.http_api(self.services))
         if cfg.cluster_dsn:
-            from waportd.clusterstore import ClusterLink  # psycopg: loaded only in cluster mode
-
-            self.cluster_link = ClusterLink(cfg.cluster_dsn, cfg.host_id, cfg.lease_ttl, self.wake)
-            self.cluster_link.start()
-            self.cluster = Cluster(self.services, self.roster, self.cluster_link.submit)
-            for cmd in (*CLUSTER_COMMANDS, *CLUSTER_LIFECYCLE):
-                self.controller.owners[cmd] = self.cluster
-            self.ops.cluster_figures = self.cluster.figures
+            self.join_cluster()
         else:
             self.boot()
         log.info(
             "waportd ready: pid %d, backend %s, %d companies, control %s",
             os.getpid(), cfg.backend, len(self.roster), paths.endpoint(cfg.run_dir, paths.CONTROL_SOCK),
         )  # fmt: skip
+
+    def join_cluster(self) -> None:
+        """Cluster mode (DESIGN.md §12): leases and placement (Cluster), commands and events to and from the
+        other hosts (Forwarder), both through PostgreSQL on threads of their own."""
+        from waportd.clusterstore import ClusterLink, ClusterListener  # psycopg: loaded only in cluster mode
+
+        cfg = self.cfg
+        self.cluster_link = ClusterLink(cfg.cluster_dsn, cfg.host_id, cfg.lease_ttl, self.wake)
+        self.cluster_link.start()
+        self.cluster_listener = ClusterListener(self.cluster_link.store, self.wake, self.cluster_link.ready)
+        self.cluster_listener.start()
+        self.cluster = cluster = Cluster(self.services, self.roster, self.cluster_link.submit)
+        for cmd in (*CLUSTER_COMMANDS, *CLUSTER_LIFECYCLE):
+            self.controller.owners[cmd] = cluster
+        self.ops.cluster_figures = cluster.figures
+        self.forwarder = Forwarder(cluster, self.cluster_link.submit, self.controller.handle,
+                                   self.services.clock.monotonic)
+        self.controller.route = self.forwarder.route
+        self.controller.here = lambda name: name in cluster.owned
+        self.controller.host = cfg.host_id
+        self.roster.cluster_wants = lambda name: name in cluster.owned and name not in cluster.releasing
+        self.bus.tap = self.forwarder.publish
+
+    def take_cluster_mail(self) -> None:
+        """Commands other hosts forwarded here, answers to ours, and their events for our socket."""
+        self.cluster_link.take_done()  # the cluster's rounds and claims, answered on the loop
+        letters, broadcast = self.cluster_listener.take()
+        for event in self.forwarder.relayed(broadcast + self.forwarder.on_letters(letters)):
+            self.bus.relay(event)
 
     def add_helper(self, helper: helpers.Helper) -> None:
         self.helpers[helper.key] = helper
@@ -223,7 +248,7 @@ class Arbiter:
         self.handle_signals()
         self.messages.take_bridge_results()
         if self.cluster is not None:
-            self.cluster_link.take_done()  # the cluster's rounds and claims, answered on the loop
+            self.take_cluster_mail()
         self.messages.take_synced()  # journal_sync = "full": the sends whose fsync is done are answered
         self.transfers.take_done()  # bundles built or verified on their threads are answered
         self.messages.flush()  # durable before any send is answered
@@ -236,6 +261,8 @@ class Arbiter:
             self.check_workers(now)
             next_beat = now + min(1.0, self.cfg.heartbeat_interval / 2)
         self.ops.tick(now)
+        if self.cluster is not None:
+            self.forwarder.flush()  # what this turn mailed to other hosts, in one statement
         return next_beat
 
     def poll_timeout_ms(self, next_beat: float) -> int:
@@ -292,6 +319,7 @@ class Arbiter:
         if self.bridge:
             self.bridge.stop()
         if self.cluster is not None:
+            self.cluster_listener.stop()
             self.cluster_link.stop()  # its thread ends; what is left runs here, bounded by the store's timeouts
             self.cluster.leave(self.cluster_link.store)
             self.cluster_link.store.close()
@@ -358,6 +386,7 @@ class Arbiter:
         self.retention.tick(wall)
         if self.cluster is not None:
             self.cluster.tick(now)
+            self.forwarder.tick(now)
         beat = now >= self.next_beat_out  # liveness is checked more often than we beat
         if beat:
             self.next_beat_out = now + self.cfg.heartbeat_interval

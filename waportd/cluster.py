@@ -19,12 +19,13 @@ from typing import Any
 
 from ipc.errors import BAD_REQUEST, WaportError
 from ipc.events import LEASE_ACQUIRED, LEASE_LOST
-from ipc.states import STOPPED
+from ipc.states import STARTING, STOPPED
 from ipc.validation import validate_company
 from waportd.controller import KEEP, proxy_arg
 from waportd.placement import DOWN, DRAINING, UP, HostView, LeaseView, Wanted, plan
 from waportd.roster import Roster
 from waportd.services import Services
+from waportd.session import Session
 
 log = logging.getLogger("waport.cluster")
 
@@ -252,15 +253,29 @@ class Cluster:
 
     # ------------------------------------------------------------ commands
 
+    def owner_of(self, company: str) -> str | None:
+        """The other host holding `company`'s live lease, as the last round saw it (not one that left)."""
+        lease = self.view.leases.get(company)
+        if lease is None or not lease.live or lease.owner == self.cfg.host_id or not self.is_up(lease.owner):
+            return None
+        return lease.owner
+
+    def is_up(self, host: str) -> bool:
+        """Whether `host` beats and has not said it is down, as the last round saw it."""
+        return any(h.host_id == host and h.seen_state(self.cfg.lease_ttl) != DOWN for h in self.view.hosts)
+
+    def live_owners(self) -> dict[str, str]:
+        return {c: lease.owner for c, lease in self.view.leases.items() if lease.live}
+
     def record(self, company: str) -> dict[str, Any]:
-        """A company's record from this host: its own if it runs here, else where the cluster has it."""
+        """A company's record from this host: its own if it runs here, else where the cluster has it (a
+        command about it is forwarded there: waportd/forwarding.py)."""
         c = self.roster.get(company)
         if c is not None and company in self.owned:
             return {**c.record(), "host": self.cfg.host_id}
-        lease = self.view.leases.get(company)
-        host = lease.owner if lease is not None and lease.live else None
-        return {"company": company, "state": "starting" if host is None else "elsewhere", "host": host,
-                "reason": f"runs on {host}" if host else "waiting for a host to claim it"}
+        host = self.owner_of(company)
+        return {**Session(company).record(), "state": STARTING, "host": host,
+                "reason": f"claimed by {host}" if host else "waiting for a host to claim it"}
 
     def cmd_start(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
         """The cluster's desired state: the host placement names claims it within a round."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 import urllib.parse
 from collections import deque
 from collections.abc import Callable
@@ -147,11 +148,11 @@ class ClusterStore:
             text = text.replace(self._secret, "***")
         return text
 
-    def _connect(self) -> psycopg.Connection:
+    def _connect(self, role: str = "") -> psycopg.Connection:
         # libpq counts connect_timeout in whole seconds (and treats < 2 as 2).
         return psycopg.connect(
             self._dsn, autocommit=True, connect_timeout=max(2, round(self.connect_timeout)),
-            application_name=f"waportd/{self.host_id}"[:schema.NAME_MAX_BYTES],
+            application_name=f"waportd/{self.host_id}{role}"[:schema.NAME_MAX_BYTES],
             options=f"-c statement_timeout={int(self.statement_timeout * 1000)} -c lock_timeout="
                     f"{int(self.statement_timeout * 1000)} -c idle_in_transaction_session_timeout=60000",
             keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
@@ -387,6 +388,33 @@ class ClusterStore:
         return row is not None
 
 
+    # ------------------------------------------------------------ between hosts
+
+    def post(self, letters: list[tuple[str, str, str]]) -> None:
+        """Mail (to_host, kind, body) from this host, in one statement; each addressee hears a NOTIFY.
+        Mail older than MAIL_KEEP_SECONDS (its host died before taking it) goes at the same time."""
+        if not letters:
+            return
+        self._call("post", lambda conn: conn.execute(
+            """WITH m AS (INSERT INTO waport_mail (to_host, from_host, kind, body)
+                          SELECT t, %(me)s, k, b FROM unnest(%(to)s::text[], %(kind)s::text[], %(body)s::text[])
+                              AS x(t, k, b)
+                          RETURNING to_host),
+                    old AS (DELETE FROM waport_mail
+                            WHERE created_at < now() - make_interval(secs => %(keep)s) RETURNING 1)
+               SELECT pg_notify(%(channel)s, to_host) FROM (SELECT DISTINCT to_host FROM m) AS d""",
+            {"me": self.host_id, "to": [t for t, _, _ in letters], "kind": [k for _, k, _ in letters],
+             "body": [b for _, _, b in letters], "keep": schema.MAIL_KEEP_SECONDS,
+             "channel": schema.MAIL_CHANNEL}).fetchall())
+
+    def broadcast(self, payloads: list[str]) -> None:
+        """NOTIFY every host listening (this one too) with each payload (each under NOTIFY_MAX_BYTES)."""
+        if payloads:
+            self._call("broadcast", lambda conn: conn.execute(
+                "SELECT pg_notify(%(channel)s, p) FROM unnest(%(p)s::text[]) AS p",
+                {"channel": schema.EVENTS_CHANNEL, "p": payloads}).fetchall())
+
+
 def _shut(conn: psycopg.Connection, fired: threading.Event) -> None:
     """The watchdog: end a call that waits too long by shutting its socket (the read returns at once)."""
     fired.set()
@@ -419,6 +447,7 @@ class ClusterLink(threading.Thread):
         self.works: deque[tuple[Callable[[ClusterStore], Any], Callable[[Any], None]]] = deque()
         self.done: deque[tuple[Callable[[Any], None], Any]] = deque()
         self.migrated = False
+        self.ready = threading.Event()  # set once the schema is migrated
         self.stopping = False
 
     def submit(self, work: Callable[[ClusterStore], Any], done: Callable[[Any], None]) -> None:
@@ -463,6 +492,7 @@ class ClusterLink(threading.Thread):
                 if not self.migrated:
                     self.store.migrate()
                     self.migrated = True
+                    self.ready.set()
                 result = work(self.store)
             except StoreError as exc:
                 result = exc
@@ -471,4 +501,96 @@ class ClusterLink(threading.Thread):
                 result = exc
             with self.cond:
                 self.done.append((done, result))
+            self.wake()
+
+
+@dataclass(frozen=True)
+class Letter:
+    """Mail from another host (ClusterStore.post), taken by this one."""
+
+    from_host: str
+    kind: str
+    body: str
+
+
+class ClusterListener(threading.Thread):
+    """What other hosts say to this one, on a connection of its own that LISTENs: mail addressed here
+    (taken from waport_mail as its NOTIFY arrives, and every `sweep` seconds in case one was missed) and
+    the events every host broadcasts. The loop reads both with `take` after `wake`. A lost connection is
+    made again after a second; what was mailed meanwhile waits in the table."""
+
+    def __init__(self, store: ClusterStore, wake: Callable[[], None], ready: threading.Event,
+                 sweep: float = 2.0) -> None:
+        super().__init__(name="cluster-listen", daemon=True)
+        self.store = store
+        self.ready = ready  # the schema is there (ClusterLink migrates it)
+        self.wake = wake
+        self.sweep = sweep
+        self.lock = threading.Lock()
+        self.letters: deque[Letter] = deque()
+        self.events: deque[str] = deque()
+        self.stopping = threading.Event()
+        self.listening = threading.Event()  # set while LISTEN holds (tests wait for it)
+
+    def take(self) -> tuple[list[Letter], list[str]]:
+        with self.lock:
+            letters, events = list(self.letters), list(self.events)
+            self.letters.clear()
+            self.events.clear()
+        return letters, events
+
+    def stop(self, timeout: float = 3.0) -> None:
+        self.stopping.set()
+        self.join(timeout)
+
+    def run(self) -> None:
+        while not self.ready.wait(0.5):
+            if self.stopping.is_set():
+                return
+        while not self.stopping.is_set():
+            conn = None
+            try:
+                conn = self.store._connect("/listen")
+                conn.execute(f"LISTEN {schema.MAIL_CHANNEL}")
+                conn.execute(f"LISTEN {schema.EVENTS_CHANNEL}")
+                self.listening.set()
+                self.serve(conn)
+            except psycopg.Error as exc:
+                if not self.stopping.is_set():
+                    log.warning("cluster: listening to other hosts failed (%s); again in 1 s",
+                                self.store._clean(exc))
+            except Exception:  # noqa: BLE001 - a bug must not end the thread
+                log.exception("cluster: the listener failed; again in 1 s")
+            finally:
+                self.listening.clear()
+                if conn is not None:
+                    conn.close()
+            self.stopping.wait(1.0)
+
+    def serve(self, conn: psycopg.Connection) -> None:
+        me = self.store.host_id
+        self.collect(conn)  # what came while nobody listened
+        next_sweep = time.monotonic() + self.sweep
+        while not self.stopping.is_set():
+            mail = False
+            for note in conn.notifies(timeout=0.5):
+                if note.channel == schema.MAIL_CHANNEL:
+                    mail = mail or note.payload == me
+                else:
+                    with self.lock:
+                        self.events.append(note.payload)
+                    self.wake()
+                if mail:
+                    break
+            if mail or time.monotonic() >= next_sweep:
+                self.collect(conn)
+                next_sweep = time.monotonic() + self.sweep
+
+    def collect(self, conn: psycopg.Connection) -> None:
+        rows = conn.execute("DELETE FROM waport_mail WHERE to_host = %(me)s RETURNING id, from_host, kind, body",
+                            {"me": self.store.host_id}).fetchall()
+        if rows:
+            rows.sort()
+            with self.lock:
+                self.letters.extend(Letter(f, k, b) for _, f, k, b in rows)
             self.wake()

@@ -72,9 +72,15 @@ class Controller:
         self.messages = messages
         self.ops = ops
         self.reload = reload
+        # Cluster mode (DESIGN.md §12): `route` sends a command to the host that answers it (False: answer it
+        # here), `here` says which companies this host shows in its part of `list`, `host` is in each record.
+        self.route: Callable[[control.Request, bytes, Respond], bool] | None = None
+        self.here: Callable[[str], bool] = lambda _name: True
+        self.host: str | None = None
 
-    def handle(self, raw: bytes, respond: Respond) -> None:
-        """Answer one frame; malformed or failing requests get an error reply, never a crash."""
+    def handle(self, raw: bytes, respond: Respond, forwarded: bool = False) -> None:
+        """Answer one frame; malformed or failing requests get an error reply, never a crash. `forwarded`:
+        another host sent it here to be answered, so it is not routed again."""
         counters = self.services.counters
         try:
             req = control.parse_request(raw)
@@ -91,6 +97,15 @@ class Controller:
             counters[("control", req.cmd if req.cmd in control.COMMANDS else "unknown", exc.code)] += 1
             respond(control.error_reply(req.id, exc))
 
+        if self.route is not None and not forwarded:
+            try:
+                if self.route(req, raw, respond):
+                    counters[("control", req.cmd, "forwarded")] += 1
+                    return
+            except Exception as exc:  # noqa: BLE001 - nothing crashes the daemon
+                log.exception("routing %s failed", req.cmd)
+                fail(WaportError(INTERNAL, f"{req.cmd} failed: {exc}"))
+                return
         handler = None
         if req.cmd in control.COMMANDS:
             owner = next((o for prefix, o in self.owners.items() if req.cmd.startswith(prefix)), self)
@@ -121,7 +136,10 @@ class Controller:
                 s.rss_bytes = psutil.Process(s.pid).memory_info().rss
             except psutil.Error:
                 s.rss_bytes = None
-        return {**s.record(), **self.ops.resource_fields(company)}
+        record = {**s.record(), **self.ops.resource_fields(company)}
+        if self.host is not None:
+            record["host"] = self.host
+        return record
 
     def not_shutting_down(self) -> None:
         if self.services.shutting_down:
@@ -155,7 +173,8 @@ class Controller:
             "metrics": self.ops.metrics_url})
 
     def cmd_list(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
-        ok({"sessions": [self.record(c, live=False) for c in sorted(self.roster, key=lambda c: c.name)]})
+        ok({"sessions": [self.record(c, live=False) for c in sorted(self.roster, key=lambda c: c.name)
+                         if self.here(c.name)]})
 
     def cmd_status(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
         if args.get("company") is None:

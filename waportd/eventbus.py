@@ -27,17 +27,27 @@ class EventBus:
         self.to_stream = to_stream
         self.subscriptions = Subscriptions()
         self.sock: zmq.Socket | None = None  # bound by the arbiter's set-up; None: socket-less (tests)
+        self.tap: Callable[[dict[str, Any]], None] | None = None  # cluster mode: every event, for the other hosts
 
     def publish(self, company: str, type_: str, data: dict[str, Any], ts: float | None = None) -> None:
         event = events.make(company, type_, data, ts)
+        self.relay(event)
+        if self.tap is not None:
+            self.tap(event)
+        if self.to_stream is not None:
+            self.to_stream({**event, "data": json.dumps(event["data"], separators=(",", ":"))})
+
+    def relay(self, event: dict[str, Any]) -> None:
+        """To this host's events socket only: also an event another host published (DESIGN.md §12)."""
+        company, type_ = event.get("company"), event.get("type")
+        if not isinstance(company, str) or not isinstance(type_, str):
+            return
         topic = events.topic(company, type_)
         if self.sock is not None and self.listened(topic):
             try:  # XPUB drops for slow subscribers itself; it never blocks us
                 send_frames(self.sock, [topic, events.body(event)])
             except zmq.ZMQError:
                 self.counters[("events_dropped",)] += 1
-        if self.to_stream is not None:
-            self.to_stream({**event, "data": json.dumps(event["data"], separators=(",", ":"))})
 
     def listened(self, topic: bytes) -> bool:
         """Whether a subscriber wants `topic`: an event nobody listens to is not even encoded."""

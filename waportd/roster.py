@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ipc.errors import UNKNOWN_COMPANY, WaportError
@@ -28,6 +28,8 @@ class Roster:
         self.desired_path = os.path.join(services.cfg.state_dir, "desired.json")
         self.desired = desired_store.Desired()
         self._pids: dict[int, Company] = {}  # a cache of who runs which pid, rebuilt when it misses
+        # Cluster mode (DESIGN.md §12): the cluster's desired state, not this host's file, says what is wanted.
+        self.cluster_wants: Callable[[str], bool] | None = None
 
     # ------------------------------------------------------------ the map
 
@@ -93,6 +95,8 @@ class Roster:
         return self.desired.wanted(self.services.cfg.companies)
 
     def is_wanted(self, name: str) -> bool:
+        if self.cluster_wants is not None:
+            return self.cluster_wants(name)
         return self.desired.is_wanted(name, self.configured)
 
     def want(self, name: str) -> Company:
