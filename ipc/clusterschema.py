@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # One number for every waportd sharing a database: `migrate` holds it while it creates or upgrades the schema.
 MIGRATION_LOCK = 0x77706F7274  # "wport"
 
@@ -53,6 +53,43 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             body text NOT NULL,
             created_at timestamptz NOT NULL DEFAULT now())""",
         "CREATE INDEX IF NOT EXISTS waport_mail_to ON waport_mail (to_host, id)",
+    ),
+    # 3: the message journals (DESIGN.md §6), the SQLite journal's tables with the company in each row and, on
+    # a send being sent, the lease epoch of the worker that took it (ipc/pgjournal.py).
+    3: (
+        """CREATE TABLE IF NOT EXISTS waport_outbox (
+            seq bigserial PRIMARY KEY,
+            company text NOT NULL,
+            message_id text NOT NULL,
+            idempotency_key text,
+            recipient text NOT NULL,
+            text text NOT NULL,
+            status text NOT NULL,
+            error text,
+            sent_ts float8,
+            attempts int NOT NULL DEFAULT 0,
+            source text NOT NULL DEFAULT 'control',
+            created float8 NOT NULL,
+            updated float8 NOT NULL,
+            type text NOT NULL DEFAULT 'text',
+            payload text,
+            wa_id text,
+            epoch bigint,
+            UNIQUE (company, message_id))""",
+        "CREATE UNIQUE INDEX IF NOT EXISTS waport_outbox_key ON waport_outbox (company, idempotency_key)"
+        " WHERE idempotency_key IS NOT NULL",
+        "CREATE INDEX IF NOT EXISTS waport_outbox_open ON waport_outbox (company, status, seq) WHERE status <> 'sent'",
+        "CREATE INDEX IF NOT EXISTS waport_outbox_company ON waport_outbox (company, seq)",
+        """CREATE TABLE IF NOT EXISTS waport_inbox (
+            company text NOT NULL,
+            id text NOT NULL,
+            chat text, sender text, push_name text, type text, text text, ts float8, is_group int,
+            received float8 NOT NULL,
+            delivered int NOT NULL DEFAULT 0,
+            copies int NOT NULL DEFAULT 1,
+            payload text,
+            PRIMARY KEY (company, id))""",
+        "CREATE INDEX IF NOT EXISTS waport_inbox_undelivered ON waport_inbox (company, delivered, received)",
     ),
 }
 assert max(MIGRATIONS) == SCHEMA_VERSION

@@ -69,6 +69,7 @@ class Hosts:
 def cluster(short_tmp: str, pg) -> Iterator[Hosts]:
     net = SimNetProcess(short_tmp)
     hosts = Hosts(short_tmp, pg.dsn, net)
+    hosts.pg = pg
     yield hosts
     hosts.cleanup()
     net.stop()
@@ -203,11 +204,36 @@ def test_any_host_answers_commands_and_streams_events_for_the_whole_cluster(clus
     assert [m["message_id"] for m in shown["outbound"]] == [sent["message_id"]]
     assert [m["text"] for m in cluster.net.call("sent", company=company)["messages"]] == ["forwarded"]
 
-    # What stays with the owner's files says where to run it; unknown companies stay unknown.
+    # Bundles are for single hosts; unknown companies stay unknown.
     out = subprocess.run([WAPORTCTL, "--run-dir", asker.run_dir, "export", company, "--output",
                           os.path.join(cluster.base, "x.bundle")], capture_output=True, text=True, timeout=20)
-    assert out.returncode == 1 and f"runs on host {owners[company]}" in out.stderr
+    assert out.returncode == 1 and "pg_dump" in out.stderr
     with pytest.raises(WaportError) as unknown:
         asker.status("nobody")
     assert unknown.value.code == "unknown_company"
     assert cluster.net.stats()["replaced"] == 0
+
+
+def test_sends_accepted_before_a_host_dies_are_sent_by_the_next_owner_once(cluster):
+    h1 = cluster.start("h1")
+    cluster.start("h2")
+    h1.ctl("start", company="acme")
+    first = cluster.owner("acme")
+    other = next(h for h in cluster.daemons if h != first)
+    asker = cluster.daemons[other]  # the sends go through the host that will survive, to the owner
+    cluster.net.call("outage", seconds=TIMERS["lease_ttl"] + 2)  # nothing can go out for now
+    wait_for(lambda: asker.status("acme")["state"] != "connected", what="acme cut off")
+    ids = [asker.ctl("send", company="acme", to="15550100001", text=f"booking {i}", idempotency_key=f"b{i}")
+           ["message_id"] for i in range(5)]
+    assert cluster.pg.sql("SELECT count(*) FROM waport_outbox WHERE company = 'acme' AND status = 'queued'") == [(5,)]
+    victim = cluster.daemons[first]
+    os.kill(victim.proc.pid, signal.SIGKILL)
+    victim.proc.wait(10)
+    assert cluster.owner("acme", timeout=TIMERS["lease_ttl"] + 15, exclude=(first,)) == other
+    wait_for(lambda: sorted(m["message_id"] for m in asker.ctl("messages", company="acme")["outbound"]
+                            if m["status"] == "sent") == sorted(ids), timeout=20, what="the five sends sent")
+    texts = [m["text"] for m in cluster.net.call("sent", company="acme")["messages"]]
+    assert sorted(texts) == [f"booking {i}" for i in range(5)]  # each once, none lost
+    epochs = cluster.pg.sql("SELECT DISTINCT epoch FROM waport_outbox WHERE company = 'acme'")
+    assert len(epochs) == 1 and epochs[0][0] >= 2  # taken by the new owner's epoch
+    assert cluster.net.stats()["replaced"] == 0 and cluster.net.stats()["pairings"] == 1

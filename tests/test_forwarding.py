@@ -102,14 +102,31 @@ def test_what_this_host_runs_or_nobody_knows_is_answered_here(s):
     s.view({"h1": UP, "h2": UP}, {"beta": "h2"})
     s.cluster.owned["acme"] = Owned(1, 200.0)
     assert s.ask("status", company="acme") is False  # mine
-    assert s.ask("status", company="nobody") is False  # unknown: this host says unknown_company
     assert s.ask("metrics") is False and s.ask("ping") is False
     assert s.ask("status", company=["not", "a", "name"]) is False  # validated by the handler
+    assert s.handled == []
+    # Unknown to the last round (started a moment ago elsewhere?): it waits for the next round, which sees it
+    # nowhere either, so this host answers (unknown_company).
+    assert s.ask("status", company="nobody") is True and s.cluster.next_round == 0.0
+    assert s.handled == []
+    s.fwd.route_deferred()
+    assert s.handled == [({"id": "r-status", "cmd": "status", "args": {"company": "nobody"}}, True)]
+
+
+def test_a_company_the_next_round_shows_on_another_host_goes_there(s):
+    s.view({"h1": UP, "h2": UP}, {})
+    s.ask("status", company="acme")
+    s.view({"h1": UP, "h2": UP}, {"acme": "h2"}, wanted=("acme",))
+    s.fwd.route_deferred()
+    s.fwd.flush()
+    assert [(to, kind) for to, kind, _ in s.store.posted] == [("h2", REQUEST)] and s.handled == []
 
 
 def test_a_wanted_company_without_a_host_says_so_and_refuses_sends_with_a_retry(s):
     s.view({"h1": UP, "h2": DOWN}, {"acme": "h2"}, wanted=("acme",))  # its host left: nobody runs it yet
     assert s.ask("status", company="acme") and s.ask("send", company="acme", to="1", text="x")
+    assert s.replies == []
+    s.fwd.route_deferred()
     status, send = s.replies
     assert status["result"]["state"] == "starting" and status["result"]["host"] is None
     assert send["error"]["code"] == "not_connected" and send["error"]["retry_after_ms"] > 0
@@ -118,8 +135,18 @@ def test_a_wanted_company_without_a_host_says_so_and_refuses_sends_with_a_retry(
 
 def test_commands_on_the_owner_s_files_name_the_host_to_run_them_on(s):
     s.view({"h1": UP, "h2": UP}, {"acme": "h2"}, wanted=("acme",))
-    s.ask("export", company="acme")
+    s.ask("delete", company="acme")
     assert s.replies[0]["error"]["code"] == "bad_request" and "runs on host h2" in s.replies[0]["error"]["message"]
+
+
+def test_bundles_of_single_hosts_are_refused_in_a_cluster(s):
+    s.view({"h1": UP}, {"acme": "h1"}, wanted=("acme",))
+    s.cluster.owned["acme"] = Owned(1, 200.0)
+    for cmd in ("export", "backup"):
+        s.ask(cmd, company="acme")
+    s.ask("import_begin", size=10)
+    assert [r["error"]["code"] for r in s.replies] == ["bad_request"] * 3
+    assert all("pg_dump" in r["error"]["message"] for r in s.replies)
 
 
 def test_an_owner_that_never_answers_or_leaves_gets_a_clear_error(s):

@@ -69,6 +69,7 @@ class Cluster:
         self.next_round = 0.0
         self.unclaimed_since: dict[str, float] = {}
         self.booted = False
+        self.after_round: list[Callable[[], None]] = []  # what waits for the next view (waportd/forwarding.py)
 
     @property
     def cfg(self) -> Any:
@@ -113,7 +114,18 @@ class Cluster:
 
         self.submit(work, lambda result: self.on_round(now, asked, result))
 
+    def round_soon(self) -> None:
+        """Someone waits for a fresh view: the next round starts at the loop's next cluster tick."""
+        self.next_round = 0.0
+
     def on_round(self, started: float, asked: dict[str, int], result: Any) -> None:
+        try:
+            self.take_round(started, asked, result)
+        finally:
+            for then in self.after_round:
+                then()
+
+    def take_round(self, started: float, asked: dict[str, int], result: Any) -> None:
         self.in_round = False
         self.next_round = started + self.cfg.lease_renew_interval
         if isinstance(result, BaseException):

@@ -12,7 +12,6 @@ supervisor's loop never waits for PostgreSQL.
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 import urllib.parse
@@ -26,6 +25,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from ipc import clusterschema as schema
+from ipc.pgdb import shut_socket
 
 log = logging.getLogger("waport.cluster")
 
@@ -171,7 +171,7 @@ class ClusterStore:
                     self._conn = None
                     self._conn = self._connect()
                 conn = self._conn
-                watchdog = threading.Timer(self.call_timeout, _shut, (conn, fired))
+                watchdog = threading.Timer(self.call_timeout, shut_socket, (conn, fired))
                 watchdog.daemon = True
                 watchdog.start()
                 try:
@@ -413,23 +413,6 @@ class ClusterStore:
             self._call("broadcast", lambda conn: conn.execute(
                 "SELECT pg_notify(%(channel)s, p) FROM unnest(%(p)s::text[]) AS p",
                 {"channel": schema.EVENTS_CHANNEL, "p": payloads}).fetchall())
-
-
-def _shut(conn: psycopg.Connection, fired: threading.Event) -> None:
-    """The watchdog: end a call that waits too long by shutting its socket (the read returns at once)."""
-    fired.set()
-    try:
-        fd = conn.pgconn.socket
-        sock = socket.socket(fileno=socket.dup(fd))
-    except Exception:  # noqa: BLE001 - already closed
-        return
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    finally:
-        sock.close()
-    log.warning("cluster store: no answer from PostgreSQL in time; connection dropped")
 
 
 class ClusterLink(threading.Thread):

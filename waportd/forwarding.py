@@ -33,7 +33,9 @@ FORWARDED = frozenset({
     "media_put", "media_get", "webhook_set", "webhook_show", "webhook_rotate", "webhook_delete",
     "webhook_deliveries", "webhook_replay",
 })
-OWNER_ONLY = frozenset({"export", "backup", "delete"})  # their files are on the owner: say where to run them
+OWNER_ONLY = frozenset({"delete"})  # its files are on the owner: say where to run it
+# Bundles hold a company's SQLite journal; in a cluster its journal is in PostgreSQL (back that up instead).
+NOT_IN_CLUSTER = frozenset({"export", "backup", "import_begin"})
 REQUEST, REPLY, EVENT = "request", "reply", "event"
 FORWARD_TIMEOUT = 35.0  # longer than the owner's own worker timeout (30 s), so its answer comes first
 GATHER_TIMEOUT = 3.0  # `list`: a host silent this long is named in `unanswered`
@@ -71,20 +73,39 @@ class Forwarder:
         self.gathers: dict[str, Gather] = {}
         self.letters: list[tuple[str, str, str]] = []
         self.events: list[str] = []
+        self.deferred: list[tuple[control.Request, bytes, Respond]] = []
+        cluster.after_round.append(self.route_deferred)
+
+    def route_deferred(self) -> None:
+        """After a round: the commands that waited for it go where the cluster now says (or are answered here)."""
+        deferred, self.deferred = self.deferred, []
+        for req, raw, respond in deferred:
+            if not self.route(req, raw, respond, retried=True):
+                self.handle(raw, respond, True)
 
     # ------------------------------------------------------------ commands
 
-    def route(self, req: control.Request, raw: bytes, respond: Respond) -> bool:
-        """Send `req` where it is answered; False: this host answers it itself."""
+    def route(self, req: control.Request, raw: bytes, respond: Respond, retried: bool = False) -> bool:
+        """Send `req` where it is answered; False: this host answers it itself. A company the last round did
+        not show on any host (started a moment ago, or moving) waits for the next round once."""
         company = req.args.get("company")
         if req.cmd == "list" or (req.cmd == "status" and company is None):
             self.gather(req, raw, respond)
+            return True
+        if req.cmd in NOT_IN_CLUSTER:
+            respond(control.error_reply(req.id, WaportError(
+                BAD_REQUEST, f"{req.cmd} moves a company between single hosts; in a cluster every host reaches "
+                             "its data in PostgreSQL already (back that up with pg_dump)")))
             return True
         if req.cmd not in FORWARDED and req.cmd not in OWNER_ONLY:
             return False
         if not isinstance(company, str) or company in self.cluster.owned:
             return False
         owner = self.cluster.owner_of(company)
+        if owner is None and not retried:
+            self.deferred.append((req, raw, respond))
+            self.cluster.round_soon()
+            return True
         if owner is None:
             if company not in self.cluster.view.wanted:
                 return False  # unknown to the cluster: this host's own answer (unknown_company)

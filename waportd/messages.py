@@ -56,12 +56,15 @@ class MessageDesk:
         self.services = services
         self.store = store
         # journal_sync = "full": answers wait for a grouped fsync of the journal (waportd/journalsync.py)
-        self.syncer = GroupSync(wake or (lambda: None)) if services.cfg.journal_sync == "full" else None
+        # (cluster mode: PostgreSQL's commit is durable itself)
+        self.syncer = (GroupSync(wake or (lambda: None))
+                       if services.cfg.journal_sync == "full" and not services.cfg.cluster_dsn else None)
         self.roster = roster
         self.bridge = bridge
         self.observe_latency = observe_latency
         cfg = services.cfg
         self.journals: OrderedDict[str, Journal] = OrderedDict()
+        self.cluster_db: Any = None  # cluster mode: one connection for every company's journal in PostgreSQL
         self.seen: OrderedDict[tuple[str, str], None] = OrderedDict()  # inbound already published
         self.batch: dict[str, list[tuple[Any, ...]]] = {}  # (recipient, text, key, source, type, fields, on_done)
         self.acks: dict[str, list[str]] = {}  # inbound ids every sink has, sent at the end of the turn
@@ -74,6 +77,8 @@ class MessageDesk:
         for journal in self.journals.values():
             journal.close()
         self.journals.clear()
+        if self.cluster_db is not None:
+            self.cluster_db.close()
 
     def reconfigure(self, cfg: Any) -> None:
         self.limiter.memory.limits = limits_of(cfg)
@@ -82,6 +87,8 @@ class MessageDesk:
 
     def journal(self, company: str) -> Journal:
         journal = self.journals.get(company)
+        if journal is None and self.services.cfg.cluster_dsn:
+            journal = self.journals[company] = self.cluster_journal(company)
         if journal is None:
             session_dir = os.path.join(self.services.cfg.state_dir, "sessions", company)
             os.makedirs(session_dir, mode=0o700, exist_ok=True)
@@ -91,6 +98,17 @@ class MessageDesk:
                 self.journals.popitem(last=False)[1].close()
         self.journals.move_to_end(company)
         return journal
+
+    def cluster_journal(self, company: str) -> Any:
+        """Cluster mode (DESIGN.md §12): the company's journal is in PostgreSQL, so its queued sends move with
+        it. This host appends sends and reads; only the lease holder's worker takes and settles them."""
+        from ipc.pgdb import PgDb  # psycopg: only in cluster mode
+        from ipc.pgjournal import PgJournal
+
+        if self.cluster_db is None:
+            cfg = self.services.cfg
+            self.cluster_db = PgDb(cfg.cluster_dsn, f"waportd/{cfg.host_id}/journal"[:63])
+        return PgJournal(self.cluster_db, company)
 
     def forget(self, company: str) -> None:
         journal = self.journals.pop(company, None)

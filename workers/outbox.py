@@ -17,6 +17,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -123,12 +124,13 @@ def settle_window(journal: J.Journal, batch: list[J.Outgoing], outcomes: list[An
 class Sender(threading.Thread):
     """For backends whose send blocks: a thread, so heartbeats never wait for a send."""
 
-    def __init__(self, journal_path: str, backend: Backend, emit: Emit, media_root: str | None = None,
-                 sync: str = "normal") -> None:
+    def __init__(self, journal: str | Callable[[], J.Journal], backend: Backend, emit: Emit,
+                 media_root: str | None = None, sync: str = "normal") -> None:
+        """`journal`: the SQLite journal's path, or what opens the thread's own journal (cluster mode's in
+        PostgreSQL); `sync="full"`: its own connection fsyncs each commit too (journal_sync = "full")."""
         super().__init__(name="sender", daemon=True)
-        self.journal_path = journal_path
+        self.open_journal = (lambda: J.Journal(journal, sync=sync)) if isinstance(journal, str) else journal
         self.media_root = media_root
-        self.sync = sync  # "full" under journal_sync = "full": its own connection fsyncs each commit too
         self.backend = backend
         self.emit = emit
         self.connected = False
@@ -154,7 +156,7 @@ class Sender(threading.Thread):
             self.join(timeout)
 
     def run(self) -> None:
-        journal = J.Journal(self.journal_path, sync=self.sync)
+        journal = self.open_journal()
         try:
             announced = False
             while not self.stopping:

@@ -22,6 +22,7 @@ import sqlite3
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from typing import Any
@@ -76,6 +77,22 @@ def hold_session_lock(lock_fd: int | None, session_dir: str) -> int:
     return lock_fd
 
 
+def journal_opener(company: str, session_dir: str, options: dict[str, Any], sync: str) -> Callable[[], Any]:
+    """What opens this worker's journal (once for its loop, once more for a sending thread): the session's
+    SQLite file, or in cluster mode (options cluster_dsn and epoch) the company's rows in PostgreSQL, each
+    connection named for the company and epoch so a new owner can end it (DESIGN.md §12)."""
+    dsn, epoch = options.get("cluster_dsn"), options.get("epoch")
+    if not dsn:
+        return lambda: Journal.in_session(session_dir, sync=sync)
+    if not isinstance(dsn, str) or not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
+        raise ValueError("cluster mode needs the options cluster_dsn (a PostgreSQL URL) and epoch (an integer >= 1)")
+    from ipc.clusterschema import application_name
+    from ipc.pgdb import PgDb
+    from ipc.pgjournal import PgJournal
+
+    return lambda: PgJournal(PgDb(dsn, application_name(company, epoch)), company, epoch)
+
+
 class Worker:
     def __init__(self, args: argparse.Namespace) -> None:
         self.company: str = args.company
@@ -106,14 +123,15 @@ class Worker:
         context = WorkerContext(self.company, args.session_dir, options)
         self.backend: Backend = load(args.backend)(context, self.emit)
         sync = "full" if options.get("journal_sync") == "full" else "normal"
-        self.journal = Journal.in_session(args.session_dir, sync=sync)
+        open_journal = journal_opener(self.company, args.session_dir, options, sync)
+        self.journal = open_journal()
         media_root = options.get("media_dir")
         store = MediaStore(media_root, int(options.get("media_max_bytes") or DEFAULT_MAX_BYTES)) if media_root else None
         self.fetcher = MediaFetcher(self.company, self.backend, store, lambda msg: self.emit("media_fetched", msg))
         self.inline = self.backend.runs_inline  # its connection runs in this loop: no thread hand-offs
         self.sender: Sender | InlineSender = (
             InlineSender(self.journal, self.backend, self.emit, media_root) if self.inline
-            else Sender(self.journal.path, self.backend, self.emit, media_root, sync))
+            else Sender(open_journal, self.backend, self.emit, media_root))
         self.duplicates = 0
         self.deferred: list[tuple[str, dict[str, Any]]] = []  # reports not journaled yet (a full disk)
 

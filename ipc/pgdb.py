@@ -1,0 +1,114 @@
+"""One PostgreSQL connection, bounded in time, for the journals of cluster mode (DESIGN.md §12).
+
+A connect gives up after `connect_timeout`, a statement after `statement_timeout` (server side), and a
+call after `call_timeout` whatever the server does (a watchdog shuts the socket: a SIGSTOPped server or a
+cut network answers nothing, not even an error). A call that fails raises `PgUnavailable`, a subclass of
+sqlite3's error, so every path that handles a journal which cannot be written (waport's SQLite journal)
+handles this one too; the next call connects again. psycopg is imported only here, and only when used.
+"""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import threading
+from collections.abc import Callable
+from typing import Any
+
+CONNECT_TIMEOUT = 2  # libpq counts whole seconds (and treats 1 as 2)
+STATEMENT_TIMEOUT = 2.0
+CALL_TIMEOUT = 4.0
+
+
+class PgUnavailable(sqlite3.OperationalError):
+    """PostgreSQL did not take the call (unreachable, too slow, or it refused it); nothing was committed."""
+
+
+class PgDb:
+    def __init__(self, dsn: str, application_name: str, statement_timeout: float = STATEMENT_TIMEOUT,
+                 call_timeout: float = CALL_TIMEOUT) -> None:
+        self._dsn = dsn
+        self.application_name = application_name
+        self.statement_timeout = statement_timeout
+        self.call_timeout = call_timeout
+        self._conn: Any = None
+        self._lock = threading.Lock()
+        self._secret = _password(dsn)
+
+    def __repr__(self) -> str:
+        return f"PgDb({self.application_name!r})"  # never the DSN: it may hold a password
+
+    def call(self, what: str, fn: Callable[[Any], Any]) -> Any:
+        """`fn(connection)` (autocommit; `with conn.transaction()` for several statements), bounded."""
+        import psycopg
+
+        with self._lock:
+            fired = threading.Event()
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = None
+                    self._conn = self._connect()
+                conn = self._conn
+                watchdog = threading.Timer(self.call_timeout, shut_socket, (conn, fired))
+                watchdog.daemon = True
+                watchdog.start()
+                try:
+                    return fn(conn)
+                finally:
+                    watchdog.cancel()
+            except psycopg.Error as exc:
+                if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+                    self._drop()
+                text = f"no answer in {self.call_timeout:g} s" if fired.is_set() else self._clean(exc)
+            raise PgUnavailable(f"the cluster journal ({what}): {text}")
+
+    def _connect(self) -> Any:
+        import psycopg
+
+        ms = int(self.statement_timeout * 1000)
+        return psycopg.connect(
+            self._dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT, application_name=self.application_name,
+            options=f"-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout=60000",
+            keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
+            tcp_user_timeout=int(self.call_timeout * 1000))
+
+    def _clean(self, exc: BaseException) -> str:
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        return text.replace(self._secret, "***") if self._secret else text
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - it is gone either way
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+
+def shut_socket(conn: Any, fired: threading.Event) -> None:
+    """A watchdog's end of a call that waits too long: shut its socket, so the read returns at once."""
+    fired.set()
+    try:
+        sock = socket.socket(fileno=socket.dup(conn.pgconn.socket))
+    except Exception:  # noqa: BLE001 - already closed
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+def _password(dsn: str) -> str | None:
+    import psycopg
+
+    try:
+        value = psycopg.conninfo.conninfo_to_dict(dsn).get("password")
+    except psycopg.Error:
+        return None
+    return str(value) if value else None
