@@ -275,6 +275,7 @@ class Daemon:
         self.log_path = os.path.join(base, "waportd.log")
         self.proc: subprocess.Popen | None = None
         self.client = ControlClient(self.run_dir, timeout=10)
+        self.prefix: list[str] = []  # e.g. `ip netns exec NAME`: the daemon on a network of its own (Netns)
 
     def write_config(self, **changes: Any) -> None:
         self.config.update(changes)
@@ -286,7 +287,7 @@ class Daemon:
         self.log = open(self.log_path, "ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith("WAPORT_")}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "waportd", "--config", self.config_path],
+            [*self.prefix, sys.executable, "-m", "waportd", "--config", self.config_path],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env,
         )
         if wait:
@@ -580,6 +581,7 @@ class PgServer:
         self.port = free_port()
         self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
         self.proc: subprocess.Popen | None = None
+        self.listen = ["127.0.0.1"]
         # Root runs the server as `postgres`; anyone else as themselves.
         self.as_user: dict[str, Any] = {}
         if os.geteuid() == 0:
@@ -597,10 +599,20 @@ class PgServer:
         with open(self.logfile, "ab") as log:
             self.proc = subprocess.Popen(
                 [os.path.join(self.bin, "postgres"), "-D", self.data, "-p", str(self.port), "-k", self.dir,
-                 "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
+                 "-c", f"listen_addresses={','.join(self.listen)}", "-c", "fsync=off",
                  "-c", "full_page_writes=off", "-c", "shared_buffers=16MB", "-c", "max_connections=300"],
                 cwd=self.dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **self.as_user)
         wait_for(self.ready, timeout=30, what="postgres to accept connections")
+
+    def also_listen(self, address: str) -> str:
+        """Listen on `address` too (a veth's end: hosts in network namespaces reach it), trusting whoever
+        comes from there; restarts the server. The DSN through that address."""
+        with open(os.path.join(self.data, "pg_hba.conf"), "a") as hba:
+            hba.write(f"host all all {address}/24 trust\n")
+        self.listen.append(address)
+        self.stop()
+        self.start()
+        return self.dsn.replace("@127.0.0.1:", f"@{address}:")
 
     def ready(self) -> bool:
         if self.proc is None or self.proc.poll() is not None:
@@ -672,6 +684,58 @@ class PgServer:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Netns:
+    """A network namespace joined to this one by a veth pair: a "host" on a network of its own, whose
+    processes reach this namespace's `outside` address (and unix sockets, which live in the file system).
+    `cut` drops whatever it sends to `outside` (a blackhole route: existing connections hear nothing), `heal`
+    undoes it. Needs root and iproute2."""
+
+    def __init__(self, index: int) -> None:
+        if os.geteuid() != 0 or shutil.which("ip") is None:
+            pytest.skip("network namespaces need root and iproute2 (`ip`)")
+        tag = f"{os.getpid() % 10000}x{index}"
+        self.name, self.veth = f"wp{tag}", f"wpv{tag}"
+        net = f"10.{200 + index}.{os.getpid() % 250}"
+        self.outside, self.inside = f"{net}.1", f"{net}.2"
+        for c in (f"netns add {self.name}", f"link add {self.veth}a type veth peer name {self.veth}b",
+                  f"link set {self.veth}b netns {self.name}", f"addr add {self.outside}/24 dev {self.veth}a",
+                  f"link set {self.veth}a up"):
+            self.ip(c)
+        for c in (f"addr add {self.inside}/24 dev {self.veth}b", f"link set {self.veth}b up", "link set lo up"):
+            self.ip(c, inside=True)
+
+    @property
+    def prefix(self) -> list[str]:
+        return ["ip", "netns", "exec", self.name]
+
+    def ip(self, args: str, inside: bool = False) -> None:
+        subprocess.run([*(self.prefix if inside else []), "ip", *args.split()], check=True, capture_output=True)
+
+    def cut(self) -> None:
+        self.ip(f"route add blackhole {self.outside}/32", inside=True)
+
+    def heal(self) -> None:
+        self.ip(f"route del blackhole {self.outside}/32", inside=True)
+
+    def close(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+        subprocess.run(["ip", "link", "del", f"{self.veth}a"], capture_output=True)
+
+
+@pytest.fixture
+def netns() -> Iterator[Callable[[], Netns]]:
+    """Network namespaces for a test, removed after it: `netns()` makes one more."""
+    made: list[Netns] = []
+
+    def make() -> Netns:
+        made.append(Netns(len(made)))
+        return made[-1]
+
+    yield make
+    for ns in made:
+        ns.close()
 
 
 @pytest.fixture

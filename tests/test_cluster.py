@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from conftest import Daemon, EventTap, SimNetProcess, wait_for
+from conftest import Daemon, EventTap, Netns, SimNetProcess, wait_for
 
 from ipc.errors import WaportError
 
@@ -27,12 +27,20 @@ class Hosts:
         self.daemons: dict[str, Daemon] = {}
         self.frozen: set[str] = set()  # SIGSTOPped: not asked (each call would wait for the client's timeout)
 
-    def start(self, host_id: str, **config: object) -> Daemon:
-        os.makedirs(os.path.join(self.base, host_id))
-        d = Daemon(os.path.join(self.base, host_id), cluster_dsn=self.dsn, host_id=host_id,
+    def start(self, host_id: str, netns: Netns | None = None, **config: object) -> Daemon:
+        """A host; in `netns`, it reaches PostgreSQL through that namespace's veth (and the simulated network,
+        a unix socket, as every host does)."""
+        os.makedirs(os.path.join(self.base, host_id), exist_ok=True)
+        dsn = self.dsn if netns is None else self.pg.also_listen(netns.outside)
+        d = Daemon(os.path.join(self.base, host_id), cluster_dsn=dsn, host_id=host_id,
                    sim_endpoint=self.net.endpoint, **{**TIMERS, **config})
+        if netns is not None:
+            d.prefix = netns.prefix
         self.daemons[host_id] = d
         return d.start()
+
+    def epochs(self) -> dict[str, tuple[str, int]]:
+        return {c: (owner, epoch) for c, owner, epoch in self.pg.sql("SELECT company, owner, epoch FROM waport_leases")}
 
     def owners(self, company: str) -> list[str]:
         """The hosts whose own record (not one forwarded from another host) says the company is connected."""
@@ -237,3 +245,63 @@ def test_sends_accepted_before_a_host_dies_are_sent_by_the_next_owner_once(clust
     epochs = cluster.pg.sql("SELECT DISTINCT epoch FROM waport_outbox WHERE company = 'acme'")
     assert len(epochs) == 1 and epochs[0][0] >= 2  # taken by the new owner's epoch
     assert cluster.net.stats()["replaced"] == 0 and cluster.net.stats()["pairings"] == 1
+
+
+def test_a_host_cut_from_postgresql_fences_itself_and_nothing_moves_back_after_the_heal(cluster, netns):
+    ns = netns()
+    h1 = cluster.start("h1", netns=ns)
+    names = [f"c{i}" for i in range(4)]
+    for name in names:
+        h1.ctl("start", company=name)
+    for name in names:
+        assert cluster.owner(name) == "h1"
+    h2 = cluster.start("h2")
+    wait_for(lambda: len(h2.ctl("cluster")["hosts"]) == 2, what="h2 in the cluster")
+    assert {c: owner for c, (owner, _) in cluster.epochs().items()} == dict.fromkeys(names, "h1")  # sticky
+
+    ns.cut()  # h1 reaches the simulated network still, PostgreSQL no more: the dangerous case
+    seen: list[dict[str, int]] = []
+
+    def fenced_then_moved() -> bool:
+        seen.append(cluster.net.connections())
+        return all(cluster.owners(n) == ["h2"] for n in names)
+
+    wait_for(fenced_then_moved, timeout=TIMERS["lease_ttl"] + 15, interval=0.05, what="h2 runs every company")
+    assert max(max(c.values(), default=0) for c in seen) <= 1, "two live connections for one company"
+    assert any(not any(c.get(n) for n in names) for c in seen), "h2 claimed before h1's sessions had ended"
+    moved = cluster.epochs()
+    assert {owner for owner, _ in moved.values()} == {"h2"}
+
+    ns.heal()
+    # h1 beats again and learns it holds nothing; three more of its rounds must not take anything back.
+    beat = wait_for(lambda: next(h["heartbeat_age"] for h in h2.ctl("cluster")["hosts"] if h["host_id"] == "h1")
+                    < TIMERS["lease_renew_interval"] * 2 and cluster.pg.sql(
+                        "SELECT heartbeat_at FROM waport_hosts WHERE host_id = 'h1'")[0][0],
+                    timeout=20, what="h1 back in the cluster")
+    wait_for(lambda: (cluster.pg.sql("SELECT heartbeat_at FROM waport_hosts WHERE host_id = 'h1'")[0][0] - beat)
+             .total_seconds() >= 3 * TIMERS["lease_renew_interval"], timeout=10, what="three rounds of h1")
+    assert cluster.epochs() == moved
+    stats = cluster.net.stats()
+    assert stats["replaced"] == 0 and stats["pairings"] == len(names)
+    assert all(h1.status(n)["host"] == "h2" for n in names)  # h1 answers again, from the owner
+
+
+def test_postgresql_restarting_for_a_moment_stops_no_session(cluster):
+    timers = {"lease_ttl": 10.0, "fence_after": 6.0}  # room for a restart on a slow machine
+    h1 = cluster.start("h1", **timers)
+    cluster.start("h2", **timers)
+    names = ["acme", "beta", "gamma"]
+    for name in names:
+        h1.ctl("start", company=name)
+    owners = {n: cluster.owner(n) for n in names}
+    before, connects = cluster.epochs(), cluster.net.stats()["connects"]
+    cluster.pg.stop()
+    cluster.pg.start()
+    asker = cluster.daemons["h2"]
+    wait_for(lambda: asker.ctl("send", company="acme", to="15550100001", text="after the restart"),
+             timeout=15, what="a send after the restart")
+    wait_for(lambda: [m["text"] for m in cluster.net.call("sent", company="acme")["messages"]]
+             == ["after the restart"], timeout=15, what="the send sent")
+    assert cluster.epochs() == before and {n: cluster.owner(n) for n in names} == owners
+    stats = cluster.net.stats()
+    assert stats["replaced"] == 0 and stats["connects"] == connects  # no session ended, none started again

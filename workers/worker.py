@@ -133,6 +133,7 @@ class Worker:
             InlineSender(self.journal, self.backend, self.emit, media_root) if self.inline
             else Sender(open_journal, self.backend, self.emit, media_root))
         self.duplicates = 0
+        self.queued = 0  # the journal's pending sends, as last counted (each heartbeat tells the supervisor)
         self.deferred: list[tuple[str, dict[str, Any]]] = []  # reports not journaled yet (a full disk)
 
     # Thread-safe entry points: they only enqueue and wake the loop.
@@ -206,7 +207,11 @@ class Worker:
         if not self.standalone and now - self.last_supervisor > MISSED_HEARTBEATS * self.heartbeat_interval:
             self.exit = {"reason": "supervisor_lost", "message": "no heartbeat from the supervisor"}
             return
-        self.send(protocol.HEARTBEAT, {"state": self.state, "queued": self.journal.pending()})
+        try:
+            self.queued = self.journal.pending()
+        except sqlite3.Error as exc:  # PostgreSQL away for a moment (cluster mode): the last count will do
+            log.debug("queued count unavailable: %s", exc)
+        self.send(protocol.HEARTBEAT, {"state": self.state, "queued": self.queued})
 
     def fenced(self, now: float) -> bool:
         """The fence decision: near the lease deadline with no newer one, the session ends (exit `fenced`)."""
@@ -230,8 +235,12 @@ class Worker:
     def redeliver(self) -> None:
         """Inbound messages no sink has acknowledged go out again (after a crash, or a Redis outage)."""
         now = time.time()
-        self.send_events([{"type": "message", "ts": now, "data": public_inbound(msg)}
-                          for msg in self.journal.undelivered(received_before=now - REDELIVER_AFTER)])
+        try:
+            waiting = self.journal.undelivered(received_before=now - REDELIVER_AFTER)
+        except sqlite3.Error as exc:  # the journal cannot be read now: the next round tries again
+            journal_write_failed(exc)
+            return
+        self.send_events([{"type": "message", "ts": now, "data": public_inbound(msg)} for msg in waiting])
 
     def read_supervisor(self) -> None:
         while readable(self.sock):  # one message a turn is usual here: asking beats a failed read
