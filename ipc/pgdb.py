@@ -12,6 +12,7 @@ from __future__ import annotations
 import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,7 @@ class PgDb:
         self._conn: Any = None
         self._lock = threading.Lock()
         self._secret = _password(dsn)
+        self.last_used = 0.0  # time.monotonic() of the last call
 
     def __repr__(self) -> str:
         return f"PgDb({self.application_name!r})"  # never the DSN: it may hold a password
@@ -56,6 +58,7 @@ class PgDb:
                     return fn(conn)
                 finally:
                     watchdog.cancel()
+                    self.last_used = time.monotonic()
             except psycopg.Error as exc:
                 if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
                     self._drop()
@@ -87,6 +90,17 @@ class PgDb:
     def close(self) -> None:
         with self._lock:
             self._drop()
+
+    def close_if_idle(self, idle: float) -> bool:
+        """Close the connection when no call used it for `idle` seconds (the next call connects again): an
+        idle company holds no PostgreSQL connection. Whether it closed one."""
+        if self._conn is None or time.monotonic() - self.last_used < idle or not self._lock.acquire(blocking=False):
+            return False
+        try:
+            self._drop()
+        finally:
+            self._lock.release()
+        return True
 
 
 def shut_socket(conn: Any, fired: threading.Event) -> None:

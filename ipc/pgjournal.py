@@ -60,6 +60,9 @@ class PgJournal:
     def close(self) -> None:
         """The connection is the caller's (the supervisor shares one among its journals)."""
 
+    def close_if_idle(self, idle: float) -> bool:
+        return self.db.close_if_idle(idle)
+
     # ------------------------------------------------------------ helpers
 
     def _params(self, **more: Any) -> dict[str, Any]:

@@ -121,6 +121,9 @@ def settle_window(journal: J.Journal, batch: list[J.Outgoing], outcomes: list[An
     return reports, requeued
 
 
+IDLE_CLOSE = 30.0  # seconds unused before a journal connection in PostgreSQL closes
+
+
 class Sender(threading.Thread):
     """For backends whose send blocks: a thread, so heartbeats never wait for a send."""
 
@@ -161,7 +164,8 @@ class Sender(threading.Thread):
             announced = False
             while not self.stopping:
                 announced = announced or announce_interrupted(journal, self.emit)
-                self.wakeup.wait(1.0)
+                if not self.wakeup.wait(1.0) and hasattr(journal, "close_if_idle"):
+                    journal.close_if_idle(IDLE_CLOSE)  # cluster mode: an idle sender holds no connection
                 self.wakeup.clear()
                 self.drain(journal)
         finally:

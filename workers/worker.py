@@ -40,7 +40,7 @@ from workers.backend import Backend, BackendError, WorkerContext
 from workers.backends import load
 from workers.fencing import Fence
 from workers.mediafetch import PENDING, MediaFetcher, is_pending
-from workers.outbox import InlineSender, Sender, journal_write_failed
+from workers.outbox import IDLE_CLOSE, InlineSender, Sender, journal_write_failed
 from workers.wakeup import Wakeup
 
 log = logging.getLogger("waport.worker")
@@ -134,6 +134,7 @@ class Worker:
             else Sender(open_journal, self.backend, self.emit, media_root))
         self.duplicates = 0
         self.queued = 0  # the journal's pending sends, as last counted (each heartbeat tells the supervisor)
+        self.recount = True
         self.deferred: list[tuple[str, dict[str, Any]]] = []  # reports not journaled yet (a full disk)
 
     # Thread-safe entry points: they only enqueue and wake the loop.
@@ -207,11 +208,15 @@ class Worker:
         if not self.standalone and now - self.last_supervisor > MISSED_HEARTBEATS * self.heartbeat_interval:
             self.exit = {"reason": "supervisor_lost", "message": "no heartbeat from the supervisor"}
             return
-        try:
-            self.queued = self.journal.pending()
-        except sqlite3.Error as exc:  # PostgreSQL away for a moment (cluster mode): the last count will do
-            log.debug("queued count unavailable: %s", exc)
+        if self.recount:  # counted again only after sends were queued or settled: an idle worker reads nothing
+            try:
+                self.queued, self.recount = self.journal.pending(), False
+            except sqlite3.Error as exc:  # PostgreSQL away for a moment (cluster mode): the last count will do
+                log.debug("queued count unavailable: %s", exc)
         self.send(protocol.HEARTBEAT, {"state": self.state, "queued": self.queued})
+        close_if_idle = getattr(self.journal, "close_if_idle", None)  # cluster mode's journal in PostgreSQL
+        if close_if_idle is not None:
+            close_if_idle(IDLE_CLOSE)
 
     def fenced(self, now: float) -> bool:
         """The fence decision: near the lease deadline with no newer one, the session ends (exit `fenced`)."""
@@ -264,6 +269,7 @@ class Worker:
             elif msg.type == protocol.STOP:
                 self.exit = {"reason": "stopped", "message": msg.body.get("reason", "")}
             elif msg.type == protocol.OUTBOX:
+                self.recount = True
                 self.sender.nudge()
             elif msg.type == protocol.ACK:
                 try:
@@ -281,6 +287,8 @@ class Worker:
             if type_ == "exit":
                 self.exit = self.exit or data  # the first exit report wins
                 continue
+            if type_ in OUTCOMES:
+                self.recount = True
             if self.exit is not None and type_ not in OUTCOMES:
                 if type_ == "message":  # journaled, so the network may forget it: the successor delivers it
                     try:
