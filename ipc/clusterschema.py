@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # One number for every waportd sharing a database: `migrate` holds it while it creates or upgrades the schema.
 MIGRATION_LOCK = 0x77706F7274  # "wport"
 
@@ -90,6 +90,12 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             payload text,
             PRIMARY KEY (company, id))""",
         "CREATE INDEX IF NOT EXISTS waport_inbox_undelivered ON waport_inbox (company, delivered, received)",
+    ),
+    # 4: which neonize versions have upgraded whatsmeow's store in this database (workers/neonizestore.py)
+    4: (
+        """CREATE TABLE IF NOT EXISTS waport_store_upgrades (
+            neonize text PRIMARY KEY,
+            upgraded_at timestamptz NOT NULL DEFAULT now())""",
     ),
 }
 assert max(MIGRATIONS) == SCHEMA_VERSION

@@ -44,6 +44,14 @@ _INSERT_OUT = (
     " %(now)s, %(now)s, %(source)s, %(type)s, %(payload)s) ON CONFLICT DO NOTHING RETURNING seq")
 
 
+def queued_media_of(db: PgDb, companies: list[str]) -> set[str]:
+    """`PgJournal.queued_media` of many companies in one query (the supervisor asks for all of its own)."""
+    rows = db.call("queued_media", lambda conn: conn.execute(
+        "SELECT payload FROM waport_outbox WHERE company = ANY(%(c)s) AND status IN ('queued', 'sending')"
+        " AND payload IS NOT NULL", {"c": companies}).fetchall())
+    return {m for (p,) in rows if (m := json.loads(p).get("media"))}
+
+
 class Fenced(PgUnavailable):
     """The company's lease holds another epoch: this worker's write was refused."""
 

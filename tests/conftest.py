@@ -569,8 +569,9 @@ class PgServer:
     fsync=off: a killed server keeps every commit (the OS has it), only a machine crash would lose some.
     initdb + start take about 1 s, so each test gets a server of its own rather than a shared one."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_connections: int = 300) -> None:
         bindir = postgres_bin()
+        self.max_connections = max_connections
         if bindir is None:
             pytest.skip("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/postgres): "
                         "run .ci/install-system-deps")
@@ -600,7 +601,8 @@ class PgServer:
             self.proc = subprocess.Popen(
                 [os.path.join(self.bin, "postgres"), "-D", self.data, "-p", str(self.port), "-k", self.dir,
                  "-c", f"listen_addresses={','.join(self.listen)}", "-c", "fsync=off",
-                 "-c", "full_page_writes=off", "-c", "shared_buffers=16MB", "-c", "max_connections=300"],
+                 "-c", "full_page_writes=off", "-c", "shared_buffers=16MB",
+                 "-c", f"max_connections={self.max_connections}"],
                 cwd=self.dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **self.as_user)
         wait_for(self.ready, timeout=30, what="postgres to accept connections")
 

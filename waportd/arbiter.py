@@ -96,6 +96,7 @@ class Arbiter:
         self.cluster: Cluster | None = None  # cluster mode (DESIGN.md §12): made by `setup`
         self.cluster_link: Any = None
         self.cluster_listener: Any = None
+        self.lease_link: Any = None
         self.forwarder: Forwarder | None = None
         for cmd in CLUSTER_COMMANDS:
             self.controller.owners[cmd] = NoCluster()  # until `setup` joins a cluster
@@ -160,10 +161,12 @@ class Arbiter:
 
         cfg = self.cfg
         self.cluster_link = ClusterLink(cfg.cluster_dsn, cfg.host_id, cfg.lease_ttl, self.wake)
+        self.lease_link = ClusterLink(cfg.cluster_dsn, cfg.host_id, cfg.lease_ttl, self.wake, role="/leases")
         self.cluster_link.start()
+        self.lease_link.start()
         self.cluster_listener = ClusterListener(self.cluster_link.store, self.wake, self.cluster_link.ready)
         self.cluster_listener.start()
-        self.cluster = cluster = Cluster(self.services, self.roster, self.cluster_link.submit)
+        self.cluster = cluster = Cluster(self.services, self.roster, self.cluster_link.submit, self.lease_link.submit)
         for cmd in (*CLUSTER_COMMANDS, *CLUSTER_LIFECYCLE):
             self.controller.owners[cmd] = cluster
         self.ops.cluster_figures = cluster.figures
@@ -177,7 +180,8 @@ class Arbiter:
 
     def take_cluster_mail(self) -> None:
         """Commands other hosts forwarded here, answers to ours, and their events for our socket."""
-        self.cluster_link.take_done()  # the cluster's rounds and claims, answered on the loop
+        self.lease_link.take_done()  # the cluster's rounds, and its claims and mail, answered on the loop
+        self.cluster_link.take_done()
         letters, broadcast = self.cluster_listener.take()
         for event in self.forwarder.relayed(broadcast + self.forwarder.on_letters(letters)):
             self.bus.relay(event)
@@ -320,6 +324,7 @@ class Arbiter:
             self.bridge.stop()
         if self.cluster is not None:
             self.cluster_listener.stop()
+            self.lease_link.stop()
             self.cluster_link.stop()  # its thread ends; what is left runs here, bounded by the store's timeouts
             self.cluster.leave(self.cluster_link.store)
             self.cluster_link.store.close()

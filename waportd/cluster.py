@@ -56,10 +56,13 @@ class Round:
 
 
 class Cluster:
-    def __init__(self, services: Services, roster: Roster, submit: Submit) -> None:
+    def __init__(self, services: Services, roster: Roster, submit: Submit, submit_round: Submit | None = None) -> None:
+        """`submit_round`: where the rounds go — a link of their own, so a renewal never waits behind
+        hundreds of claims or forwarded commands (`submit`)."""
         self.services = services
         self.roster = roster
         self.submit = submit
+        self.submit_round = submit_round or submit
         self.owned: dict[str, Owned] = {}
         self.claiming: set[str] = set()
         self.releasing: set[str] = set()
@@ -112,7 +115,7 @@ class Cluster:
             store.beat(capacity, len(asked), UP)  # a drained host's row stays `draining` (the store keeps it)
             return Round(store.renew(asked), store.hosts(), store.leases(), store.wanted())
 
-        self.submit(work, lambda result: self.on_round(now, asked, result))
+        self.submit_round(work, lambda result: self.on_round(now, asked, result))
 
     def round_soon(self) -> None:
         """Someone waits for a fresh view: the next round starts at the loop's next cluster tick."""
@@ -177,22 +180,30 @@ class Cluster:
         for company in todo.release:
             if company in self.owned and company not in self.releasing:
                 self.release(company)
-        for company in todo.claim:
-            if company not in self.claiming:
-                self.claim(company, now)
+        self.claim([c for c in todo.claim if c not in self.claiming], now)
 
     # ------------------------------------------------------------ claim, lose, release
 
-    def claim(self, company: str, now: float) -> None:
-        self.claiming.add(company)
+    def claim(self, companies: list[str], now: float) -> None:
+        """Every company placement gives this host, in one call to the store (a round may bring hundreds)."""
+        if not companies:
+            return
+        self.claiming.update(companies)
 
-        def work(store: Any) -> Any:
-            lease = store.claim(company)
-            if lease is not None:
-                store.fence_older(company, lease.epoch)  # a host that wakes late cannot write any more
-            return lease
+        def work(store: Any) -> list[Any]:
+            leases = []
+            for company in companies:
+                lease = store.claim(company)
+                if lease is not None and lease.epoch > 1:
+                    store.fence_older(company, lease.epoch)  # a host that wakes late cannot write any more
+                leases.append(lease)
+            return leases
 
-        self.submit(work, lambda lease: self.claimed(company, now, lease))
+        def done(result: Any) -> None:
+            for i, company in enumerate(companies):
+                self.claimed(company, now, result if isinstance(result, BaseException) else result[i])
+
+        self.submit(work, done)
 
     def claimed(self, company: str, asked_at: float, lease: Any) -> None:
         self.claiming.discard(company)

@@ -123,7 +123,7 @@ def _password(dsn: str) -> str | None:
 
 class ClusterStore:
     def __init__(self, dsn: str, host_id: str, lease_ttl: float, *, connect_timeout: float = 3.0,
-                 statement_timeout: float = 5.0, call_timeout: float = 8.0) -> None:
+                 statement_timeout: float = 5.0, call_timeout: float = 8.0, role: str = "") -> None:
         self._dsn = dsn
         self._secret = _password(dsn)
         self.host_id = host_id
@@ -134,6 +134,7 @@ class ClusterStore:
         self._conn: psycopg.Connection | None = None
         self._started = False  # this store's first beat sets started_at
         self._lock = threading.Lock()  # one call at a time on the connection
+        self.role = role  # in application_name after the host: which of this host's connections it is
 
     def __repr__(self) -> str:
         return f"ClusterStore({redact_dsn(self._dsn)!r}, host_id={self.host_id!r})"
@@ -169,7 +170,7 @@ class ClusterStore:
             try:
                 if self._conn is None or self._conn.closed:
                     self._conn = None
-                    self._conn = self._connect()
+                    self._conn = self._connect(self.role)
                 conn = self._conn
                 watchdog = threading.Timer(self.call_timeout, shut_socket, (conn, fired))
                 watchdog.daemon = True
@@ -421,10 +422,11 @@ class ClusterLink(threading.Thread):
     bridge): the loop never waits for PostgreSQL. The schema is migrated before the first work runs (and
     again before the next while that fails)."""
 
-    def __init__(self, dsn: str, host_id: str, lease_ttl: float, wake: Callable[[], None],
+    def __init__(self, dsn: str, host_id: str, lease_ttl: float, wake: Callable[[], None], role: str = "",
                  **store_options: Any) -> None:
-        super().__init__(name="cluster", daemon=True)
-        self.store = ClusterStore(dsn, host_id, lease_ttl, **store_options)
+        """`role`: which of this host's links it is ("/leases"), in its thread's and connection's names."""
+        super().__init__(name="cluster" + role.replace("/", "-"), daemon=True)
+        self.store = ClusterStore(dsn, host_id, lease_ttl, role=role, **store_options)
         self.wake = wake
         self.cond = threading.Condition()
         self.works: deque[tuple[Callable[[ClusterStore], Any], Callable[[Any], None]]] = deque()

@@ -102,13 +102,18 @@ class MessageDesk:
     def cluster_journal(self, company: str) -> Any:
         """Cluster mode (DESIGN.md §12): the company's journal is in PostgreSQL, so its queued sends move with
         it. This host appends sends and reads; only the lease holder's worker takes and settles them."""
-        from ipc.pgdb import PgDb  # psycopg: only in cluster mode
-        from ipc.pgjournal import PgJournal
+        from ipc.pgjournal import PgJournal  # psycopg: only in cluster mode
 
+        return PgJournal(self.cluster_connection(), company)
+
+    def cluster_connection(self) -> Any:
+        """The one PostgreSQL connection every company's journal shares on this loop."""
         if self.cluster_db is None:
+            from ipc.pgdb import PgDb
+
             cfg = self.services.cfg
             self.cluster_db = PgDb(cfg.cluster_dsn, f"waportd/{cfg.host_id}/journal"[:63])
-        return PgJournal(self.cluster_db, company)
+        return self.cluster_db
 
     def forget(self, company: str) -> None:
         journal = self.journals.pop(company, None)
@@ -173,6 +178,10 @@ class MessageDesk:
 
     def queued_media(self) -> set[str]:
         """Media that sends not yet out still need, across the companies here (kept past media_retention)."""
+        if self.services.cfg.cluster_dsn:  # one query for every company here, not one each on the loop
+            from ipc.pgjournal import queued_media_of
+
+            return queued_media_of(self.cluster_connection(), [c.name for c in self.roster])
         keep: set[str] = set()
         for c in self.roster:
             keep |= self.journal(c.name).queued_media()

@@ -53,9 +53,10 @@ from ipc.errors import BAD_REQUEST, INTERNAL, INVALID_PHONE, NOT_CONNECTED, NOT_
 from ipc.mediastore import CHUNK
 from ipc.states import State
 from ipc.validation import mask_phone
-from workers import neonize_preload
+from workers import neonize_preload, neonizestore
 from workers.backend import Backend, BackendError, Emit, Phase, SendItem, WorkerContext
 from workers.inbound import PHONE_SERVERS, epoch_seconds, normalize_message, phone_from_jid
+from workers.simcreds import Fenced, Unavailable, store_for
 
 log = logging.getLogger("waport.neonize")
 
@@ -234,7 +235,16 @@ class NeonizeBackend(Backend):
         store = options.get("store") or ""
         if not isinstance(store, str) or (store and not store.startswith(("postgres://", "postgresql://"))):
             raise ValueError("option store must be a postgres:// URL (one database per company) or empty for SQLite")
+        # Cluster mode: every company's device in the cluster's database, found by the JID kept in its
+        # credentials row (workers/neonizestore.py); the DSN came with the secrets, never in argv.
+        self.cluster: tuple[str, int] | None = None
+        self.device_record: Any = None
+        if options.get("cluster_dsn"):
+            self.device_record = store_for(ctx.company, ctx.session_dir, options, DB_FILE)
+            self.cluster = (options["cluster_dsn"], options["epoch"])
+            store = options["cluster_dsn"]
         self.store = store or os.path.join(ctx.session_dir, DB_FILE)
+        self.device_jid: str | None = None  # cluster mode: the JID this company's device has in the store
         proxy = options.get("proxy") or None
         if proxy is not None and not isinstance(proxy, str):
             raise ValueError("option proxy must be a URL string")
@@ -414,7 +424,12 @@ class NeonizeBackend(Backend):
     def _run(self) -> None:
         try:
             self._prepare_store()
+            if self.cluster is not None and not self._find_device():
+                return
             client = self._new_client()
+        except Fenced as exc:  # the lease moved on before this worker even started
+            self._exit("fenced", message=str(exc))
+            return
         except Exception as exc:  # noqa: BLE001 - cannot even start: a crash, counted by the supervisor
             log.error("cannot start neonize: %s", exc)
             self._exit("crash", message=f"cannot start neonize: {exc}")
@@ -451,10 +466,57 @@ class NeonizeBackend(Backend):
         finally:
             os.close(fd)
 
+    def _find_device(self) -> bool:
+        """Cluster mode: whatsmeow's schema current (upgraded once), and this company's device known — or
+        none yet (pair a new one). False when its device is gone from the store: reported as logged out."""
+        dsn, epoch = self.cluster  # type: ignore[misc]
+        neonizestore.ensure_schema(dsn, self.ctx.company, epoch)
+        jid = self.device_record.load().get("jid")
+        if not isinstance(jid, str) or not jid:
+            return True
+        if not neonizestore.device_exists(dsn, self.ctx.company, epoch, jid):
+            log.warning("the WhatsApp device of this company is no longer in the store; it must pair again")
+            self.device_record.delete()
+            self._exit("logged_out", message="the device was unlinked (it is gone from the store): pair again")
+            return False
+        self.device_jid = jid
+        with self._lock:
+            self.phone = jid.split("@", 1)[0].split(":", 1)[0].split(".", 1)[0]
+        return True
+
+    def _remember_device(self, client: Any) -> None:
+        """Cluster mode: the JID of the device just paired (or resumed), kept under the lease's epoch."""
+        if self.cluster is None:
+            return
+        try:
+            me = client.get_me()
+            jid = neonizestore.jid_text(me.JID) if me is not None and me.HasField("JID") else ""
+        except Exception as exc:  # noqa: BLE001 - asked again at the next connection
+            log.warning("could not read this device's JID: %s", exc)
+            return
+        if not jid or jid == self.device_jid:
+            return
+        try:
+            self.device_record.save({"jid": jid})
+        except Fenced as exc:
+            self._exit("fenced", message=str(exc))
+            return
+        except Unavailable as exc:  # kept for the next connection: a restart now would pair a second device
+            log.error("could not record this device's JID (%s); trying again at the next connection", exc)
+            self.emit("error", {"kind": "store", "message": f"device JID not recorded: {exc}"})
+            return
+        self.device_jid = jid
+
     def _new_client(self) -> Any:
         nz = self._nz = load_neonize()
         props = nz.DeviceProps(os=DEVICE_NAME, platformType=nz.DeviceProps.CHROME)
-        client = nz.NewClient(self.store, props=props, uuid=self.ctx.company)
+        if self.device_jid is not None:  # always this company's own device, never the store's first
+            client = nz.NewClient(self.store, jid=neonizestore.parse_jid(self.device_jid, nz.JID), props=props,
+                                  uuid=self.ctx.company)
+        elif self.cluster is not None:  # no device yet: a new one, whatever others the store holds
+            client = nz.NewClient(self.store, props=props, uuid=self.ctx.company, new_device=True)
+        else:
+            client = nz.NewClient(self.store, props=props, uuid=self.ctx.company)
         # neonize stops the client again at interpreter exit; during a dial that blocks ~60 s, and
         # stop() has done it (bounded) already.
         finalizer = getattr(client, "_stop_finalizer", None)
@@ -655,6 +717,11 @@ class NeonizeBackend(Backend):
                       RawAgent=0, Device=0, Integrator=0, IsEmpty=False)  # fmt: skip
 
     def _delete_store(self) -> None:
+        if self.device_record is not None:
+            try:
+                self.device_record.delete()  # the next start pairs a new device
+            except (Fenced, Unavailable) as exc:
+                log.warning("could not forget this device's JID: %s", exc)
         if self.is_postgres:
             return  # whatsmeow deleted the device rows when the unlink succeeded
         for suffix in ("", "-wal", "-shm", "-journal"):
@@ -770,6 +837,7 @@ class NeonizeBackend(Backend):
         phone = _own_phone(client)
         with self._lock:
             self.phone = phone or self.phone
+        self._remember_device(client)
         self._set_phase(states.CONNECTED, "")
 
     def on_disconnected(self, _client: Any, _ev: Any) -> None:

@@ -19,13 +19,14 @@ from conftest import (  # noqa: E402
     BlackHole,
     Daemon,
     EventTap,
+    PgServer,
     RedisServer,
     SimNetProcess,
     processes_using,
     wait_for,
 )
 
-__all__ = ["BlackHole", "Daemon", "EventTap", "RedisServer", "SimNetProcess", "processes_using", "wait_for",
+__all__ = ["BlackHole", "Daemon", "EventTap", "PgServer", "RedisServer", "SimNetProcess", "processes_using", "wait_for",
            "percentile", "machine", "record"]
 
 RESULTS = os.path.join(HERE, "results")

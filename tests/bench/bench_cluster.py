@@ -1,0 +1,157 @@
+"""Cluster mode (issue 18, DESIGN.md §12): several waportd hosts on one PostgreSQL.
+
+3 hosts x 300 sim companies on this machine: seconds until all are connected, the failover of one host's
+companies after a SIGKILL of that host (daemon and workers), what the cluster asks of PostgreSQL while idle
+(transactions per second per host, connections by kind), and the send path through cluster mode (to a
+company on the host asked, and forwarded to another host) against one host alone (SQLite journals).
+
+    python tests/bench/bench_cluster.py --hosts 3 --companies 900
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import tempfile
+import time
+from typing import Any
+
+from bench_send import burst
+from common import Daemon, PgServer, SimNetProcess, count_state, record, wait_for
+
+CLUSTER = {"heartbeat_interval": 5.0, "rate_limit_max": 10_000_000, "rate_limit_company_max": 10_000_000}
+
+
+def connections(pg: PgServer) -> dict[str, int]:
+    """PostgreSQL connections by kind: supervisors' (waportd/HOST[/role]) and workers' (waport/COMPANY/EPOCH)."""
+    rows = pg.sql("SELECT application_name, count(*) FROM pg_stat_activity WHERE application_name LIKE 'waport%%'"
+                  " GROUP BY 1")
+    out = {"supervisors": 0, "workers": 0}
+    for name, n in rows:
+        out["supervisors" if name.startswith("waportd/") else "workers"] += n
+    return out
+
+
+def transactions(pg: PgServer) -> int:
+    return pg.sql("SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = 'postgres'")[0][0]
+
+
+def owners(pg: PgServer) -> dict[str, str]:
+    return dict(pg.sql("SELECT company, owner FROM waport_leases WHERE expires_at > now()"))
+
+
+def connected(net: SimNetProcess, names: list[str]) -> int:
+    live = net.connections()
+    return sum(1 for n in names if live.get(n))
+
+
+def sent_count(pg: PgServer) -> int:
+    return pg.sql("SELECT count(*) FROM waport_outbox WHERE status = 'sent'")[0][0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hosts", type=int, default=3)
+    ap.add_argument("--companies", type=int, default=900)
+    ap.add_argument("--sends", type=int, default=5000)
+    ap.add_argument("--idle", type=float, default=45.0, help="seconds of the idle measurement")
+    args = ap.parse_args()
+    os.sync()
+    base = tempfile.mkdtemp(prefix="wpc-", dir="/tmp")
+    pg = PgServer(max_connections=args.companies + 300)
+    net = SimNetProcess(base)
+    net.client.timeout = 60  # 900 sessions starting on 2 cores keep the network busy: it answers late
+    names = [f"c{i:04d}" for i in range(args.companies)]
+    hosts: dict[str, Daemon] = {}
+    figures: dict[str, Any] = {"hosts": args.hosts, "companies": args.companies,
+                               "timers": {"lease_ttl": 15, "lease_renew_interval": 2, "fence_after": 10}}
+    try:
+        for i in range(args.hosts):
+            host_id = f"h{i + 1}"
+            os.makedirs(os.path.join(base, host_id))
+            hosts[host_id] = Daemon(os.path.join(base, host_id), cluster_dsn=pg.dsn, host_id=host_id,
+                                    sim_endpoint=net.endpoint, **CLUSTER).start()
+        wait_for(lambda: len(hosts["h1"].ctl("cluster")["hosts"]) == args.hosts, timeout=30, what="every host up")
+
+        # 1. Every company started (through one host), until each is connected somewhere.
+        start = time.monotonic()
+        for name in names:
+            hosts["h1"].ctl("start", company=name)
+        asked = time.monotonic() - start
+        wait_for(lambda: connected(net, names) == len(names), timeout=600, interval=0.5, what="all connected")
+        figures["start"] = {"seconds_to_ask": round(asked, 1),
+                            "seconds_to_all_connected": round(time.monotonic() - start, 1)}
+        placed = owners(pg)
+        figures["start"]["per_host"] = {h: sum(1 for o in placed.values() if o == h) for h in hosts}
+        figures["connections_active"] = connections(pg)
+
+        # 2. Idle: what the cluster asks of PostgreSQL (rounds, heartbeats) and holds open.
+        time.sleep(5)  # start-up work settles; a window, not synchronization
+        t0, x0 = time.monotonic(), transactions(pg)
+        time.sleep(args.idle)
+        per_s = (transactions(pg) - x0) / (time.monotonic() - t0)
+        figures["idle"] = {"transactions_per_s": round(per_s, 1),
+                           "transactions_per_s_per_host": round(per_s / args.hosts, 1),
+                           "connections": connections(pg)}
+
+        # 3. Sends through h2: to its own companies, and forwarded to h3's.
+        placed = owners(pg)
+        own = [c for c, o in placed.items() if o == "h2"]
+        other = [c for c, o in placed.items() if o == "h3"]
+        before = sent_count(pg)
+        figures["send_local"] = burst(hosts["h2"].run_dir, own, args.sends, window=500)
+        wait_for(lambda: sent_count(pg) >= before + args.sends, timeout=300, interval=0.5, what="local sends out")
+        before = sent_count(pg)
+        figures["send_forwarded"] = burst(hosts["h2"].run_dir, other, args.sends, window=500)
+        wait_for(lambda: sent_count(pg) >= before + args.sends, timeout=300, interval=0.5, what="forwarded sends")
+
+        # 4. Failover: h1 dies with its workers; its companies connect elsewhere without pairing again.
+        victims = [c for c, o in owners(pg).items() if o == "h1"]
+        pairings = net.stats()["pairings"]
+        killed = time.monotonic()
+        os.kill(hosts["h1"].proc.pid, signal.SIGKILL)
+        hosts["h1"].proc.wait(30)
+
+        def moved() -> bool:
+            now_owned = owners(pg)
+            return all(now_owned.get(c) not in (None, "h1") for c in victims) and connected(net, victims) == len(
+                victims)
+
+        wait_for(moved, timeout=300, interval=0.2, what="h1's companies connected elsewhere")
+        stats = net.stats()
+        figures["failover"] = {"companies": len(victims), "seconds": round(time.monotonic() - killed, 1),
+                               "bound_s": "lease_ttl + 10 = 25", "replaced": stats["replaced"],
+                               "new_pairings": stats["pairings"] - pairings}
+        for d in hosts.values():
+            if d.proc is not None and d.proc.poll() is None:
+                d.terminate(timeout=120)
+    finally:
+        for d in hosts.values():
+            d.cleanup()
+        net.stop()
+        pg.close()
+
+    # 5. The same sends on one host alone (SQLite journals), on this machine today.
+    single_base = os.path.join(base, "single")
+    os.makedirs(single_base)
+    net = SimNetProcess(single_base)
+    net.client.timeout = 60
+    companies = names[: args.companies // args.hosts]
+    d = Daemon(single_base, sim_endpoint=net.endpoint, companies=companies, **CLUSTER)
+    try:
+        d.start()
+        wait_for(lambda: count_state(d, "connected") == len(companies), timeout=300, interval=0.5)
+        figures["send_single_host"] = burst(d.run_dir, companies, args.sends, window=500)
+        wait_for(lambda: net.stats()["messages_sent"] >= args.sends, timeout=300, interval=0.5)
+        d.terminate(timeout=120)
+    finally:
+        d.cleanup()
+        net.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    record(f"cluster_{args.hosts}x{args.companies // args.hosts}", figures)
+
+
+if __name__ == "__main__":
+    main()
