@@ -51,13 +51,11 @@ class PgDb:
                     self._conn = None
                     self._conn = self._connect()
                 conn = self._conn
-                watchdog = threading.Timer(self.call_timeout, shut_socket, (conn, fired))
-                watchdog.daemon = True
-                watchdog.start()
+                ticket = watchdog().watch(conn, self.call_timeout, fired)
                 try:
                     return fn(conn)
                 finally:
-                    watchdog.cancel()
+                    watchdog().done(ticket)
                     self.last_used = time.monotonic()
             except psycopg.Error as exc:
                 if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
@@ -101,6 +99,55 @@ class PgDb:
         finally:
             self._lock.release()
         return True
+
+
+class Watchdog(threading.Thread):
+    """One thread for every call of the process: it shuts the socket of a call still running at its deadline.
+    (A timer thread per call costs a thread start each time, which a process starved of CPU waits for.)"""
+
+    def __init__(self) -> None:
+        super().__init__(name="pg-watchdog", daemon=True)
+        self.cond = threading.Condition()
+        self.calls: dict[int, tuple[float, Any, threading.Event]] = {}
+        self.next_ticket = 0
+
+    def watch(self, conn: Any, seconds: float, fired: threading.Event) -> int:
+        with self.cond:
+            self.next_ticket += 1
+            self.calls[self.next_ticket] = (time.monotonic() + seconds, conn, fired)
+            self.cond.notify()
+            return self.next_ticket
+
+    def done(self, ticket: int) -> None:
+        with self.cond:
+            self.calls.pop(ticket, None)
+
+    def run(self) -> None:
+        while True:
+            with self.cond:
+                now = time.monotonic()
+                due = [t for t, (deadline, _, _) in self.calls.items() if deadline <= now]
+                fire = [self.calls.pop(t) for t in due]
+                if not fire:
+                    soonest = min((d for d, _, _ in self.calls.values()), default=None)
+                    self.cond.wait(None if soonest is None else max(0.01, soonest - now))
+                    continue
+            for _, conn, fired in fire:
+                shut_socket(conn, fired)
+
+
+_watchdog: Watchdog | None = None
+_watchdog_lock = threading.Lock()
+
+
+def watchdog() -> Watchdog:
+    """The process's watchdog, started at its first use (after any fork: a forked thread does not run)."""
+    global _watchdog
+    with _watchdog_lock:
+        if _watchdog is None or not _watchdog.is_alive():
+            _watchdog = Watchdog()
+            _watchdog.start()
+        return _watchdog
 
 
 def shut_socket(conn: Any, fired: threading.Event) -> None:

@@ -147,27 +147,28 @@ class PgJournal:
         self.mark_many([(message_id, status, error, sent_ts)])
 
     def mark_many(self, marks: list[tuple[Any, ...]]) -> None:
-        """(message_id, status, error, sent_ts[, wa_id]) for each, in one transaction; refused (`Fenced`) once
-        the lease holds another epoch, so the outcomes of a late worker never overwrite the new owner's."""
-        now = time.time()
+        """(message_id, status, error, sent_ts[, wa_id]) for each, in one statement; refused (`Fenced`) once
+        the lease holds another epoch, so the outcomes of a late worker never overwrite the new owner's.
+        One statement, not a transaction over several round trips: its lease check holds its row lock only
+        while the server runs it, so a worker starved of CPU never holds up its host's lease renewal."""
+        if not marks:
+            return
+        rows = self._rows("mark", f"""
+            UPDATE waport_outbox AS o SET status = m.status, error = m.error, sent_ts = COALESCE(m.sent_ts, o.sent_ts),
+                   wa_id = COALESCE(m.wa_id, o.wa_id), updated = %(now)s, attempts = o.attempts + m.more
+            FROM unnest(%(ids)s::text[], %(statuses)s::text[], %(errors)s::text[], %(sent)s::float8[],
+                        %(wa)s::text[], %(more)s::int[]) AS m(id, status, error, sent_ts, wa_id, more)
+            WHERE o.company = %(company)s AND o.message_id = m.id AND {self._guard()}
+            RETURNING 1""",
+            now=time.time(), ids=[m[0] for m in marks], statuses=[m[1] for m in marks],
+            errors=[m[2] for m in marks], sent=[m[3] for m in marks],
+            wa=[m[4] if len(m) > 4 else None for m in marks], more=[1 if m[1] == SENDING else 0 for m in marks])
+        if not rows and self.epoch is not None and not self._held():
+            raise Fenced(f"the lease of {self.company} is no longer at epoch {self.epoch}")
 
-        def run(conn: Any) -> None:
-            with conn.transaction():
-                if self.epoch is not None:
-                    held = conn.execute(f"SELECT {_LEASE_HELD}", self._params()).fetchone()
-                    if not held or not held[0]:
-                        raise Fenced(f"the lease of {self.company} is no longer at epoch {self.epoch}")
-                with conn.cursor() as cur:
-                    cur.executemany(
-                        "UPDATE waport_outbox SET status = %(status)s, error = %(error)s,"
-                        " sent_ts = COALESCE(%(sent_ts)s, sent_ts), wa_id = COALESCE(%(wa_id)s, wa_id),"
-                        " updated = %(now)s, attempts = attempts + %(more)s"
-                        " WHERE company = %(company)s AND message_id = %(id)s",
-                        [{"company": self.company, "status": m[1], "error": m[2], "sent_ts": m[3],
-                          "wa_id": m[4] if len(m) > 4 else None, "now": now, "more": 1 if m[1] == SENDING else 0,
-                          "id": m[0]} for m in marks])
-
-        self.db.call("mark", run)
+    def _held(self) -> bool:
+        row = self._rows("lease", f"SELECT {_LEASE_HELD}")
+        return bool(row and row[0][0])
 
     def interrupted(self) -> list[Outgoing]:
         """At a worker's start: sends begun (by any epoch: a host that died, or this one before a crash)

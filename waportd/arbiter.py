@@ -46,6 +46,7 @@ from waportd.workerlink import WorkerLink
 log = logging.getLogger("waport.arbiter")
 
 RECOVER_OUTCOMES = 200  # latest sends looked at for outcomes a killed worker journaled but never reported
+TIMER_BUDGET = 0.2  # seconds of timers per turn at most: heartbeats and lease renewals are never held up long
 TIMER_BATCH = 20  # timers fired per loop turn: 1,000 companies start a batch a turn, the sockets answer meanwhile
 # Keys a reload does not change (a restart of waportd does).
 RESTART_ONLY = ("state_dir", "run_dir", "backend", "sim_endpoint", "metrics_listen", "http_listen", "worker_spawn",
@@ -369,7 +370,11 @@ class Arbiter:
         (1,000 companies at boot start over 50 turns; the sockets are served in between)."""
         due = self.services.timers.due(now)
         self.services.timers.push_back(due[TIMER_BATCH:])
-        for when, owner, what in due[:TIMER_BATCH]:
+        began = time.monotonic()
+        for i, (when, owner, what) in enumerate(due[:TIMER_BATCH]):
+            if time.monotonic() - began > TIMER_BUDGET:  # spawns slow on a loaded machine: the rest next turn
+                self.services.timers.push_back(due[i:TIMER_BATCH])
+                return
             target = self.roster.get(owner) if isinstance(owner, str) else self.helpers.get(owner)
             if target is None:  # a company deleted meanwhile
                 continue

@@ -25,7 +25,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from ipc import clusterschema as schema
-from ipc.pgdb import shut_socket
+from ipc.pgdb import watchdog
 
 log = logging.getLogger("waport.cluster")
 
@@ -172,13 +172,11 @@ class ClusterStore:
                     self._conn = None
                     self._conn = self._connect(self.role)
                 conn = self._conn
-                watchdog = threading.Timer(self.call_timeout, shut_socket, (conn, fired))
-                watchdog.daemon = True
-                watchdog.start()
+                ticket = watchdog().watch(conn, self.call_timeout, fired)
                 try:
                     return fn(conn)
                 finally:
-                    watchdog.cancel()
+                    watchdog().done(ticket)
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 failure = f"no answer in {self.call_timeout:g} s" if fired.is_set() else self._clean(exc)
                 self._drop()

@@ -147,11 +147,15 @@ class Company:
 
     # ------------------------------------------------------------ starting
 
-    def start(self) -> None:
-        """A start someone asked for: a fresh failure count; nothing if a worker already runs."""
+    def start(self, paced: bool = False) -> None:
+        """A start someone asked for: a fresh failure count; nothing if a worker already runs. `paced`: at
+        the next turns, a batch at a time (a cluster host claiming hundreds at once keeps its loop turning)."""
         if self.worker is None and self.state not in ALIVE:
             self.session.failures = 0
-            self.spawn()
+            if paced:
+                self.queue_start()
+            else:
+                self.spawn()
 
     def queue_start(self) -> None:
         """Start at the next turns, paced with the others (boot): the sockets answer meanwhile."""

@@ -72,7 +72,8 @@ class FileCreds:
 # The worker's own statements (the shared ones are in ipc/clusterschema.py). FOR SHARE: a new owner's claim,
 # which bumps the epoch, waits until this transaction ends, so the check holds for the statement after it.
 LEASE_EPOCH_SQL = "SELECT epoch FROM waport_leases WHERE company = %(company)s FOR SHARE"
-DELETE_CREDENTIALS_SQL = "DELETE FROM waport_credentials WHERE company = %(company)s"
+DELETE_CREDENTIALS_SQL = ("DELETE FROM waport_credentials WHERE company = %(company)s AND (SELECT epoch FROM"
+                          " waport_leases WHERE company = %(company)s FOR SHARE) = %(epoch)s")
 
 
 class PgCreds:
@@ -112,18 +113,19 @@ class PgCreds:
 
     def delete(self) -> None:
         with self._connect() as conn:
-            self._check_lease(conn)
             self._fetch(conn, DELETE_CREDENTIALS_SQL, result=False)
+            self._check_lease(conn)  # deleted only if the lease was ours: else say so
         self._cached = {}
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[Any]:
-        """A connection of its own and one transaction, committed when the block ends without an exception;
-        any database error (connect, statement, commit) is `Unavailable`."""
+        """A connection of its own, each statement committed by itself; any database error is `Unavailable`."""
         import psycopg  # only cluster-mode workers pay for the import
 
         try:
-            with psycopg.connect(self.dsn, connect_timeout=CONNECT_TIMEOUT,
+            # autocommit: each statement's lease check holds its row lock only while the server runs it, never
+            # across round trips of a worker that may be starved of CPU (the host's renewal would wait for it)
+            with psycopg.connect(self.dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT,
                                  application_name=clusterschema.application_name(self.company, self.epoch),
                                  options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}") as conn:
                 yield conn
