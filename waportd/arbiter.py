@@ -507,7 +507,8 @@ def spawner_for(cfg: Config) -> process.ExecSpawner | process.ZygoteSpawner:
     env = process.go_env(cfg.go_gc, cfg.go_memory_limit, cfg.go_max_procs) if cfg.backend == "neonize" else {}
     if cfg.worker_spawn == "exec":
         return process.ExecSpawner(env)
-    return process.ZygoteSpawner(("neonize",) if cfg.backend == "neonize" else (), env)
+    preload = (("neonize",) if cfg.backend == "neonize" else ()) + (("cluster",) if cfg.cluster_dsn else ())
+    return process.ZygoteSpawner(preload, env)
 
 
 def _no_mirror(_company: str, _record: dict[str, Any] | None) -> None:
