@@ -28,7 +28,7 @@ from waportd.services import Services
 from waportd.session import Session
 
 log = logging.getLogger("waport.cluster")
-CLAIMS_PER_ROUND = 100
+CLAIMS_PER_ROUND = 1000
 
 Submit = Callable[[Callable[[Any], Any], Callable[[Any], None]], None]  # (work on the store, done with its result)
 
@@ -186,7 +186,7 @@ class Cluster:
             if company in self.owned and company not in self.releasing:
                 self.release(company)
         # A bounded batch a round (each claim is a callback on the loop; the starts are paced by its timers):
-        # 300 companies of a dead host are claimed within 3 rounds.
+        # a dead host's companies are claimed in one round, and their starts spread over the next turns.
         self.claim([c for c in todo.claim if c not in self.claiming][:CLAIMS_PER_ROUND], now)
 
     # ------------------------------------------------------------ claim, lose, release
