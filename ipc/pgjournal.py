@@ -44,6 +44,40 @@ _INSERT_OUT = (
     " %(now)s, %(now)s, %(source)s, %(type)s, %(payload)s) ON CONFLICT DO NOTHING RETURNING seq")
 
 
+def enqueue_all(db: PgDb, batches: dict[str, list[tuple[Any, ...]]]) -> dict[str, list[tuple[Outgoing, bool]]]:
+    """`PgJournal.enqueue_many` for every company of a loop turn in one transaction, its statements sent in one
+    pipeline (one round trip for the turn, not one per send or per company)."""
+
+    def run(conn: Any) -> dict[str, list[tuple[Outgoing, bool]]]:
+        now = time.time()
+        made: list[tuple[str, Outgoing, Any]] = []
+        with conn.transaction():
+            with conn.pipeline():
+                for company, items in batches.items():
+                    for recipient, text, key, source, *rest in items:
+                        m = Outgoing(message_id_for(company, key), key, recipient, text, QUEUED, None, None, now, now,
+                                     0, source, rest[0] if rest else "text",
+                                     _payload(rest[1] if len(rest) > 1 else None))
+                        made.append((company, m, conn.execute(_INSERT_OUT, {
+                            "company": company, "message_id": m.message_id, "key": key, "recipient": recipient,
+                            "text": text, "now": now, "source": source, "type": m.type, "payload": m.payload})))
+            out: dict[str, list[tuple[Outgoing, bool]]] = {c: [] for c in batches}
+            for company, m, cur in made:
+                if cur.fetchone() is not None:
+                    out[company].append((m, True))
+                    continue
+                first = conn.execute(
+                    f"SELECT {_OUT_COLUMNS} FROM waport_outbox WHERE company = %(company)s AND"
+                    " (idempotency_key = %(key)s OR message_id = %(id)s)",
+                    {"company": company, "key": m.idempotency_key, "id": m.message_id}).fetchone()
+                if first is None:
+                    raise PgUnavailable("the cluster journal (enqueue): a send vanished while it was appended")
+                out[company].append((Outgoing(*first), False))
+        return out
+
+    return db.call("enqueue", run)
+
+
 def queued_media_of(db: PgDb, companies: list[str]) -> set[str]:
     """`PgJournal.queued_media` of many companies in one query (the supervisor asks for all of its own)."""
     rows = db.call("queued_media", lambda conn: conn.execute(

@@ -12,7 +12,7 @@ from conftest import PgServer, free_port
 from ipc.clusterschema import application_name
 from ipc.journal import QUEUED, SENDING, SENT, UNCERTAIN
 from ipc.pgdb import PgDb, PgUnavailable
-from ipc.pgjournal import Fenced, PgJournal
+from ipc.pgjournal import Fenced, PgJournal, enqueue_all
 from waportd.clusterstore import ClusterStore
 
 
@@ -132,3 +132,13 @@ def test_the_password_never_shows_in_an_error() -> None:
         j.pending()
     assert "s3cret-pw" not in str(failed.value) and "pending" in str(failed.value)
     assert "s3cret-pw" not in repr(j.db)
+
+
+def test_a_turn_of_sends_for_many_companies_is_appended_at_once_with_each_key_once(pg, db):
+    conn = db()
+    PgJournal(conn, "beta").enqueue("beta", "1", "earlier", "k")
+    out = enqueue_all(conn, {"acme": [("1", "a", "k", "api"), ("1", "b", None, "api"), ("1", "a again", "k", "api")],
+                             "beta": [("2", "keyed before", "k", "api", "text", {"preview": True})]})
+    assert [(m.text, new) for m, new in out["acme"]] == [("a", True), ("b", True), ("a", False)]
+    assert [(m.text, new) for m, new in out["beta"]] == [("earlier", False)]  # the first one, as SQLite's does
+    assert PgJournal(conn, "acme").counts() == {QUEUED: 2} and PgJournal(conn, "beta").counts() == {QUEUED: 1}
