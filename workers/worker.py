@@ -139,9 +139,10 @@ class Worker:
         # be (a query per heartbeat per worker is 180/s for 900 idle companies on a shared PostgreSQL).
         self.unacked = True
         self.last_inbound = 0.0
-        # The fallback look at the queue: every heartbeat on SQLite (a local read); in cluster mode every 30 s
-        # (each send is nudged anyway; a new owner's first look takes what the dead host had accepted).
-        self.look_every = 30.0 if options.get("cluster_dsn") else 0.0
+        # The fallback look at the queue: every heartbeat on SQLite (a local read); in cluster mode every 5 min
+        # (each send is nudged anyway, and a new owner's first look takes what the dead host had accepted),
+        # so an idle company's connection closes (IDLE_CLOSE) instead of being kept open by the looks.
+        self.look_every = 300.0 if options.get("cluster_dsn") else 0.0
         self.next_look = 0.0
         self.deferred: list[tuple[str, dict[str, Any]]] = []  # reports not journaled yet (a full disk)
 
