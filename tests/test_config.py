@@ -125,7 +125,7 @@ def test_a_backend_whose_dependencies_are_missing_is_named_with_what_to_install(
 
 
 def test_cluster_keys_are_checked_and_the_dsn_never_shown():
-    cfg = config.load("/dev/null", environ={"WAPORT_CLUSTER_DSN": "postgresql://waport:s3cret@db/waport",
+    cfg = config.load("/dev/null", environ={"WAPORT_CLUSTER_DSN": "postgresql://waport:s3cret@db/waport?sslmode=require",
                                             "WAPORT_HOST_ID": "host-a.example"})
     assert cfg.host_id == "host-a.example" and "s3cret" not in repr(cfg)
     assert config.load("/dev/null", environ={}).cluster_dsn == ""
@@ -136,3 +136,11 @@ def test_cluster_keys_are_checked_and_the_dsn_never_shown():
                        ({"WAPORT_LEASE_TTL": "0"}, "lease_ttl")):
         with pytest.raises(ConfigError, match=match):
             config.load("/dev/null", environ=env)
+
+
+def test_a_dsn_without_sslmode_is_refused_for_neonize(tmp_path) -> None:
+    dsn = "postgresql://waport@db/waport"
+    with pytest.raises(ConfigError, match="sslmode"):
+        config.load("/dev/null", environ={"WAPORT_CLUSTER_DSN": dsn})  # neonize: the default backend
+    assert config.load("/dev/null", environ={"WAPORT_CLUSTER_DSN": dsn, "WAPORT_BACKEND": "sim"}).cluster_dsn == dsn
+    assert config.load("/dev/null", environ={"WAPORT_CLUSTER_DSN": dsn + "?sslmode=require"}).cluster_dsn

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(whatsapp_resolves(), reason="this machine can re
 
 def host(base: str, pg: PgServer, **config: Any) -> Daemon:
     os.makedirs(base, exist_ok=True)
-    return Daemon(base, backend="neonize", cluster_dsn=pg.dsn, host_id="h1", lease_ttl=6.0,
+    return Daemon(base, backend="neonize", cluster_dsn=pg.dsn + "?sslmode=disable", host_id="h1", lease_ttl=6.0,
                   lease_renew_interval=0.5, fence_after=3.0, heartbeat_interval=0.5, **config)
 
 
@@ -59,3 +59,4 @@ def test_a_device_gone_from_the_store_is_logged_out_not_a_crash(short_tmp: str, 
         assert pg.sql("SELECT count(*) FROM waport_credentials") == [(0,)]  # the next start pairs anew
     finally:
         d.cleanup()
+

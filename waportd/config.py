@@ -285,4 +285,8 @@ def load(
     if fence <= FENCE_MARGIN + 2 * renew:
         raise ConfigError(f"fence_after: must be more than two lease_renew_interval plus {FENCE_MARGIN:g} s (the "
                           "margin a worker keeps), or sessions stop whenever one renewal is late")
+    dsn = coerced.get("cluster_dsn", "")
+    if dsn and coerced.get("backend", Config.backend) == "neonize" and "sslmode=" not in dsn:
+        raise ConfigError("cluster_dsn: say sslmode= in it (require, verify-full, or disable on a trusted network): "
+                          "whatsmeow's PostgreSQL driver requires SSL when it is not said, psycopg only prefers it")
     return Config(source=source if os.path.exists(source) else "", **coerced)
