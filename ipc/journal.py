@@ -429,15 +429,9 @@ class Journal:
         return {i: sender for i, sender in rows if sender}
 
     def recent_inbound(self, limit: int = 20) -> list[dict[str, Any]]:
-        rows = self.db.execute(
+        return listed_inbound(self.db.execute(
             f"SELECT {_IN_SELECT}, received, delivered, copies FROM inbox"
-            " ORDER BY received DESC LIMIT ?", (limit,)).fetchall()
-        out = []
-        for r in rows:
-            msg = public_inbound(_inbound(r[:9]))
-            msg.update(direction="in", received=r[9], delivered=bool(r[10]), copies=r[11])
-            out.append(msg)
-        return out
+            " ORDER BY received DESC LIMIT ?", (limit,)).fetchall())
 
     # ------------------------------------------------------------ retention and erasure
 
@@ -506,6 +500,16 @@ def _inbound(row: tuple) -> dict[str, Any]:
     if len(row) > 8 and row[8]:
         msg.update(json.loads(row[8]))
     return msg
+
+
+def listed_inbound(rows: list[tuple]) -> list[dict[str, Any]]:
+    """`recent_inbound`'s rows (the inbox's columns, then received, delivered, copies) as listed."""
+    out = []
+    for r in rows:
+        msg = public_inbound(_inbound(r[:9]))
+        msg.update(direction="in", received=r[9], delivered=bool(r[10]), copies=r[11])
+        out.append(msg)
+    return out
 
 
 def _payload(fields: dict[str, Any] | None) -> str | None:

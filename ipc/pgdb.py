@@ -64,26 +64,15 @@ class PgDb:
             raise PgUnavailable(f"the cluster journal ({what}): {text}")
 
     def _connect(self) -> Any:
-        import psycopg
-
-        ms = int(self.statement_timeout * 1000)
-        return psycopg.connect(
-            self._dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT, application_name=self.application_name,
-            options=f"-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout=60000",
-            keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
-            tcp_user_timeout=int(self.call_timeout * 1000))
+        return connect_bounded(self._dsn, self.application_name, CONNECT_TIMEOUT, self.statement_timeout,
+                               self.call_timeout)
 
     def _clean(self, exc: BaseException) -> str:
-        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        return text.replace(self._secret, "***") if self._secret else text
+        return clean_error(exc, self._secret)
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:  # noqa: BLE001 - it is gone either way
-                pass
+        close_quietly(conn)
 
     def close(self) -> None:
         with self._lock:
@@ -99,6 +88,34 @@ class PgDb:
         finally:
             self._lock.release()
         return True
+
+
+def connect_bounded(dsn: str, application_name: str, connect_timeout: float, statement_timeout: float,
+                    call_timeout: float) -> Any:
+    """An autocommit connection whose connect, statements, locks and unacknowledged sends are all bounded."""
+    import psycopg
+
+    ms = int(statement_timeout * 1000)
+    return psycopg.connect(
+        dsn, autocommit=True, connect_timeout=max(2, round(connect_timeout)),  # libpq: whole seconds, 1 means 2
+        application_name=application_name,
+        options=f"-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout=60000",
+        keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
+        tcp_user_timeout=int(call_timeout * 1000))
+
+
+def clean_error(exc: BaseException, secret: str | None) -> str:
+    """The first line of a driver's error, with the password (if any) replaced by ***."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    return text.replace(secret, "***") if secret else text
+
+
+def close_quietly(conn: Any) -> None:
+    if conn is not None:
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001 - it is gone either way
+            pass
 
 
 class Watchdog(threading.Thread):

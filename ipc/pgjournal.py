@@ -30,8 +30,8 @@ from ipc.journal import (
     _payload,
     chat_forms,
     extra_fields,
+    listed_inbound,
     message_id_for,
-    public_inbound,
 )
 from ipc.pgdb import PgDb, PgUnavailable
 
@@ -304,15 +304,9 @@ class PgJournal:
         return {i: sender for i, sender in rows if sender}
 
     def recent_inbound(self, limit: int = 20) -> list[dict[str, Any]]:
-        rows = self._rows("recent_inbound", f"SELECT {_IN_SELECT}, received, delivered, copies FROM waport_inbox"
-                                            " WHERE company = %(company)s ORDER BY received DESC LIMIT %(limit)s",
-                          limit=int(limit))
-        out = []
-        for r in rows:
-            msg = public_inbound(_inbound(r[:9]))
-            msg.update(direction="in", received=r[9], delivered=bool(r[10]), copies=r[11])
-            out.append(msg)
-        return out
+        return listed_inbound(self._rows(
+            "recent_inbound", f"SELECT {_IN_SELECT}, received, delivered, copies FROM waport_inbox"
+                              " WHERE company = %(company)s ORDER BY received DESC LIMIT %(limit)s", limit=int(limit)))
 
     # ------------------------------------------------------------ retention and erasure
 

@@ -13,6 +13,7 @@ import asyncio
 import atexit
 import builtins
 import contextlib
+import copy
 import dis
 import glob
 import inspect
@@ -30,6 +31,7 @@ import threading
 import time
 import types
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -754,12 +756,29 @@ def netns() -> Iterator[Callable[[], Netns]]:
         ns.close()
 
 
+_SHARED_PG: PgServer | None = None
+
+
 @pytest.fixture
-def pg() -> Iterator[PgServer]:
-    """A PostgreSQL server of this test's own (skipped, with the reason, where PostgreSQL is not installed)."""
-    server = PgServer()
-    yield server
-    server.close()
+def pg(request: pytest.FixtureRequest) -> Iterator[PgServer]:
+    """PostgreSQL for a test (skipped, with the reason, where it is not installed): a database of its own on
+    a server the session shares, or, for a test marked `pg_server` (it stops, pauses, kills or reconfigures
+    the server), a server of its own. Sharing saves a server start per test."""
+    if request.node.get_closest_marker("pg_server") is not None:
+        server = PgServer()
+        yield server
+        server.close()
+        return
+    global _SHARED_PG
+    if _SHARED_PG is None or _SHARED_PG.proc is None or _SHARED_PG.proc.poll() is not None:
+        _SHARED_PG = PgServer()
+        atexit.register(_SHARED_PG.close)
+    name = f"t{uuid.uuid4().hex[:12]}"
+    _SHARED_PG.sql(f"CREATE DATABASE {name}")
+    own = copy.copy(_SHARED_PG)
+    own.dsn = _SHARED_PG.dsn.rsplit("/", 1)[0] + f"/{name}"
+    yield own
+    _SHARED_PG.sql(f"DROP DATABASE {name} WITH (FORCE)")  # its connections (a test's workers) end with it
 
 
 class WebhookReceiver:

@@ -1,6 +1,6 @@
 """Chaos soak: faults of every kind while traffic flows; then nothing lost, nothing twice.
 
-Bounded: WAPORT_SOAK_SECONDS of chaos (60 by default, the CI size; the full soak is
+Bounded: WAPORT_SOAK_SECONDS of chaos (45 by default, the CI size; the full soak is
 `WAPORT_SOAK_SECONDS=480 pytest tests/test_chaos.py`). The fault sequence comes from a seed
 that the test prints (WAPORT_SOAK_SEED repeats a run).
 """
@@ -23,7 +23,7 @@ from ipc.journal import Journal
 from ipc.webhooks import new_secret
 
 COMPANIES = [f"co{i}" for i in range(6)]
-SOAK_SECONDS = float(os.environ.get("WAPORT_SOAK_SECONDS", "60"))
+SOAK_SECONDS = float(os.environ.get("WAPORT_SOAK_SECONDS", "45"))
 
 
 class Traffic(threading.Thread):

@@ -247,6 +247,7 @@ def test_sends_accepted_before_a_host_dies_are_sent_by_the_next_owner_once(clust
     assert cluster.net.stats()["replaced"] == 0 and cluster.net.stats()["pairings"] == 1
 
 
+@pytest.mark.pg_server
 def test_a_host_cut_from_postgresql_fences_itself_and_nothing_moves_back_after_the_heal(cluster, netns):
     ns = netns()
     h1 = cluster.start("h1", netns=ns)
@@ -286,6 +287,7 @@ def test_a_host_cut_from_postgresql_fences_itself_and_nothing_moves_back_after_t
     assert all(h1.status(n)["host"] == "h2" for n in names)  # h1 answers again, from the owner
 
 
+@pytest.mark.pg_server
 def test_postgresql_restarting_for_a_moment_stops_no_session(cluster):
     timers = {"lease_ttl": 10.0, "fence_after": 6.0}  # room for a restart on a slow machine
     h1 = cluster.start("h1", **timers)

@@ -232,6 +232,7 @@ def test_hosts_and_desired_state(stores: Callable[..., ClusterStore]) -> None:
         ("acme", None, "b"), ("beta", None, None)]  # the move survived the stop
 
 
+@pytest.mark.pg_server
 def test_postgres_down_fails_fast_and_heals(pg: PgServer) -> None:
     store = ClusterStore(pg.dsn.replace("postgres@", f"postgres:{SECRET}@"), "a", 15, connect_timeout=2,
                          call_timeout=3)
@@ -264,6 +265,7 @@ def test_postgres_down_fails_fast_and_heals(pg: PgServer) -> None:
     store.close()
 
 
+@pytest.mark.pg_server
 def test_cluster_link_answers_through_the_loop_without_blocking_it(pg: PgServer) -> None:
     r, w = socket.socketpair()
     link = ClusterLink(pg.dsn, "a", 15, lambda: w.send(b"w"), connect_timeout=2, call_timeout=3)
@@ -345,6 +347,7 @@ def test_mail_reaches_the_host_it_is_for_even_when_posted_before_it_listened(pg:
         b.close()
 
 
+@pytest.mark.pg_server
 def test_the_listener_comes_back_after_postgresql_restarts(pg: PgServer) -> None:
     a, b = ClusterStore(pg.dsn, "a", 15), ClusterStore(pg.dsn, "b", 15)
     a.migrate()

@@ -110,6 +110,7 @@ def test_purge_erases_what_ended_and_keeps_what_was_promised(pg, db):
     assert desk.purge(time.time() + 1).pending == 1 and desk.counts() == {QUEUED: 1}
 
 
+@pytest.mark.pg_server
 def test_a_frozen_server_fails_a_call_in_bounded_time_and_the_next_call_connects_again(pg, db):
     j = PgJournal(db(), "acme")
     j.db.call_timeout = 1.0

@@ -174,6 +174,7 @@ def test_refused_writes_of_an_older_epoch_leave_the_newer_credentials(dsn: str) 
     assert stored(dsn) == (2, {"company": COMPANY, "token": "new", "phone": "15550000002"})
 
 
+@pytest.mark.pg_server
 def test_postgresql_down_at_start_is_an_exit_never_a_new_pairing(
     auto_net: SimNetProcess, pg: Any, dsn: str, hosts: Factory
 ) -> None:
@@ -192,6 +193,7 @@ def test_postgresql_down_at_start_is_an_exit_never_a_new_pairing(
     assert auto_net.stats()["pairings"] == 1
 
 
+@pytest.mark.pg_server
 def test_a_frozen_postgresql_holds_the_worker_up_for_seconds_only(
     auto_net: SimNetProcess, pg: Any, dsn: str, hosts: Factory
 ) -> None:
@@ -207,6 +209,7 @@ def test_a_frozen_postgresql_holds_the_worker_up_for_seconds_only(
         pg.resume()
 
 
+@pytest.mark.pg_server
 def test_credentials_not_stored_while_postgresql_is_away_are_stored_once_it_is_back(
     net: SimNetProcess, pg: Any, dsn: str, hosts: Factory
 ) -> None:

@@ -25,7 +25,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from ipc import clusterschema as schema
-from ipc.pgdb import watchdog
+from ipc.pgdb import clean_error, close_quietly, connect_bounded, watchdog
 
 log = logging.getLogger("waport.cluster")
 
@@ -144,20 +144,11 @@ class ClusterStore:
     # ------------------------------------------------------------ the connection
 
     def _clean(self, exc: BaseException) -> str:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if self._secret:
-            text = text.replace(self._secret, "***")
-        return text
+        return clean_error(exc, self._secret)
 
     def _connect(self, role: str = "") -> psycopg.Connection:
-        # libpq counts connect_timeout in whole seconds (and treats < 2 as 2).
-        return psycopg.connect(
-            self._dsn, autocommit=True, connect_timeout=max(2, round(self.connect_timeout)),
-            application_name=f"waportd/{self.host_id}{role}"[:schema.NAME_MAX_BYTES],
-            options=f"-c statement_timeout={int(self.statement_timeout * 1000)} -c lock_timeout="
-                    f"{int(self.statement_timeout * 1000)} -c idle_in_transaction_session_timeout=60000",
-            keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
-            tcp_user_timeout=int(self.call_timeout * 1000))
+        return connect_bounded(self._dsn, f"waportd/{self.host_id}{role}"[:schema.NAME_MAX_BYTES],
+                               self.connect_timeout, self.statement_timeout, self.call_timeout)
 
     def _call(self, what: str, fn: Callable[[psycopg.Connection], Any]) -> Any:
         """Run `fn` on the connection (made now if there is none), bounded by `call_timeout`; any failure
@@ -188,11 +179,7 @@ class ClusterStore:
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:  # noqa: BLE001 - it is gone either way
-                pass
+        close_quietly(conn)
 
     def close(self) -> None:
         with self._lock:
