@@ -29,6 +29,7 @@ RUNS = {
     "neonize_scale": ["bench_neonize_scale.py", "--workers", "1", "100", "300"],
     "supervisord": ["bench_supervisord.py", "--workers", "500"],
     "hop": ["bench_hop.py", "--messages", "20000"],
+    "cluster": ["bench_cluster.py", "--hosts", "3", "--companies", "900"],
 }
 
 
@@ -83,6 +84,14 @@ def write_markdown() -> str:
              "and with 1,000 in flight; its CPU per message, times the six process crossings of a send",
              "(client, supervisor, worker, network and back, plus the nudge), is what the pipeline costs before",
              "any journal, rate limit or validation.", "",
+             "`cluster_3x300`: three waportd hosts on one PostgreSQL, 300 sim companies each, all on this one",
+             "2-core VM with the simulated network and PostgreSQL (given the CPU first: in production both run",
+             "elsewhere). `start`: every company started through one host until all are connected; `idle`:",
+             "PostgreSQL transactions per second and connections over 45 s with nothing to do; `send_local` /",
+             "`send_forwarded`: 5,000 sends (500 in flight) through h2 to its own companies and to h3's;",
+             "`send_single_host`: the same on one host alone with SQLite journals; `failover`: one host",
+             "SIGKILLed with its workers until its companies are connected elsewhere (leases expire after 15 s).",
+             "",
              "`host_speed_kops` (every benchmark): thousands of JSON round trips per second on one core, timed",
              "right after the run. The same VM type is 10-20% slower on some days than on others; compare",
              "figures from different days through it.", ""]
