@@ -209,6 +209,10 @@ class Journal:
     def close(self) -> None:
         self._db.close()
 
+    def close_if_idle(self, idle: float) -> bool:
+        """A file holds no server connection: nothing to close (cluster mode's journal closes its own)."""
+        return False
+
     # ------------------------------------------------------------ outbox
 
     def by_key(self, key: str) -> Outgoing | None:

@@ -34,7 +34,7 @@ class PgDb:
         self.call_timeout = call_timeout
         self._conn: Any = None
         self._lock = threading.Lock()
-        self._secret = _password(dsn)
+        self._secret = password(dsn)
         self.last_used = 0.0  # time.monotonic() of the last call
 
     def __repr__(self) -> str:
@@ -182,7 +182,8 @@ def shut_socket(conn: Any, fired: threading.Event) -> None:
         sock.close()
 
 
-def _password(dsn: str) -> str | None:
+def password(dsn: str) -> str | None:
+    """The DSN's password (URL or keyword form), to keep it out of any message."""
     import psycopg
 
     try:

@@ -70,7 +70,7 @@ def enqueue_all(db: PgDb, batches: dict[str, list[tuple[Any, ...]]]) -> dict[str
                     f"SELECT {_OUT_COLUMNS} FROM waport_outbox WHERE company = %(company)s AND"
                     " (idempotency_key = %(key)s OR message_id = %(id)s)",
                     {"company": company, "key": m.idempotency_key, "id": m.message_id}).fetchone()
-                if first is None:
+                if first is None:  # raced with an erasure: the key is free again
                     raise PgUnavailable("the cluster journal (enqueue): a send vanished while it was appended")
                 out[company].append((Outgoing(*first), False))
         return out
@@ -139,32 +139,7 @@ class PgJournal:
     ) -> list[tuple[Outgoing, bool]]:
         """Append sends in one transaction; (the message, True), or (the first one, False) for a key seen
         before. `wait` is the SQLite journal's (PostgreSQL has no writer lock to wait for)."""
-
-        def run(conn: Any) -> list[tuple[Outgoing, bool]]:
-            now = time.time()
-            out = []
-            with conn.transaction():
-                for recipient, text, key, source, *rest in items:
-                    type_ = rest[0] if rest else "text"
-                    payload = _payload(rest[1] if len(rest) > 1 else None)
-                    message_id = message_id_for(company, key)
-                    row = conn.execute(_INSERT_OUT, {
-                        "company": company, "message_id": message_id, "key": key, "recipient": recipient,
-                        "text": text, "now": now, "source": source, "type": type_, "payload": payload}).fetchone()
-                    if row is not None:
-                        out.append((Outgoing(message_id, key, recipient, text, QUEUED, None, None, now, now, 0, source,
-                                             type_, payload), True))
-                        continue
-                    first = conn.execute(
-                        f"SELECT {_OUT_COLUMNS} FROM waport_outbox WHERE company = %(company)s AND"
-                        " (idempotency_key = %(key)s OR message_id = %(id)s)",
-                        {"company": company, "key": key, "id": message_id}).fetchone()
-                    if first is None:  # raced with an erasure: the key is free again
-                        raise PgUnavailable("the cluster journal (enqueue): a send vanished while it was appended")
-                    out.append((Outgoing(*first), False))
-            return out
-
-        return self.db.call("enqueue", run)
+        return enqueue_all(self.db, {company: items})[company]
 
     def take_queued(self, limit: int) -> list[Outgoing]:
         """The oldest queued sends, marked `sending` with this worker's epoch (none once the lease moved)."""
@@ -226,9 +201,7 @@ class PgJournal:
         return self._outgoing("TRUE ORDER BY seq DESC LIMIT %(limit)s", "recent_outbound", limit=int(limit))
 
     def queued_media(self) -> set[str]:
-        rows = self._rows("queued_media", "SELECT payload FROM waport_outbox WHERE company = %(company)s"
-                                          " AND status IN ('queued', 'sending') AND payload IS NOT NULL")
-        return {m for (p,) in rows if (m := json.loads(p).get("media"))}
+        return queued_media_of(self.db, [self.company])
 
     # ------------------------------------------------------------ inbox
 

@@ -1,18 +1,20 @@
 """This host's part of a cluster (DESIGN.md §12): beat, renew what it owns, claim what placement gives it,
 and fence itself when it cannot renew.
 
-Every lease_renew_interval one round goes to PostgreSQL (on the cluster link's thread: the loop never
-waits for the database): this host's beat, the renewal of every lease it holds, and the cluster's view
-(hosts, leases, desired companies). A lease missing from the renewal's answer is lost — another host
-holds a newer epoch — and its worker is stopped at once. Each worker hears its lease deadline with every
-heartbeat (the renewal's expiry on the database clock, turned into this host's monotonic clock, and never
-later than `fence_after` past the last successful round), and stops its session by itself before it
-passes: a supervisor frozen or cut from the database loses its sessions before anyone may claim them.
+Every lease_renew_interval one round goes to PostgreSQL (on a link and thread of its own: the loop never
+waits for the database, and a renewal never waits behind claims or forwarded commands): this host's beat,
+the renewal of every lease it holds, and the cluster's view (hosts, leases, desired companies). A lease
+missing from the renewal's answer is lost — another host holds a newer epoch — and its worker is stopped at
+once. Each worker hears its lease deadline with every heartbeat (the renewal's expiry on the database
+clock, turned into this host's monotonic clock, and never later than `fence_after` past the last
+successful round), and stops its session by itself before it passes: a supervisor frozen or cut from the
+database loses its sessions before anyone may claim them.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -170,7 +172,7 @@ class Cluster:
                 log.info("%s: the lease still holds (its worker fenced itself on a late renewal); starting again",
                          company)
                 c.start(paced=True)
-        live = {c for c, lease in self.view.leases.items() if lease.live and lease.owner != me}
+        live = {c for c, owner in self.live_owners().items() if owner != me}
         for company in self.view.wanted:
             if company in live or company in self.owned:
                 self.unclaimed_since.pop(company, None)
@@ -290,9 +292,12 @@ class Cluster:
             return None
         return lease.owner
 
+    def up_hosts(self) -> set[str]:
+        """The hosts that beat and have not said they are down, as the last round saw them."""
+        return {h.host_id for h in self.view.hosts if h.seen_state(self.cfg.lease_ttl) != DOWN}
+
     def is_up(self, host: str) -> bool:
-        """Whether `host` beats and has not said it is down, as the last round saw it."""
-        return any(h.host_id == host and h.seen_state(self.cfg.lease_ttl) != DOWN for h in self.view.hosts)
+        return host in self.up_hosts()
 
     def live_owners(self) -> dict[str, str]:
         return {c: lease.owner for c, lease in self.view.leases.items() if lease.live}
@@ -330,10 +335,7 @@ class Cluster:
 
     def cmd_cluster(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
         me = self.cfg.host_id
-        owners: dict[str, int] = {}
-        for lease in self.view.leases.values():
-            if lease.live:
-                owners[lease.owner] = owners.get(lease.owner, 0) + 1
+        owners = Counter(self.live_owners().values())
         ok({"host": me, "hosts": [
             {"host_id": h.host_id, "state": h.seen_state(self.cfg.lease_ttl),
              "heartbeat_age": round(h.heartbeat_age, 3), "companies": owners.get(h.host_id, 0),

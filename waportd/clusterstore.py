@@ -25,7 +25,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from ipc import clusterschema as schema
-from ipc.pgdb import clean_error, close_quietly, connect_bounded, watchdog
+from ipc.pgdb import clean_error, close_quietly, connect_bounded, password, watchdog
 
 log = logging.getLogger("waport.cluster")
 
@@ -113,19 +113,11 @@ def redact_dsn(dsn: str) -> str:
     return psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in params.items()})
 
 
-def _password(dsn: str) -> str | None:
-    try:
-        value = psycopg.conninfo.conninfo_to_dict(dsn).get("password")
-    except psycopg.Error:
-        return None
-    return str(value) if value else None
-
-
 class ClusterStore:
     def __init__(self, dsn: str, host_id: str, lease_ttl: float, *, connect_timeout: float = 3.0,
                  statement_timeout: float = 5.0, call_timeout: float = 8.0, role: str = "") -> None:
         self._dsn = dsn
-        self._secret = _password(dsn)
+        self._secret = password(dsn)
         self.host_id = host_id
         self.lease_ttl = float(lease_ttl)
         self.connect_timeout = connect_timeout

@@ -172,7 +172,7 @@ class Forwarder:
         g.respond(control.ok_reply(g.req_id, result))
 
     def cluster_hosts(self) -> set[str]:
-        return {h.host_id for h in self.cluster.view.hosts if self.cluster.is_up(h.host_id)} | {self.me}
+        return self.cluster.up_hosts() | {self.me}
 
     # ------------------------------------------------------------ what other hosts mail here
 

@@ -23,6 +23,7 @@ from importlib import metadata
 from typing import Any
 
 from ipc import clusterschema, protocol
+from ipc.pgdb import clean_error, connect_bounded, password
 
 STORE_LOCK = 0x77706F7275  # "wporu": held while whatsmeow's schema is upgraded
 UPGRADE_TIMEOUT = 120.0
@@ -42,12 +43,7 @@ def neonize_version() -> str:
 
 
 def _connect(dsn: str, company: str, epoch: int, lock_wait: float = 5.0) -> Any:
-    import psycopg
-
-    ms = int(lock_wait * 1000)
-    return psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT,
-                           application_name=clusterschema.application_name(company, epoch),
-                           options=f"-c statement_timeout={ms} -c lock_timeout={ms}")
+    return connect_bounded(dsn, clusterschema.application_name(company, epoch), CONNECT_TIMEOUT, lock_wait, lock_wait)
 
 
 def ensure_schema(dsn: str, company: str, epoch: int, run: Any = subprocess.run) -> bool:
@@ -72,7 +68,7 @@ def ensure_schema(dsn: str, company: str, epoch: int, run: Any = subprocess.run)
             conn.execute("INSERT INTO waport_store_upgrades (neonize) VALUES (%s) ON CONFLICT DO NOTHING", (version,))
             return True
     except psycopg.Error as exc:
-        raise StoreError(f"PostgreSQL: {_first_line(exc)}") from None
+        raise StoreError(f"PostgreSQL: {clean_error(exc, password(dsn))}") from None
 
 
 def device_exists(dsn: str, company: str, epoch: int, jid: str) -> bool:
@@ -82,7 +78,7 @@ def device_exists(dsn: str, company: str, epoch: int, jid: str) -> bool:
         with _connect(dsn, company, epoch) as conn:
             return conn.execute("SELECT 1 FROM whatsmeow_device WHERE jid = %s", (jid,)).fetchone() is not None
     except psycopg.Error as exc:
-        raise StoreError(f"PostgreSQL: {_first_line(exc)}") from None
+        raise StoreError(f"PostgreSQL: {clean_error(exc, password(dsn))}") from None
 
 
 def jid_text(jid: Any) -> str:
@@ -104,7 +100,3 @@ def parse_jid(text: str, make: Any) -> Any:
     user, _, agent = user.partition(".")
     return make(User=user, RawAgent=int(agent or 0), Device=int(device or 0), Integrator=0, Server=server,
                 IsEmpty=False)
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]

@@ -164,7 +164,7 @@ class Sender(threading.Thread):
             announced = False
             while not self.stopping:
                 announced = announced or announce_interrupted(journal, self.emit)
-                if not self.wakeup.wait(1.0) and hasattr(journal, "close_if_idle"):
+                if not self.wakeup.wait(1.0):
                     journal.close_if_idle(IDLE_CLOSE)  # cluster mode: an idle sender holds no connection
                 self.wakeup.clear()
                 self.drain(journal)

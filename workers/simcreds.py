@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from ipc import clusterschema, jsonsafe
 from ipc.files import write_json_atomic
+from ipc.pgdb import clean_error, password
 
 # These run on the worker's loop, which also fences the session by its lease deadline: an operation may hold
 # it up to about CONNECT_TIMEOUT + 2 statements, well inside the lease's margin (lease_ttl - fence_after).
@@ -130,7 +131,7 @@ class PgCreds:
                                  options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}") as conn:
                 yield conn
         except psycopg.Error as exc:
-            raise Unavailable(f"PostgreSQL: {_first_line(exc)}") from None
+            raise Unavailable(f"PostgreSQL: {clean_error(exc, password(self.dsn))}") from None
 
     def _fetch(self, conn: Any, sql: str, result: bool = True, **params: Any) -> Any:
         cur = conn.execute(sql, {"company": self.company, "epoch": self.epoch, **params})
@@ -143,9 +144,6 @@ class PgCreds:
             held = "no lease" if lease_epoch is None else f"epoch {lease_epoch}"
             raise Fenced(f"the lease of {self.company} is at {held}, this worker's is {self.epoch}")
 
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def store_for(company: str, session_dir: str, options: dict[str, Any], filename: str) -> CredsStore:

@@ -18,6 +18,7 @@ import os
 import sys
 
 from ipc import protocol
+from ipc.pgdb import clean_error, password
 
 
 def upgrade(dsn: str) -> int:
@@ -41,8 +42,7 @@ def main() -> int:
     try:
         devices = upgrade(dsn)
     except Exception as exc:  # noqa: BLE001 - one line for the supervisor's log
-        secret = dsn.split("@", 1)[0]
-        print(f"storeupgrade: the WhatsApp store could not be upgraded: {str(exc).replace(secret, '***')}",
+        print(f"storeupgrade: the WhatsApp store could not be upgraded: {clean_error(exc, password(dsn))}",
               file=sys.stderr)
         return 1
     print(f"storeupgrade: the WhatsApp store is current ({devices} devices)")

@@ -226,9 +226,7 @@ class Worker:
             except sqlite3.Error as exc:  # PostgreSQL away for a moment (cluster mode): the last count will do
                 log.debug("queued count unavailable: %s", exc)
         self.send(protocol.HEARTBEAT, {"state": self.state, "queued": self.queued})
-        close_if_idle = getattr(self.journal, "close_if_idle", None)  # cluster mode's journal in PostgreSQL
-        if close_if_idle is not None:
-            close_if_idle(IDLE_CLOSE)
+        self.journal.close_if_idle(IDLE_CLOSE)  # cluster mode: an idle company holds no connection
 
     def fenced(self, now: float) -> bool:
         """The fence decision: near the lease deadline with no newer one, the session ends (exit `fenced`)."""
