@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 7
 # One number for every waportd sharing a database: `migrate` holds it while it creates or upgrades the schema.
 MIGRATION_LOCK = 0x77706F7274  # "wport"
 
@@ -96,6 +96,70 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         """CREATE TABLE IF NOT EXISTS waport_store_upgrades (
             neonize text PRIMARY KEY,
             upgraded_at timestamptz NOT NULL DEFAULT now())""",
+    ),
+    # 5: the webhook store (DESIGN.md §10; ipc/pgwebhookstore.py), the SQLite store's tables with the company
+    # in every row: endpoints and their secrets, the companies' `seq`, and every event an endpoint wants.
+    5: (
+        """CREATE TABLE IF NOT EXISTS waport_webhook_endpoints (
+            company text PRIMARY KEY,
+            url text NOT NULL,
+            secret text NOT NULL,
+            old_secret text,
+            old_until float8,
+            events text NOT NULL,
+            created float8 NOT NULL,
+            updated float8 NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS waport_webhook_disabled (
+            company text NOT NULL,
+            url text NOT NULL,
+            reason text NOT NULL,
+            at float8 NOT NULL,
+            PRIMARY KEY (company, url))""",
+        "CREATE TABLE IF NOT EXISTS waport_webhook_seqs (company text PRIMARY KEY, seq bigint NOT NULL)",
+        """CREATE TABLE IF NOT EXISTS waport_webhook_events (
+            n bigserial PRIMARY KEY,
+            id text NOT NULL UNIQUE,
+            company text NOT NULL,
+            seq bigint NOT NULL,
+            type text NOT NULL,
+            body text NOT NULL,
+            created float8 NOT NULL,
+            status text NOT NULL DEFAULT 'pending',
+            attempts int NOT NULL DEFAULT 0,
+            next_at float8 NOT NULL,
+            last_at float8,
+            last_status int,
+            last_error text,
+            done_at float8)""",
+        "CREATE INDEX IF NOT EXISTS waport_webhook_events_pending ON waport_webhook_events (company, seq)"
+        " WHERE status = 'pending'",
+        "CREATE INDEX IF NOT EXISTS waport_webhook_events_company ON waport_webhook_events (company, created)",
+        "CREATE INDEX IF NOT EXISTS waport_webhook_events_done ON waport_webhook_events (done_at)"
+        " WHERE status <> 'pending'",
+    ),
+    # 6: API tokens (DESIGN.md §9): one row per token, its record as the token file keeps it (the SHA-256,
+    # never the token), so a token made on any host works on every host.
+    6: (
+        """CREATE TABLE IF NOT EXISTS waport_tokens (
+            id text PRIMARY KEY,
+            record jsonb NOT NULL,
+            updated_at timestamptz NOT NULL DEFAULT now())""",
+    ),
+    # 7: the media store (DESIGN.md §11): each file's record and its bytes in chunks, so a company's media
+    # is readable on whichever host runs it next.
+    7: (
+        """CREATE TABLE IF NOT EXISTS waport_media (
+            media_id text PRIMARY KEY,
+            size bigint NOT NULL,
+            mimetype text NOT NULL,
+            filename text,
+            created float8 NOT NULL,
+            owners text[] NOT NULL DEFAULT '{}')""",
+        """CREATE TABLE IF NOT EXISTS waport_media_chunks (
+            media_id text NOT NULL REFERENCES waport_media (media_id) ON DELETE CASCADE,
+            n int NOT NULL,
+            data bytea NOT NULL,
+            PRIMARY KEY (media_id, n))""",
     ),
 }
 assert max(MIGRATIONS) == SCHEMA_VERSION

@@ -70,7 +70,9 @@ def test_migrate_is_idempotent_and_safe_from_two_hosts_at_once(pg: PgServer) -> 
     found = at_once(a.migrate, b.migrate)
     assert sorted(found) == [0, SCHEMA_VERSION]  # one created it, the other waited and found it done
     assert tables(pg) == {"waport_schema", "waport_hosts", "waport_companies", "waport_leases",
-                          "waport_credentials", "waport_mail", "waport_outbox", "waport_inbox", "waport_store_upgrades"}
+                          "waport_credentials", "waport_mail", "waport_outbox", "waport_inbox", "waport_store_upgrades",
+                          "waport_webhook_endpoints", "waport_webhook_disabled", "waport_webhook_seqs",
+                          "waport_webhook_events", "waport_tokens", "waport_media", "waport_media_chunks"}
     assert a.migrate() == SCHEMA_VERSION
     assert pg.sql("SELECT version FROM waport_schema") == [(SCHEMA_VERSION,)]
     a.close()
