@@ -25,7 +25,7 @@ test: venv
 	bash .ci/install-system-deps
 	$(BIN)/ruff check waportd workers ipc cli api tests
 	$(BIN)/lint-imports --no-logo --no-cache  # the import rules of DESIGN.md §8 (pyproject.toml)
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=30 $(PYTEST_ARGS)
 
 # The unit tests alone, in seconds: no test that starts a process (tests marked e2e, see tests/conftest.py).
 test-fast: venv

@@ -98,7 +98,8 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             upgraded_at timestamptz NOT NULL DEFAULT now())""",
     ),
     # 5: the webhook store (DESIGN.md §10; ipc/pgwebhookstore.py), the SQLite store's tables with the company
-    # in every row: endpoints and their secrets, the companies' `seq`, and every event an endpoint wants.
+    # in every row: endpoints and their secrets, the companies' `seq`, and every event an endpoint wants (with
+    # the host that wrote it: it delivers the events of a company no host runs).
     5: (
         """CREATE TABLE IF NOT EXISTS waport_webhook_endpoints (
             company text PRIMARY KEY,
@@ -120,6 +121,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             n bigserial PRIMARY KEY,
             id text NOT NULL UNIQUE,
             company text NOT NULL,
+            host text NOT NULL,
             seq bigint NOT NULL,
             type text NOT NULL,
             body text NOT NULL,

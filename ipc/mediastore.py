@@ -205,6 +205,16 @@ class MediaStore:
             fh.seek(offset)
             return fh.read(length)
 
+    def local_path(self, media_id: str) -> str:
+        """Where the file is for a process that opens it (a worker's send): here, the store itself."""
+        return self.path(media_id)
+
+    def close(self) -> None:
+        """Nothing held open (a store in PostgreSQL holds a connection)."""
+
+    def close_if_idle(self, idle: float) -> bool:
+        return False
+
     def release(self, media_id: str, company: str, keep: set[str] = frozenset()) -> bool:  # type: ignore[assignment]
         """`company` no longer holds this file (its message was erased). The same bytes may belong to
         others, or a queued send (`keep`) may need them: the file goes only when nobody does. True if gone."""

@@ -36,22 +36,25 @@ class PgDb:
         self._lock = threading.Lock()
         self._secret = password(dsn)
         self.last_used = 0.0  # time.monotonic() of the last call
+        self.what = "the cluster journal"  # what its errors say failed
 
     def __repr__(self) -> str:
         return f"PgDb({self.application_name!r})"  # never the DSN: it may hold a password
 
-    def call(self, what: str, fn: Callable[[Any], Any]) -> Any:
-        """`fn(connection)` (autocommit; `with conn.transaction()` for several statements), bounded."""
+    def call(self, what: str, fn: Callable[[Any], Any], timeout: float | None = None) -> Any:
+        """`fn(connection)` (autocommit; `with conn.transaction()` for several statements), bounded by
+        `timeout` (default `call_timeout`: a call moving many megabytes, a media file's, needs longer)."""
         import psycopg
 
         with self._lock:
             fired = threading.Event()
+            bound = timeout or self.call_timeout
             try:
                 if self._conn is None or self._conn.closed:
                     self._conn = None
                     self._conn = self._connect()
                 conn = self._conn
-                ticket = watchdog().watch(conn, self.call_timeout, fired)
+                ticket = watchdog().watch(conn, bound, fired)
                 try:
                     return fn(conn)
                 finally:
@@ -60,8 +63,8 @@ class PgDb:
             except psycopg.Error as exc:
                 if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
                     self._drop()
-                text = f"no answer in {self.call_timeout:g} s" if fired.is_set() else self._clean(exc)
-            raise PgUnavailable(f"the cluster journal ({what}): {text}")
+                text = f"no answer in {bound:g} s" if fired.is_set() else self._clean(exc)
+            raise PgUnavailable(f"{self.what} ({what}): {text}")
 
     def _connect(self) -> Any:
         return connect_bounded(self._dsn, self.application_name, CONNECT_TIMEOUT, self.statement_timeout,

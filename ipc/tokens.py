@@ -2,7 +2,9 @@
 
 Here in ipc because two processes use it: the supervisor creates and revokes tokens (control
 commands `token_create`, `token_list`, `token_revoke`) and is the only writer; the API process
-only reads the file to check a presented bearer token (`TokenReader`), and may import ipc only.
+only reads the file to check a presented bearer token (`TokenReader`), and may import ipc only. In
+cluster mode PostgreSQL holds the tokens and the file is this host's copy, which the supervisor keeps in
+step (waportd/tokensync.py, through `TokenStore.merge`): the API process reads it the same way.
 
 A token is `wp_` + 32 random bytes (URL-safe base64) and is shown once, at creation. The file
 keeps its SHA-256 and never the token: a copy of the file (a backup, a log) lets nobody in. A
@@ -116,8 +118,16 @@ class TokenStore:
             self._put(record)
 
     def _put(self, record: TokenRecord) -> None:
+        old = self.records.get(record.id)
+        if old is not None and self._by_hash.get(old.sha256) is old:
+            del self._by_hash[old.sha256]
         self.records[record.id] = record
         self._by_hash[record.sha256] = record
+
+    def _drop(self, token_id: str) -> None:
+        old = self.records.pop(token_id, None)
+        if old is not None and self._by_hash.get(old.sha256) is old:
+            del self._by_hash[old.sha256]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -186,11 +196,30 @@ class TokenStore:
         """Revoked from now on; revoking a revoked token changes nothing (its first time stays)."""
         record = self.records.get(token_id) if isinstance(token_id, str) else None
         if record is None:
-            raise WaportError(BAD_REQUEST, f"no API token {str(token_id)[:80]!r}; `waportctl token list` shows them")
+            raise unknown_token(token_id)
         if record.revoked_at is None:
             record = dataclasses.replace(record, revoked_at=round(now, 3))
             self._put(record)
         return record
+
+    def merge(self, records: Iterable[TokenRecord], complete: bool = False, gone: Iterable[str] = ()) -> list[str]:
+        """Take another copy's records (cluster mode: PostgreSQL's), each through `merged`; `complete`: they are
+        every token there is, so one they lack goes; `gone`: ids to drop (a record that could not be read is
+        no token: fail closed). The ids that changed, so the caller rewrites the file only when needed."""
+        changed: list[str] = []
+        seen: set[str] = set()
+        for new in records:
+            seen.add(new.id)
+            old = self.records.get(new.id)
+            record = merged(old, new)
+            if record != old:
+                self._put(record)
+                changed.append(record.id)
+        dropped = set(gone) | (set(self.records) - seen if complete else set())
+        for token_id in sorted(dropped & set(self.records)):
+            self._drop(token_id)
+            changed.append(token_id)
+        return changed
 
     # ------------------------------------------------------------ reading
 
@@ -211,6 +240,21 @@ class TokenStore:
         if record is None or not hmac.compare_digest(record.sha256, digest):
             return None
         return record if record.state(now) == ACTIVE else None
+
+
+def merged(old: TokenRecord | None, new: TokenRecord) -> TokenRecord:
+    """What a copy keeps when another copy of a record comes in: the new one, except that a revocation is never
+    undone by a copy that had not seen it (same token, same hash), and a token revoked twice keeps its first
+    time. A record of another hash under the same id is another token: the new one wins outright."""
+    if old is None or old.revoked_at is None or old.sha256 != new.sha256:
+        return new
+    if new.revoked_at is None or new.revoked_at > old.revoked_at:
+        return dataclasses.replace(new, revoked_at=old.revoked_at)
+    return new
+
+
+def unknown_token(token_id: Any) -> WaportError:
+    return WaportError(BAD_REQUEST, f"no API token {str(token_id)[:80]!r}; `waportctl token list` shows them")
 
 
 FileKey = tuple[int, int, int]  # (st_mtime_ns, st_size, st_ino)

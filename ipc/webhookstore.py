@@ -23,6 +23,7 @@ from ipc.webhooks import GLOBAL
 DIRNAME = "webhooks"
 FILENAME = "webhooks.db"
 PENDING, OK, DEAD = "pending", "ok", "dead"
+CLUSTER_DSN_ENV = "WAPORT_CLUSTER_DSN"  # how the delivery process of a cluster host gets the store's DSN
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS endpoints (
@@ -143,6 +144,15 @@ class WebhookStore:
         self.db.close()
 
     @contextlib.contextmanager
+    def patient(self) -> Iterator[None]:
+        """Commands wait a little for the delivery process's lock (the loop's own writes never do)."""
+        self.db.execute("PRAGMA busy_timeout=2000")
+        try:
+            yield
+        finally:
+            self.db.execute(f"PRAGMA busy_timeout={self.busy_ms}")
+
+    @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Cursor]:
         """One write transaction; `Busy` if another process holds the lock past our wait (nothing written)."""
         cur = self.db.cursor()
@@ -201,13 +211,15 @@ class WebhookStore:
     def seqs(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT company, seq FROM seqs").fetchall())
 
-    def add_events(self, rows: list[tuple[str, str, int, str, str, float]], seqs: dict[str, int]) -> None:
+    def add_events(self, rows: list[tuple[str, str, int, str, str, float]], seqs: dict[str, int]) -> dict[str, int]:
         """Record `(id, company, seq, type, body, created)` rows and the companies' last seq, in one transaction.
-        An id already recorded (the same message heard again after a crash) is kept as it was."""
+        An id already recorded (the same message heard again after a crash) is kept as it was. Returns `seqs`
+        (only this process writes them; the cluster's store may renumber)."""
         with self.transaction() as cur:
             cur.executemany("INSERT OR IGNORE INTO events(id, company, seq, type, body, created, next_at) "
                             "VALUES (?, ?, ?, ?, ?, ?, ?)", [(*r, r[5]) for r in rows])
             cur.executemany("INSERT OR REPLACE INTO seqs(company, seq) VALUES (?, ?)", list(seqs.items()))
+        return seqs
 
     def known(self, ids: list[str]) -> set[str]:
         """Which of these event ids are recorded."""
@@ -251,9 +263,6 @@ class WebhookStore:
             "SELECT n, id, company, seq, type, body, created, attempts, next_at FROM events "
             "WHERE company = ? AND status = 'pending' AND seq > ? ORDER BY seq LIMIT ?", (company, after_seq, limit))]
 
-    def last_n(self) -> int:
-        return self.db.execute("SELECT COALESCE(MAX(n), 0) FROM events").fetchone()[0]
-
     def settle(self, results: list[Settled]) -> None:
         with self.transaction() as cur:
             cur.executemany(
@@ -280,15 +289,20 @@ class WebhookStore:
         rows = self.db.execute(
             "SELECT id, seq, type, status, attempts, created, next_at, last_at, last_status, last_error, done_at "
             "FROM events WHERE company = ? ORDER BY status = 'ok', seq DESC LIMIT ?", (company, limit)).fetchall()
-        keys = ("id", "seq", "type", "status", "attempts", "created", "next_attempt_at", "last_attempt_at",
-                "last_status", "last_error", "done_at")
-        items = []
-        for r in rows:
-            item = dict(zip(keys, r, strict=True))
-            if item["status"] != PENDING:
-                item["next_attempt_at"] = None
-            items.append(item)
-        return {"counts": {k: counts.get(k, 0) for k in (PENDING, OK, DEAD)}, "events": items}
+        return deliveries_of(counts, rows)
+
+
+def deliveries_of(counts: dict[str, int], rows: list[tuple]) -> dict[str, Any]:
+    """`webhook deliveries`' answer from the counts by status and the listed rows (both stores')."""
+    keys = ("id", "seq", "type", "status", "attempts", "created", "next_attempt_at", "last_attempt_at",
+            "last_status", "last_error", "done_at")
+    items = []
+    for r in rows:
+        item = dict(zip(keys, r, strict=True))
+        if item["status"] != PENDING:
+            item["next_attempt_at"] = None
+        items.append(item)
+    return {"counts": {k: counts.get(k, 0) for k in (PENDING, OK, DEAD)}, "events": items}
 
 
 def _event(r: tuple) -> Event:

@@ -6,16 +6,22 @@ the test's own and one standalone simulated network, which sees any double sessi
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
 from conftest import Daemon, EventTap, Netns, SimNetProcess, wait_for
+from test_rich_messages import get, put
 
 from ipc.errors import WaportError
+from ipc.mediastore import WIRE_CHUNK
+from ipc.tokens import TOKENS_FILE, TokenReader, TokenStore
 
 WAPORTCTL = os.path.join(os.path.dirname(sys.executable), "waportctl")
 TIMERS = {"lease_ttl": 6.0, "lease_renew_interval": 0.5, "fence_after": 3.0, "heartbeat_interval": 0.5}
@@ -247,6 +253,34 @@ def test_sends_accepted_before_a_host_dies_are_sent_by_the_next_owner_once(clust
     assert cluster.net.stats()["replaced"] == 0 and cluster.net.stats()["pairings"] == 1
 
 
+def test_api_tokens_work_on_every_host_and_a_revocation_reaches_every_host(cluster):
+    # h2 ran alone before it joined: a token of its own, which the cluster keeps
+    state = os.path.join(cluster.base, "h2", "state")
+    os.makedirs(state, mode=0o700)
+    own = TokenStore()
+    early, early_token = own.create(None, None, time.time())
+    own.save(os.path.join(state, TOKENS_FILE))
+    h1, h2 = cluster.start("h1"), cluster.start("h2")
+    readers = {h: TokenReader(os.path.join(d.state_dir, TOKENS_FILE)) for h, d in cluster.daemons.items()}
+
+    made = h1.ctl("token_create", company="acme")  # through h1, checked by h2's API's token check
+    wait_for(lambda: readers["h2"].verify(made["token"], time.time()), timeout=10, what="h1's token on h2")
+    wait_for(lambda: readers["h1"].verify(early_token, time.time()), timeout=10, what="h2's own token on h1")
+    assert readers["h2"].verify(early_token, time.time()) == early
+    for d in (h1, h2):
+        assert {t["id"]: t["state"] for t in d.ctl("token_list")["tokens"]} == {made["id"]: "active",
+                                                                               early.id: "active"}
+    rows = cluster.pg.sql("SELECT record FROM waport_tokens")
+    assert len(rows) == 2 and made["token"] not in repr(rows) and early_token not in repr(rows)
+
+    h2.ctl("token_revoke", id=made["id"])  # through h2: h1 stops it within a round or two
+    assert readers["h2"].verify(made["token"], time.time()) is None
+    wait_for(lambda: readers["h1"].verify(made["token"], time.time()) is None,
+             timeout=4 * TIMERS["lease_renew_interval"] + 3, what="the revocation on h1")
+    assert readers["h1"].verify(early_token, time.time()) == early
+    assert "wp_" not in h1.logs() + h2.logs()
+
+
 @pytest.mark.pg_server
 def test_a_host_cut_from_postgresql_fences_itself_and_nothing_moves_back_after_the_heal(cluster, netns):
     ns = netns()
@@ -307,3 +341,79 @@ def test_postgresql_restarting_for_a_moment_stops_no_session(cluster):
     assert cluster.epochs() == before and {n: cluster.owner(n) for n in names} == owners
     stats = cluster.net.stats()
     assert stats["replaced"] == 0 and stats["connects"] == connects  # no session ended, none started again
+
+
+def test_a_company_s_webhook_endpoint_and_undelivered_events_move_with_it(cluster, receiver):
+    for host in ("h1", "h2"):
+        cluster.start(host, webhook_retry_scale=0.01)
+    cluster.daemons["h1"].ctl("start", company="acme")
+    first = cluster.owner("acme")
+    other = next(h for h in cluster.daemons if h != first)
+    asker = cluster.daemons[other]  # set through the host that will survive: the owner stores it
+    hook = asker.ctl("webhook_set", company="acme", url=receiver.url("acme"), events="message")
+    receiver.secrets("acme", hook["secret"])
+
+    def texts() -> list[tuple[int, str]]:
+        return sorted((r["seq"], r["data"]["text"]) for r in receiver.delivered("acme"))
+
+    cluster.net.call("inbound", company="acme", **{"from": "15550100009"}, text="one")
+    wait_for(lambda: texts() == [(1, "one")], what="the first event delivered by the owner")
+    receiver.behave("acme", status=503)  # the endpoint is down when the owner dies
+    cluster.net.call("inbound", company="acme", **{"from": "15550100009"}, text="two")
+    wait_for(lambda: any(r.get("seq") == 2 for r in receiver.received()), what="the second event tried once")
+    victim = cluster.daemons[first]
+    os.kill(victim.proc.pid, signal.SIGKILL)
+    victim.proc.wait(10)
+    receiver.behave("acme", status=204)
+    assert cluster.owner("acme", timeout=TIMERS["lease_ttl"] + 15, exclude=(first,)) == other
+    wait_for(lambda: texts() == [(1, "one"), (2, "two")], timeout=20,
+             what="the event the dead host could not deliver, delivered by the next owner")
+    cluster.net.call("inbound", company="acme", **{"from": "15550100009"}, text="three")
+    wait_for(lambda: texts() == [(1, "one"), (2, "two"), (3, "three")], what="the seq counting on")
+    assert receiver.all_valid(receiver.received())  # the same secret signs on the new owner
+    assert asker.ctl("webhook_show", company="acme")["url"] == receiver.url("acme")
+    wait_for(lambda: asker.ctl("webhook_deliveries", company="acme")["counts"] == {"ok": 3, "pending": 0, "dead": 0},
+             what="the three recorded as delivered")
+    assert cluster.pg.sql("SELECT seq, host FROM waport_webhook_events ORDER BY seq") == [
+        (1, first), (2, first), (3, other)]
+
+
+def test_media_stored_through_one_host_is_sent_and_read_from_the_next_owner_after_a_kill(cluster):
+    """The media store is in PostgreSQL: an upload (in chunks, through the owner) and an inbound file the
+    owner's worker downloaded are both there for the next owner once the first host is gone, disk and all."""
+    for host in ("h1", "h2"):
+        cluster.start(host)
+    cluster.daemons["h1"].ctl("start", company="acme")
+    first = cluster.owner("acme")
+    other = next(h for h in cluster.daemons if h != first)
+    owner, survivor = cluster.daemons[first], cluster.daemons[other]
+    menu = os.urandom(2 * (1 << 20) + 77)  # three media_put chunks and three store chunks
+    uploaded = put(owner, menu, "application/pdf", company="acme", filename="menu.pdf")
+    photo = os.urandom(300_000)
+    tap = EventTap(owner.run_dir, prefix=b"acme.message")
+    cluster.net.call("inbound", company="acme", **{"from": "15550100001"}, type="image",
+                     media_b64=base64.b64encode(photo).decode(), mimetype="image/jpeg", id="WA-PHOTO")
+    inbound = tap.wait(lambda e: e["data"]["id"] == "WA-PHOTO", what="the photo stored")["data"]["media"]
+    tap.close()
+    assert inbound["status"] == "stored" and inbound["sha256"] == hashlib.sha256(photo).hexdigest()
+    assert cluster.pg.sql("SELECT count(*) FROM waport_media") == [(2,)]
+    assert not os.path.exists(os.path.join(survivor.state_dir, "media", uploaded["media_id"][:2], uploaded["media_id"]))
+    # an upload in chunks through a host that does not run the company: every chunk is taken there (none
+    # forwarded), and the owner reads it at once
+    logo = os.urandom(WIRE_CHUNK + 1)
+    elsewhere = put(survivor, logo, "image/png", company="acme")
+    assert get(owner, elsewhere["media_id"], company="acme") == logo
+
+    os.kill(owner.proc.pid, signal.SIGKILL)  # its disk is as good as gone: the survivor never reads it
+    owner.proc.wait(10)
+    assert cluster.owner("acme", timeout=TIMERS["lease_ttl"] + 15, exclude=(first,)) == other
+    assert get(survivor, inbound["id"], company="acme") == photo  # straight from PostgreSQL
+    sent = survivor.ctl("send", company="acme", to="15550109999", type="document", media=uploaded["media_id"],
+                        idempotency_key="menu")
+    wait_for(lambda: [m["status"] for m in survivor.ctl("messages", company="acme")["outbound"]
+                      if m["message_id"] == sent["message_id"]] == ["sent"], timeout=20, what="the menu sent")
+    (out,) = cluster.net.call("sent", company="acme")["messages"]
+    assert (out["sha256"], out["size"]) == (uploaded["sha256"], len(menu))
+    # the new owner's worker brought the file into its host's cache to send it
+    with open(os.path.join(survivor.state_dir, "media", uploaded["media_id"][:2], uploaded["media_id"]), "rb") as fh:
+        assert fh.read() == menu

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -192,3 +193,48 @@ def test_the_reader_fails_closed_on_a_damaged_file_until_it_is_fixed(path):
     assert reader.reads == 2  # the damaged version was read once
     store.save(path)
     assert reader.verify(token, NOW) is not None
+
+
+# ---------------------------------------------------------------- another copy's records (cluster mode)
+
+
+def test_merge_takes_new_and_changed_records_and_says_which():
+    mine = TokenStore()
+    kept, kept_token = mine.create(None, None, NOW)
+    theirs = TokenStore([kept])
+    new, new_token = theirs.create("acme", None, NOW + 1)
+    assert mine.merge(theirs.records.values()) == [new.id]
+    assert mine.verify(new_token, NOW + 2) == new and mine.verify(kept_token, NOW + 2) == kept
+    assert mine.merge(theirs.records.values()) == []  # seen again: nothing changes, nothing to write
+    theirs.revoke(new.id, NOW + 3)
+    assert mine.merge([theirs.get(new.id)]) == [new.id]
+    assert mine.verify(new_token, NOW + 4) is None
+
+
+def test_merge_never_undoes_a_revocation_and_keeps_the_first_time():
+    mine = TokenStore()
+    record, token = mine.create(None, None, NOW)
+    mine.revoke(record.id, NOW + 5)
+    assert mine.merge([record]) == []  # an older copy, without the revocation
+    assert mine.get(record.id).revoked_at == NOW + 5 and mine.verify(token, NOW + 6) is None
+    later = dataclasses.replace(record, revoked_at=NOW + 9)
+    assert mine.merge([later]) == [] and mine.get(record.id).revoked_at == NOW + 5
+    earlier = dataclasses.replace(record, revoked_at=NOW + 1)
+    assert mine.merge([earlier]) == [record.id] and mine.get(record.id).revoked_at == NOW + 1
+
+
+def test_merge_of_every_record_drops_what_is_gone_and_another_hash_is_another_token():
+    mine = TokenStore()
+    gone, gone_token = mine.create(None, None, NOW)
+    same_id, old_token = mine.create(None, None, NOW)
+    unreadable, unreadable_token = mine.create(None, None, NOW)
+    mine.revoke(same_id.id, NOW + 1)
+    other = TokenStore()
+    _, new_token = other.create(None, None, NOW + 2)
+    replaced = dataclasses.replace(other.records.popitem()[1], id=same_id.id)  # the id, another token
+    changed = mine.merge([replaced, unreadable], complete=True, gone=[unreadable.id])
+    assert sorted(changed) == sorted([same_id.id, gone.id, unreadable.id])
+    assert list(mine.records) == [same_id.id] and mine.get(same_id.id) == replaced  # not kept revoked: not it
+    assert mine.verify(new_token, NOW + 3) == replaced
+    for token in (gone_token, old_token, unreadable_token):
+        assert mine.verify(token, NOW + 3) is None

@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import signal
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -23,6 +24,7 @@ import zmq
 from ipc import events, paths, protocol
 from ipc.errors import BAD_REQUEST, WaportError
 from ipc.files import make_dir
+from ipc.tokens import TOKENS_FILE
 from ipc.zsocket import recv_ready, send_frames
 from waportd import helpers, process
 from waportd.cluster import CLUSTER_COMMANDS, CLUSTER_LIFECYCLE, Cluster, NoCluster
@@ -135,7 +137,8 @@ class Arbiter:
         self.link.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.bus.sock = self.bind(zmq.XPUB, paths.EVENTS_SOCK)  # XPUB: it tells us who subscribes to what
         self.webhooks.nudge_sock = self.bind(zmq.PUSH, paths.WEBHOOKS_SOCK)
-        self.webhooks.open()  # may start the delivery process: after the sockets it talks to
+        if not cfg.cluster_dsn:  # in a cluster: once the schema is there (`open_cluster_webhooks`)
+            self.webhooks.open()  # may start the delivery process: after the sockets it talks to
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
@@ -159,6 +162,7 @@ class Arbiter:
         """Cluster mode (DESIGN.md §12): leases and placement (Cluster), commands and events to and from the
         other hosts (Forwarder), both through PostgreSQL on threads of their own."""
         from waportd.clusterstore import ClusterLink, ClusterListener  # psycopg: loaded only in cluster mode
+        from waportd.tokensync import ClusterTokens
 
         cfg = self.cfg
         self.cluster_link = ClusterLink(cfg.cluster_dsn, cfg.host_id, cfg.lease_ttl, self.wake)
@@ -178,6 +182,26 @@ class Arbiter:
         self.controller.host = cfg.host_id
         self.roster.cluster_wants = lambda name: name in cluster.owned and name not in cluster.releasing
         self.bus.tap = self.forwarder.publish
+        # API tokens: PostgreSQL's, this host's file a copy kept in step after each round (the API reads it)
+        tokens = ClusterTokens(os.path.join(cfg.state_dir, TOKENS_FILE), self.cluster_link.submit,
+                               self.services.clock.time)
+        self.controller.owners["token_"] = tokens
+        cluster.after_round.append(tokens.after_round)
+        tokens.start()
+        cluster.after_round.append(self.open_cluster_webhooks)
+        cluster.on_claimed.append(self.webhooks.claimed)
+        cluster.on_lost.append(self.webhooks.lost)
+
+    def open_cluster_webhooks(self) -> None:
+        """The webhook store is in PostgreSQL: opened after the first round that reached it (the schema is
+        migrated by then), tried again after each round until it opens."""
+        if self.webhooks.store is not None or self.cluster is None or self.cluster.last_ok is None:
+            return
+        try:
+            self.webhooks.open()
+        except sqlite3.Error as exc:  # PgUnavailable: the next round tries again
+            self.webhooks.store = None
+            log.warning("webhook store not opened yet: %s", exc)
 
     def take_cluster_mail(self) -> None:
         """Commands other hosts forwarded here, answers to ours, and their events for our socket."""

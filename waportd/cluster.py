@@ -76,6 +76,8 @@ class Cluster:
         self.unclaimed_since: dict[str, float] = {}
         self.booted = False
         self.after_round: list[Callable[[], None]] = []  # what waits for the next view (waportd/forwarding.py)
+        self.on_claimed: list[Callable[[list[str]], None]] = []  # companies now ours (waportd/webhooks.py)
+        self.on_lost: list[Callable[[str], None]] = []  # a company no longer ours
 
     @property
     def cfg(self) -> Any:
@@ -211,6 +213,9 @@ class Cluster:
         def done(result: Any) -> None:
             for i, company in enumerate(companies):
                 self.claimed(company, now, result if isinstance(result, BaseException) else result[i])
+            ours = [company for company in companies if company in self.owned]
+            for then in self.on_claimed:
+                then(ours)
 
         self.submit(work, done)
 
@@ -237,6 +242,8 @@ class Cluster:
         if owned is None:
             return
         log.warning("%s: %s; stopping its session", company, why)
+        for then in self.on_lost:
+            then(company)
         self.services.publish(company, LEASE_LOST, {"host": self.cfg.host_id, "epoch": owned.epoch,
                                                     "reason": why}, None)
         c = self.roster.get(company)
@@ -252,6 +259,8 @@ class Cluster:
         def released(_result: Any) -> None:
             self.releasing.discard(company)
             self.owned.pop(company, None)
+            for then in self.on_lost:
+                then(company)
 
         def give_up() -> None:
             self.submit(lambda store: store.release(company, owned.epoch), released)

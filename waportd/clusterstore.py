@@ -365,6 +365,52 @@ class ClusterStore:
             schema.PUT_CREDENTIALS_SQL, {"company": company, "epoch": int(epoch), "data": Jsonb(data)}).fetchone())
         return row is not None
 
+    # ------------------------------------------------------------ API tokens (DESIGN.md §9; waportd/tokensync.py)
+
+    def tokens(self, since: datetime | None = None) -> tuple[datetime, list[tuple[str, Any]]]:
+        """The database's now() and every token row (id, record) written after `since` (None: all), in one
+        statement: an idle host's look costs one query that returns a row of nulls."""
+        rows = self._call("tokens", lambda conn: conn.execute(
+            """SELECT n.now, t.id, t.record FROM (SELECT now()) AS n (now)
+               LEFT JOIN waport_tokens t ON %(since)s::timestamptz IS NULL OR t.updated_at > %(since)s
+               ORDER BY t.id""", {"since": since}).fetchall())
+        return rows[0][0], [(token_id, record) for _, token_id, record in rows if token_id is not None]
+
+    def upload_tokens(self, records: list[dict[str, Any]]) -> int:
+        """A host's own token file joins the cluster: a token PostgreSQL lacks is added, and a revocation it
+        lacks is added to its record (same hash); nothing else of a row there changes, so no older copy ever
+        undoes a revocation. How many rows were written."""
+        if not records:
+            return 0
+        return self._call("upload_tokens", lambda conn: conn.execute(
+            """INSERT INTO waport_tokens AS t (id, record, updated_at)
+               SELECT r ->> 'id', r, now() FROM jsonb_array_elements(%(records)s) AS r
+               ON CONFLICT (id) DO UPDATE
+                   SET record = jsonb_set(t.record, '{revoked_at}', EXCLUDED.record -> 'revoked_at'),
+                       updated_at = now()
+                   WHERE t.record ->> 'revoked_at' IS NULL AND EXCLUDED.record ->> 'revoked_at' IS NOT NULL
+                     AND t.record ->> 'sha256' = EXCLUDED.record ->> 'sha256'""",
+            {"records": Jsonb(records)}).rowcount)
+
+    def add_token(self, record: dict[str, Any]) -> bool:
+        """A new token's record; False: that id is taken already (nothing was written)."""
+        row = self._call("add_token", lambda conn: conn.execute(
+            """INSERT INTO waport_tokens (id, record, updated_at) VALUES (%(id)s, %(record)s, now())
+               ON CONFLICT (id) DO NOTHING RETURNING id""", {"id": record["id"], "record": Jsonb(record)}).fetchone())
+        return row is not None
+
+    def revoke_token(self, token_id: str, at: float) -> tuple[dict[str, Any], bool] | None:
+        """Revoke a token as of `at` unless it is revoked already (its first time stays), in one statement:
+        (its record now, whether this call revoked it); None: no such token."""
+        row = self._call("revoke_token", lambda conn: conn.execute(
+            """WITH done AS (
+                   UPDATE waport_tokens SET record = jsonb_set(record, '{revoked_at}', %(at)s), updated_at = now()
+                   WHERE id = %(id)s AND record ->> 'revoked_at' IS NULL RETURNING record)
+               SELECT record, true FROM done
+               UNION ALL
+               SELECT record, false FROM waport_tokens WHERE id = %(id)s AND NOT EXISTS (SELECT 1 FROM done)""",
+            {"id": token_id, "at": Jsonb(at)}).fetchone())
+        return (row[0], row[1]) if row else None
 
     # ------------------------------------------------------------ between hosts
 

@@ -22,7 +22,7 @@ from ipc.errors import (
     WaportError,
 )
 from ipc.states import ALIVE, CONNECTED, PAIRING
-from ipc.tokens import TOKENS_FILE, TokenFileError, TokenStore
+from ipc.tokens import TOKENS_FILE, TokenFileError, TokenRecord, TokenStore
 from ipc.validation import (
     normalize_phone,
     parse_duration,
@@ -60,6 +60,39 @@ def proxy_arg(value: Any) -> str | None | object:
     if value == DIRECT:
         return ""
     return validate_proxy(value)
+
+
+def token_create_args(args: dict[str, Any]) -> tuple[str | None, float | None]:
+    """`token_create`'s (company, lifetime in seconds). A company token may name a company that does not exist
+    yet: it is made before the session."""
+    company = args.get("company")
+    if company is not None:
+        validate_company(company)
+    if args.get("expires") is None:
+        return company, None
+    try:
+        seconds = parse_duration(args["expires"])
+    except ValueError as exc:
+        raise WaportError(BAD_REQUEST, f"expires: {exc}") from None
+    if seconds <= 0:
+        raise WaportError(BAD_REQUEST, "expires: a token's lifetime must be more than 0 seconds")
+    return company, seconds
+
+
+def token_id_arg(args: dict[str, Any]) -> str:
+    token_id = args.get("id")
+    if not isinstance(token_id, str) or not token_id:
+        raise WaportError(BAD_REQUEST, "id must be a token id (tok_...; `waportctl token list` shows them)")
+    return token_id
+
+
+def token_created(record: TokenRecord, token: str, seconds: float | None) -> dict[str, Any]:
+    """`token_create`'s answer, the only one that holds the token; the log names its id only."""
+    log.info("API token %s created for %s%s", record.id,
+             f"company {record.company}" if record.company else "all companies",
+             f", expires in {seconds:g} s" if seconds is not None else "")
+    return {"id": record.id, "token": token, "company": record.company, "created_at": record.created_at,
+            "expires_at": record.expires_at}
 
 
 class Controller:
@@ -309,7 +342,7 @@ class Controller:
         """The /healthz body, for the API's GET /v1/health (the API process has no snapshot of its own)."""
         ok(self.ops.health())
 
-    # ------------------------------------------------------------ API tokens (DESIGN.md §9)
+    # ------------------------------------------------------------ API tokens (DESIGN.md §9; a cluster's: tokensync)
 
     @property
     def tokens_path(self) -> str:
@@ -330,33 +363,17 @@ class Controller:
             raise WaportError(INTERNAL, f"cannot write {self.tokens_path}: {exc.strerror or exc}") from None
 
     def cmd_token_create(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
-        """A company token may name a company that does not exist yet: it is made before the session."""
-        company = args.get("company")
-        if company is not None:
-            validate_company(company)
-        seconds = None
-        if args.get("expires") is not None:
-            try:
-                seconds = parse_duration(args["expires"])
-            except ValueError as exc:
-                raise WaportError(BAD_REQUEST, f"expires: {exc}") from None
-            if seconds <= 0:
-                raise WaportError(BAD_REQUEST, "expires: a token's lifetime must be more than 0 seconds")
+        company, seconds = token_create_args(args)
         store = self.token_store()
         record, token = store.create(company, seconds, self.services.clock.time())
         self.save_tokens(store)
-        log.info("API token %s created for %s%s", record.id, f"company {company}" if company else "all companies",
-                 f", expires in {seconds:g} s" if seconds is not None else "")
-        ok({"id": record.id, "token": token, "company": record.company, "created_at": record.created_at,
-            "expires_at": record.expires_at})
+        ok(token_created(record, token, seconds))
 
     def cmd_token_list(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
         ok({"tokens": self.token_store().listing(self.services.clock.time())})
 
     def cmd_token_revoke(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
-        token_id = args.get("id")
-        if not isinstance(token_id, str) or not token_id:
-            raise WaportError(BAD_REQUEST, "id must be a token id (tok_...; `waportctl token list` shows them)")
+        token_id = token_id_arg(args)
         now = self.services.clock.time()
         store = self.token_store()
         before = store.get(token_id)

@@ -27,10 +27,12 @@ Respond = Callable[[bytes], None]
 Handle = Callable[[bytes, Respond, bool], None]  # (frame, respond, forwarded): the controller
 Submit = Callable[[Callable[[Any], Any], Callable[[Any], None]], None]
 
-# Commands about one company, answered by the host that runs it.
+# Commands about one company, answered by the host that runs it. Not media_put and media_get: the media store
+# is in PostgreSQL, so any host answers them (an upload's chunks, which name no company until the last, all
+# reach the same host's upload; and bytes do not travel twice, through the mail and back).
 FORWARDED = frozenset({
     "status", "restart", "logout", "send", "qr", "pair_code", "messages", "messages_purge", "read", "typing",
-    "media_put", "media_get", "webhook_set", "webhook_show", "webhook_rotate", "webhook_delete",
+    "media_fetch", "webhook_set", "webhook_show", "webhook_rotate", "webhook_delete",
     "webhook_deliveries", "webhook_replay",
 })
 OWNER_ONLY = frozenset({"delete"})  # its files are on the owner: say where to run it

@@ -4,12 +4,14 @@ tied to it (they die with it: PR_SET_PDEATHSIG) and restarted with backoff when 
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 from collections.abc import Hashable
 from typing import Any
 
 from ipc import paths
 from ipc.files import make_dir
+from ipc.webhookstore import CLUSTER_DSN_ENV
 from waportd import process
 from waportd.backoff import RestartPolicy
 from waportd.config import Config
@@ -22,9 +24,10 @@ POLICY = RestartPolicy(base_delay=0.5, factor=2.0, max_delay=60.0, jitter=0.1, r
 
 
 class Helper:
-    def __init__(self, name: str, argv: list[str], services: Services) -> None:
+    def __init__(self, name: str, argv: list[str], services: Services, env: dict[str, str] | None = None) -> None:
         self.name = name
         self.argv = argv  # the interpreter's arguments (`-m module ...`)
+        self.env = env  # None: ours
         self.services = services
         self.proc: subprocess.Popen | None = None
         self.failures = 0
@@ -39,7 +42,7 @@ class Helper:
         return self.proc.pid if self.proc is not None and self.proc.returncode is None else None
 
     def start(self) -> None:
-        self.proc = process.spawn_tied(self.argv)
+        self.proc = process.spawn_tied(self.argv, env=self.env)
         self.started_at = self.services.clock.monotonic()
         log.info("started the %s (pid %d)", self.name, self.proc.pid)
 
@@ -106,9 +109,15 @@ def webhook_args(cfg: Config) -> list[str]:
 
 
 def webhook_delivery(services: Services) -> Helper:
-    """Webhook delivery (DESIGN.md §10): reads the store, posts, records; never in our loop."""
+    """Webhook delivery (DESIGN.md §10): reads the store, posts, records; never in our loop. In a cluster
+    the store is in PostgreSQL: the DSN goes in the environment (it may hold a password), never in argv."""
     cfg = services.cfg
-    helper = Helper("webhook delivery", ["-m", "waportd.webhook_delivery", "--run-dir", cfg.run_dir,
-                                         "--state-dir", cfg.state_dir, *webhook_args(cfg)], services)
+    argv = ["-m", "waportd.webhook_delivery", "--run-dir", cfg.run_dir, "--state-dir", cfg.state_dir,
+            *webhook_args(cfg)]
+    env = None
+    if cfg.cluster_dsn:
+        argv += ["--host-id", cfg.host_id]
+        env = {**os.environ, CLUSTER_DSN_ENV: cfg.cluster_dsn}
+    helper = Helper("webhook delivery", argv, services, env)
     assert helper.key == WEBHOOKS
     return helper

@@ -12,6 +12,7 @@ import binascii
 import logging
 import os
 import secrets
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +25,9 @@ from waportd.services import Services
 log = logging.getLogger("waport.media")
 
 MAX_UPLOADS = 64  # unfinished uploads at once
-UPLOAD_IDLE = 60.0
-PRUNE_EVERY = 3600.0  # seconds an unfinished upload may wait for its next chunk
+UPLOAD_IDLE = 60.0  # seconds an unfinished upload may wait for its next chunk
+PRUNE_EVERY = 3600.0  # seconds between two looks for media past media_retention
+IDLE_CLOSE = 60.0  # seconds unused before the store's PostgreSQL connection (cluster mode) closes
 
 
 @dataclass
@@ -45,22 +47,43 @@ class MediaDesk:
     def store(self) -> MediaStore:
         cfg = self.services.cfg
         if self._store is None:
-            self._store = MediaStore(os.path.join(cfg.state_dir, "media"), cfg.media_max_bytes)
+            self._store = self.open_store()
         self._store.max_bytes = cfg.media_max_bytes  # a reload may change it
         return self._store
+
+    def open_store(self) -> MediaStore:
+        """`STATE_DIR/media/`; in cluster mode (DESIGN.md §12) PostgreSQL, with that directory as this host's
+        cache, so a company's media is there for whichever host runs it next."""
+        cfg = self.services.cfg
+        root = os.path.join(cfg.state_dir, "media")
+        if not cfg.cluster_dsn:
+            return MediaStore(root, cfg.media_max_bytes)
+        from ipc.pgdb import PgDb  # psycopg: only in cluster mode
+        from ipc.pgmediastore import PgMediaStore
+
+        return PgMediaStore(root, cfg.media_max_bytes, PgDb(cfg.cluster_dsn, f"waportd/{cfg.host_id}/media"[:63]))
 
     def close(self) -> None:
         for pending in self.uploads.values():
             pending.upload.abort()
         self.uploads.clear()
+        if self._store is not None:
+            self._store.close()
 
     def prune(self, wall: float, needed: Callable[[], set[str]] = set) -> None:
         """Media older than `media_retention` goes (an hourly look from the loop), except what a send not yet
         out still needs (`needed()`, asked only when the hour comes: it reads every journal)."""
-        if wall < self.next_prune or not os.path.isdir(os.path.join(self.services.cfg.state_dir, "media")):
+        cfg = self.services.cfg
+        if self._store is not None:
+            self._store.close_if_idle(IDLE_CLOSE)  # cluster mode: no connection held for an hourly look
+        if wall < self.next_prune or not (cfg.cluster_dsn or os.path.isdir(os.path.join(cfg.state_dir, "media"))):
             return
         self.next_prune = wall + PRUNE_EVERY
-        removed = self.store.prune(wall, self.services.cfg.media_retention, needed())
+        try:
+            removed = self.store.prune(wall, cfg.media_retention, needed())
+        except (WaportError, sqlite3.Error) as exc:  # PostgreSQL away (cluster mode): the next hour's look
+            log.warning("media retention deferred: %s", getattr(exc, "message", exc))
+            return
         if removed:
             log.info("%d media files past media_retention removed", len(removed))
 

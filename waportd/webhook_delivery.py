@@ -20,8 +20,10 @@ import contextlib
 import heapq
 import json
 import logging
+import os
 import random
 import signal
+import sqlite3
 import time
 import uuid
 from collections import Counter
@@ -35,13 +37,25 @@ from ipc import __version__, paths
 from ipc import webhooks as policy
 from ipc.logfmt import log_to_stderr
 from ipc.webhooks import GLOBAL
-from ipc.webhookstore import DEAD, OK, PENDING, Busy, Endpoint, Event, Settled, WebhookStore, path_in
+from ipc.webhookstore import (
+    CLUSTER_DSN_ENV,
+    DEAD,
+    OK,
+    PENDING,
+    Busy,
+    Endpoint,
+    Event,
+    Settled,
+    WebhookStore,
+    path_in,
+)
 
 log = logging.getLogger("waport.webhooks")
 
 LANE_MAX = 10_000  # events of one company held in memory; the rest wait in the store, read in seq order
 READ_BATCH = 5000
 POLL = 1.0  # seconds between looks at the store when nobody nudges
+CLUSTER_POLL = 10.0  # the same in a cluster (every event of this host's is nudged; the look costs a query)
 FLUSH = 0.05  # attempt results written at most this late (a crash before: delivered again, same id)
 REPORT = 0.5  # outcomes to waportd's metrics
 PRUNE = 60.0
@@ -111,9 +125,12 @@ class Lane:
 
 
 class Delivery:
-    def __init__(self, store: WebhookStore, run_dir: str, timeout: float, max_age: float, concurrency: int,
-                 retry_scale: float = 1.0) -> None:
+    def __init__(self, store: Any, run_dir: str, timeout: float, max_age: float, concurrency: int,
+                 retry_scale: float = 1.0, poll: float = POLL) -> None:
+        """`store`: a WebhookStore, or a cluster host's PgWebhookStore (waportd nudges it for every event of
+        its own; other hosts' rows are never its, so it looks without a nudge only every `poll`)."""
         self.retry_scale = retry_scale
+        self.poll = poll
         self.store = store
         self.run_dir = run_dir
         self.timeout = timeout
@@ -189,6 +206,16 @@ class Delivery:
         self.refill(lane)
         lane.wake.set()
 
+    def drop_lane(self, company: str) -> None:
+        """Another host runs the company now and delivers its events: this process forgets them (an attempt in
+        flight finishes; its result is written, the same id delivered twice at worst)."""
+        lane = self.lanes.pop(company, None)
+        task = self.tasks.pop(company, None)
+        if task is not None:
+            task.cancel()
+        if lane is not None:
+            lane.events.clear()
+
     def lane(self, company: str) -> Lane:
         lane = self.lanes.get(company)
         if lane is None:
@@ -207,7 +234,10 @@ class Delivery:
                 lane.next_sweep = now + SWEEP
                 for old in lane.expired(now, self.max_age):
                     self.expire(lane, old, now)
-            self.refill(lane)
+            try:
+                self.refill(lane)
+            except sqlite3.Error as exc:  # the cluster's store is unreachable: what is held goes on
+                log.warning("%s: webhook events not read: %s", lane.company, exc)
             ev, wait = lane.take(now)
             if ev is not None and now - ev.created > self.max_age:
                 self.expire(lane, ev, now)
@@ -365,21 +395,31 @@ class Delivery:
         """Nudges from waportd (`new`, `endpoints`, `reload COMPANY`), and a look at the store every second."""
         loop = asyncio.get_running_loop()
         loop.add_reader(nudges.getsockopt(zmq.FD), self.look.set)
+        reload_endpoints, reloads = not self.endpoints, set()
         while not self.stopping:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.look.wait(), POLL)
+                await asyncio.wait_for(self.look.wait(), self.poll)
             self.look.clear()
-            reload_endpoints = False
             while nudges.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 what = nudges.recv(zmq.NOBLOCK)
                 if what == b"endpoints":
                     reload_endpoints = True
                 elif what.startswith(b"reload "):
+                    reload_endpoints = True
+                    reloads.add(what[7:].decode())
+                elif what.startswith(b"drop "):
+                    reloads.discard(what[5:].decode())
+                    self.drop_lane(what[5:].decode())
+            try:  # a cluster's store may be unreachable a while: what was asked is done at the next look
+                if reload_endpoints:
                     self.load_endpoints()
-                    self.reload_lane(what[7:].decode())
-            if reload_endpoints:
-                self.load_endpoints()
-            self.read_new()
+                    reload_endpoints = False
+                while reloads:
+                    self.reload_lane(next(iter(reloads)))
+                    reloads.pop()
+                self.read_new()
+            except sqlite3.Error as exc:
+                log.warning("webhook store: %s; looking again in %g s", exc, self.poll)
 
     async def run(self) -> None:
         ctx = zmq.Context()
@@ -398,8 +438,11 @@ class Delivery:
             loop.add_signal_handler(sig, done.set)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
             self.session = session
-            self.load_endpoints()
-            self.read_new()
+            try:
+                self.load_endpoints()
+                self.read_new()
+            except sqlite3.Error as exc:  # a cluster's store: `watch` tries again
+                log.warning("webhook store: %s", exc)
             workers = [loop.create_task(self.watch(nudges)), loop.create_task(self.housekeeping(control))]
             log.info("webhook delivery ready: %d events pending", sum(len(lane.events) for lane in self.lanes.values()))
             await done.wait()
@@ -422,12 +465,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--retry-scale", type=float, default=1.0)
     p.add_argument("--log-level", default="info")
+    p.add_argument("--host-id", help="cluster mode: this host (the store's DSN is in $" + CLUSTER_DSN_ENV + ")")
     args = p.parse_args(argv)
     log_to_stderr(args.log_level, "webhooks")
-    store = WebhookStore(path_in(args.state_dir), busy_ms=1000)
+    store: Any
+    poll = POLL
+    if args.host_id:
+        from ipc.pgdb import PgDb  # psycopg: only in cluster mode
+        from ipc.pgwebhookstore import PgWebhookStore
+
+        dsn = os.environ.pop(CLUSTER_DSN_ENV, "")
+        if not dsn:
+            p.error(f"--host-id needs the cluster's DSN in ${CLUSTER_DSN_ENV}")
+        store, poll = PgWebhookStore(PgDb(dsn, f"waportd/{args.host_id}/webhook-delivery"[:63]), args.host_id), \
+            CLUSTER_POLL
+    else:
+        store = WebhookStore(path_in(args.state_dir), busy_ms=1000)
     try:
         asyncio.run(Delivery(store, args.run_dir, args.timeout, args.max_age, args.concurrency,
-                             args.retry_scale).run())
+                             args.retry_scale, poll).run())
     finally:
         store.close()
 

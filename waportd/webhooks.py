@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 from collections.abc import Callable
 from typing import Any
 
@@ -39,7 +40,7 @@ class Webhooks:
         self.services = services
         self.publish_now = publish  # the events socket and streams
         self.start_delivery = start_delivery
-        self.store: WebhookStore | None = None  # opened by `open` (tests of other owners run without it)
+        self.store: Any = None  # a WebhookStore, or in cluster mode a PgWebhookStore; opened by `open`
         self.endpoints: dict[str, Endpoint] = {}
         self.disabled: dict[tuple[str, str], dict[str, Any]] = {}
         self.seqs: dict[str, int] = {}
@@ -54,8 +55,19 @@ class Webhooks:
 
     def open(self) -> None:
         cfg = self.services.cfg
-        self.store = WebhookStore(path_in(cfg.state_dir), busy_ms=0, checkpoints=False)
-        self.seqs = self.store.seqs()
+        if cfg.cluster_dsn:  # the companies' endpoints, seqs and events move with them (DESIGN.md §12)
+            from ipc.pgdb import PgDb  # psycopg: only in cluster mode
+            from ipc.pgwebhookstore import PgWebhookStore
+
+            store: Any = PgWebhookStore(PgDb(cfg.cluster_dsn, f"waportd/{cfg.host_id}/webhooks"[:63]), cfg.host_id)
+        else:
+            store = WebhookStore(path_in(cfg.state_dir), busy_ms=0, checkpoints=False)
+        try:
+            self.seqs = store.seqs()
+        except sqlite3.Error:
+            store.close()
+            raise
+        self.store = store
         self.configure(cfg)
         self.reload()
 
@@ -126,7 +138,7 @@ class Webhooks:
         if self.recorded and self.store is not None:
             rows = [item[4] for item in self.batch if item[4] is not None]
             try:
-                self.store.add_events(rows, {r[1]: self.seqs[r[1]] for r in rows})
+                self.seqs.update(self.store.add_events(rows, {r[1]: self.seqs[r[1]] for r in rows}))
             except Busy:
                 return False
         batch, recorded, self.batch, self.recorded = self.batch, self.recorded, [], 0
@@ -186,21 +198,38 @@ class Webhooks:
 
     # ------------------------------------------------------------ commands (the controller dispatches here)
 
-    def the_store(self) -> WebhookStore:
+    def the_store(self) -> Any:
         if self.store is None:
             raise WaportError(INTERNAL, "the webhook store is not open")
         return self.store
 
-    def write(self, action: Callable[[WebhookStore], Any]) -> Any:
-        """Commands wait a little for the delivery process's lock (the loop's own writes never do)."""
+    def write(self, action: Callable[[Any], Any]) -> Any:
+        """Commands wait a little for the store (the loop's own writes never do)."""
         store = self.the_store()
-        store.db.execute("PRAGMA busy_timeout=2000")
+        with store.patient():
+            try:
+                return action(store)
+            except Busy as exc:
+                why = f" ({exc})" if str(exc) else ""
+                raise WaportError(INTERNAL, f"the webhook store is busy{why}; try again") from None
+
+    # ------------------------------------------------------------ cluster mode: companies come and go
+
+    def claimed(self, companies: list[str]) -> None:
+        """Companies this host now runs: their endpoints as the last owner left them, and their undelivered
+        events to the delivery process (read whole: they may be older than anything it has seen)."""
+        if self.store is None or not companies:
+            return
         try:
-            return action(store)
-        except Busy:
-            raise WaportError(INTERNAL, "the webhook store is busy; try again") from None
-        finally:
-            store.db.execute("PRAGMA busy_timeout=0")
+            self.reload()
+        except sqlite3.Error as exc:
+            log.warning("webhook endpoints not reloaded after a claim: %s", exc)
+        for company in companies:
+            self.nudge(b"reload " + company.encode())
+
+    def lost(self, company: str) -> None:
+        """Another host runs it now: this host's delivery process stops delivering its events."""
+        self.nudge(b"drop " + company.encode())
 
     def cmd_webhook_set(self, args: dict[str, Any], ok: Callable, fail: Callable) -> None:
         """A company's own endpoint; the secret is generated and shown once (setting again re-enables it)."""

@@ -23,7 +23,8 @@ from typing import Any
 import zmq
 
 from ipc import journal as J
-from ipc.errors import NOT_CONNECTED, TIMEOUT
+from ipc.errors import NOT_CONNECTED, TIMEOUT, WaportError
+from ipc.mediastore import MediaStore
 from workers.backend import Backend, BackendError, Emit, SendItem
 
 log = logging.getLogger("waport.outbox")
@@ -78,13 +79,29 @@ def begin_window(journal: J.Journal, window: int) -> list[J.Outgoing]:
     return journal.take_queued(max(1, window))
 
 
-def items_of(journal: J.Journal, batch: list[J.Outgoing], media_root: str | None) -> list[SendItem]:
+Media = str | MediaStore | None  # the store's directory, or the store (cluster mode: one in PostgreSQL)
+
+
+def media_path(media: Media, media_id: str) -> str | None:
+    """The file a media send reads: in the store's directory, brought there first by a store in PostgreSQL
+    (the file came through another host). One it cannot bring: the path, absent, and the send fails with
+    not_found (the reason is logged)."""
+    if isinstance(media, MediaStore):
+        try:
+            return media.local_path(media_id)
+        except WaportError as exc:
+            log.warning("media %s… could not be brought into this host's store: %s", media_id[:12], exc.message)
+            return media.path(media_id)
+    return os.path.join(media, media_id[:2], media_id) if media else None
+
+
+def items_of(journal: J.Journal, batch: list[J.Outgoing], media_root: Media) -> list[SendItem]:
     """What the backend sends: the journal's rows, their stored file and the messages they quote found."""
     items = []
     for m in batch:
         fields = m.fields
         media = fields.get("media")
-        path = os.path.join(media_root, media[:2], media) if media and media_root else None
+        path = media_path(media_root, media) if media else None
         quoted = journal.reference(fields["reply_to"]) if "reply_to" in fields else None
         target = journal.reference(fields["reaction_to"]) if "reaction_to" in fields else None
         items.append(SendItem(m.recipient, m.text, m.message_id, m.type, fields, path, quoted, target))
@@ -128,7 +145,7 @@ class Sender(threading.Thread):
     """For backends whose send blocks: a thread, so heartbeats never wait for a send."""
 
     def __init__(self, journal: str | Callable[[], J.Journal], backend: Backend, emit: Emit,
-                 media_root: str | None = None, sync: str = "normal") -> None:
+                 media_root: Media = None, sync: str = "normal") -> None:
         """`journal`: the SQLite journal's path, or what opens the thread's own journal (cluster mode's in
         PostgreSQL); `sync="full"`: its own connection fsyncs each commit too (journal_sync = "full")."""
         super().__init__(name="sender", daemon=True)
@@ -202,7 +219,7 @@ class Sender(threading.Thread):
 class InlineSender:
     """For backends the worker's loop drives: a window goes out from the loop, its answers come back in it."""
 
-    def __init__(self, journal: J.Journal, backend: Backend, emit: Emit, media_root: str | None = None) -> None:
+    def __init__(self, journal: J.Journal, backend: Backend, emit: Emit, media_root: Media = None) -> None:
         self.journal = journal
         self.media_root = media_root
         self.backend = backend

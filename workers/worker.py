@@ -93,6 +93,24 @@ def journal_opener(company: str, session_dir: str, options: dict[str, Any], sync
     return lambda: PgJournal(PgDb(dsn, application_name(company, epoch)), company, epoch)
 
 
+def media_store(company: str, options: dict[str, Any]) -> MediaStore | None:
+    """The media store the supervisor named (option media_dir); in cluster mode (cluster_dsn and epoch, as
+    `journal_opener` checks them) the one in PostgreSQL, that directory its cache: an inbound file this worker
+    downloads is there for any host, and a file sent through another host is fetched before it is sent."""
+    root = options.get("media_dir")
+    if not root:
+        return None
+    max_bytes = int(options.get("media_max_bytes") or DEFAULT_MAX_BYTES)
+    dsn, epoch = options.get("cluster_dsn"), options.get("epoch")
+    if not dsn:
+        return MediaStore(root, max_bytes)
+    from ipc.clusterschema import application_name
+    from ipc.pgdb import PgDb
+    from ipc.pgmediastore import PgMediaStore
+
+    return PgMediaStore(root, max_bytes, PgDb(dsn, application_name(company, epoch)))
+
+
 class Worker:
     def __init__(self, args: argparse.Namespace) -> None:
         self.company: str = args.company
@@ -125,13 +143,12 @@ class Worker:
         sync = "full" if options.get("journal_sync") == "full" else "normal"
         open_journal = journal_opener(self.company, args.session_dir, options, sync)
         self.journal = open_journal()
-        media_root = options.get("media_dir")
-        store = MediaStore(media_root, int(options.get("media_max_bytes") or DEFAULT_MAX_BYTES)) if media_root else None
-        self.fetcher = MediaFetcher(self.company, self.backend, store, lambda msg: self.emit("media_fetched", msg))
+        self.media = media_store(self.company, options)
+        self.fetcher = MediaFetcher(self.company, self.backend, self.media, lambda msg: self.emit("media_fetched", msg))
         self.inline = self.backend.runs_inline  # its connection runs in this loop: no thread hand-offs
         self.sender: Sender | InlineSender = (
-            InlineSender(self.journal, self.backend, self.emit, media_root) if self.inline
-            else Sender(open_journal, self.backend, self.emit, media_root))
+            InlineSender(self.journal, self.backend, self.emit, self.media) if self.inline
+            else Sender(open_journal, self.backend, self.emit, self.media))
         self.duplicates = 0
         self.queued = 0  # the journal's pending sends, as last counted (each heartbeat tells the supervisor)
         self.recount = True
@@ -227,6 +244,8 @@ class Worker:
                 log.debug("queued count unavailable: %s", exc)
         self.send(protocol.HEARTBEAT, {"state": self.state, "queued": self.queued})
         self.journal.close_if_idle(IDLE_CLOSE)  # cluster mode: an idle company holds no connection
+        if self.media is not None:
+            self.media.close_if_idle(IDLE_CLOSE)
 
     def fenced(self, now: float) -> bool:
         """The fence decision: near the lease deadline with no newer one, the session ends (exit `fenced`)."""

@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         import psycopg  # noqa: F401
 
         import ipc.pgjournal  # noqa: F401
+        import ipc.pgmediastore  # noqa: F401
         import workers.simcreds  # noqa: F401
     serve(args.fd, args.supervisor)
 
