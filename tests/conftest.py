@@ -781,6 +781,27 @@ def pg(request: pytest.FixtureRequest) -> Iterator[PgServer]:
     _SHARED_PG.sql(f"DROP DATABASE {name} WITH (FORCE)")  # its connections (a test's workers) end with it
 
 
+@pytest.fixture
+def pgdb(pg: PgServer) -> Iterator[Callable[[str], Any]]:
+    """The cluster's schema migrated in the test's database, and `pgdb(application_name)`: a bounded
+    connection to it (ipc/pgdb.py), each closed after the test."""
+    from ipc.pgdb import PgDb
+    from waportd.clusterstore import ClusterStore
+
+    schema = ClusterStore(pg.dsn, "h1", 15)
+    schema.migrate()
+    schema.close()
+    made: list[Any] = []
+
+    def open_db(application_name: str = "waportd/h1/journal") -> Any:
+        made.append(PgDb(pg.dsn, application_name))
+        return made[-1]
+
+    yield open_db
+    for db in made:
+        db.close()
+
+
 class WebhookReceiver:
     """tests/webhook_receiver.py as a process: it checks signatures with the `standardwebhooks` library and
     records every request; it can go down and come back on the same port."""

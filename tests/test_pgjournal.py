@@ -13,23 +13,11 @@ from ipc.clusterschema import application_name
 from ipc.journal import QUEUED, SENDING, SENT, UNCERTAIN
 from ipc.pgdb import PgDb, PgUnavailable
 from ipc.pgjournal import Fenced, PgJournal, enqueue_all
-from waportd.clusterstore import ClusterStore
 
 
 @pytest.fixture
-def db(pg: PgServer):
-    store = ClusterStore(pg.dsn, "h1", 15)
-    store.migrate()
-    store.close()
-    conns: list[PgDb] = []
-
-    def open_db(name: str = "waportd/h1/journal") -> PgDb:
-        conns.append(PgDb(pg.dsn, name))
-        return conns[-1]
-
-    yield open_db
-    for c in conns:
-        c.close()
+def db(pgdb):
+    return pgdb
 
 
 def lease(pg: PgServer, company: str, epoch: int) -> None:

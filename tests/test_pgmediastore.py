@@ -8,33 +8,24 @@ import os
 import time
 
 import pytest
-from conftest import PgServer
 
 from ipc.errors import WaportError
 from ipc.mediastore import CHUNK, TMP_KEPT
 from ipc.pgdb import PgDb
 from ipc.pgjournal import PgJournal
 from ipc.pgmediastore import CACHE_SETTLE, PgMediaStore
-from waportd.clusterstore import ClusterStore
 
 DAY = 86400.0
 
 
 @pytest.fixture
-def stores(pg: PgServer, tmp_path):
+def stores(pgdb, tmp_path):
     """`stores(host)`: a host's store, each with a cache directory of its own (another host's disk)."""
-    schema = ClusterStore(pg.dsn, "h1", 15)
-    schema.migrate()
-    schema.close()
-    made: list[PgMediaStore] = []
 
     def make(host: str, max_bytes: int = 64 << 20) -> PgMediaStore:
-        made.append(PgMediaStore(str(tmp_path / host / "media"), max_bytes, PgDb(pg.dsn, f"waportd/{host}/media")))
-        return made[-1]
+        return PgMediaStore(str(tmp_path / host / "media"), max_bytes, pgdb(f"waportd/{host}/media"))
 
-    yield make
-    for s in made:
-        s.close()
+    return make
 
 
 def test_a_file_stored_on_one_host_is_read_on_another_with_an_empty_cache(pg, stores) -> None:

@@ -9,27 +9,15 @@ import time
 import pytest
 from conftest import PgServer
 
-from ipc.pgdb import PgDb
 from ipc.pgwebhookstore import PgWebhookStore
 from ipc.webhooks import GLOBAL, new_secret
 from ipc.webhookstore import DEAD, OK, PENDING, Busy, Endpoint, Settled
-from waportd.clusterstore import ClusterStore
 
 
 @pytest.fixture
-def hosts(pg: PgServer):
-    store = ClusterStore(pg.dsn, "a", 15)
-    store.migrate()
-    store.close()
-    made: list[PgWebhookStore] = []
-
-    def open_store(host: str) -> PgWebhookStore:
-        made.append(PgWebhookStore(PgDb(pg.dsn, f"waportd/{host}/webhooks"), host))
-        return made[-1]
-
-    yield open_store
-    for s in made:
-        s.close()
+def hosts(pgdb):
+    """`hosts(host)`: that host's store (its connections closed after the test)."""
+    return lambda host: PgWebhookStore(pgdb(f"waportd/{host}/webhooks"), host)
 
 
 def lease(pg: PgServer, company: str, owner: str, live: bool = True) -> None:

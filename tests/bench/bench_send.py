@@ -50,6 +50,7 @@ def burst(run_dir: str, companies: list[str], total: int, window: int = 1000,
     sock = dealer(run_dir)
     frames = [frame for _, frame in requests(total, companies, args_of)]
     sent = answered = ok = 0
+    refused: dict[str, int] = {}
     start = time.monotonic()
     while answered < total:
         while sent < total and sent - answered < window:
@@ -58,13 +59,20 @@ def burst(run_dir: str, companies: list[str], total: int, window: int = 1000,
         if sock.poll(10_000):
             while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 answered += 1
-                ok += bool(json.loads(sock.recv()).get("ok"))
+                reply = json.loads(sock.recv())
+                if reply.get("ok"):
+                    ok += 1
+                else:
+                    code = (reply.get("error") or {}).get("code", "?")
+                    refused[code] = refused.get(code, 0) + 1
         else:
             raise RuntimeError("the daemon stopped answering")
     elapsed = time.monotonic() - start
     sock.close(0)
-    return {"messages": total, "accepted": ok, "seconds": round(elapsed, 2),
-            "accepted_per_s": round(ok / elapsed)}
+    out = {"messages": total, "accepted": ok, "seconds": round(elapsed, 2), "accepted_per_s": round(ok / elapsed)}
+    if refused:
+        out["refused"] = refused
+    return out
 
 
 def paced(run_dir: str, companies: list[str], rate: float, seconds: float) -> dict:

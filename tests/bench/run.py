@@ -29,7 +29,7 @@ RUNS = {
     "neonize_scale": ["bench_neonize_scale.py", "--workers", "1", "100", "300"],
     "supervisord": ["bench_supervisord.py", "--workers", "500"],
     "hop": ["bench_hop.py", "--messages", "20000"],
-    "cluster": ["bench_cluster.py", "--hosts", "3", "--companies", "900"],
+    "cluster": ["bench_cluster.py", "--hosts", "3", "--companies", "900", "--runs", "3"],
 }
 
 
@@ -91,6 +91,7 @@ def write_markdown() -> str:
              "`send_forwarded`: 5,000 sends (500 in flight) through h2 to its own companies and to h3's;",
              "`send_single_host`: the same on one host alone with SQLite journals; `failover`: one host",
              "SIGKILLed with its workers until its companies are connected elsewhere (leases expire after 15 s).",
+             "Each figure is the median of `runs` whole runs; `each_run` lists every run's headline figures.",
              "",
              "`host_speed_kops` (every benchmark): thousands of JSON round trips per second on one core, timed",
              "right after the run. The same VM type is 10-20% slower on some days than on others; compare",
