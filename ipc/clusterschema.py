@@ -216,6 +216,12 @@ def application_name(company: str, epoch: int) -> str:
     return name
 
 
+def supervisor_name(host_id: str, role: str = "") -> str:
+    """'waportd/<host>[/<role>]' for a connection of a host's own processes (its links, journals, webhooks,
+    media), never of a company's epoch: fencing never ends it."""
+    return (f"waportd/{host_id}/{role}" if role else f"waportd/{host_id}")[:NAME_MAX_BYTES]
+
+
 def parse_application_name(name: str) -> tuple[str, int] | None:
     """(company token, epoch) of a name made by `application_name`, else None. The token is the company
     itself unless the company is longer than 30 characters (compare with `company_token`)."""

@@ -78,12 +78,10 @@ def enqueue_all(db: PgDb, batches: dict[str, list[tuple[Any, ...]]]) -> dict[str
     return db.call("enqueue", run)
 
 
-def queued_media_of(db: PgDb, companies: list[str]) -> set[str]:
-    """`PgJournal.queued_media` of many companies in one query (the supervisor asks for all of its own)."""
-    rows = db.call("queued_media", lambda conn: conn.execute(
-        "SELECT payload FROM waport_outbox WHERE company = ANY(%(c)s) AND status IN ('queued', 'sending')"
-        " AND payload IS NOT NULL", {"c": companies}).fetchall())
-    return {m for (p,) in rows if (m := json.loads(p).get("media"))}
+# The media a send not yet out still needs (kept past media_retention): of one company here, of the whole
+# outbox in the media store's retention (ipc/pgmediastore.py), which any host runs for every host's sends.
+NEEDED_MEDIA_SQL = ("SELECT o.payload::jsonb ->> 'media' FROM waport_outbox o WHERE o.status IN ('queued', 'sending')"
+                    " AND o.payload IS NOT NULL")
 
 
 class Fenced(PgUnavailable):
@@ -201,7 +199,8 @@ class PgJournal:
         return self._outgoing("TRUE ORDER BY seq DESC LIMIT %(limit)s", "recent_outbound", limit=int(limit))
 
     def queued_media(self) -> set[str]:
-        return queued_media_of(self.db, [self.company])
+        rows = self._rows("queued_media", NEEDED_MEDIA_SQL + " AND o.company = %(company)s")
+        return {m for (m,) in rows if m}
 
     # ------------------------------------------------------------ inbox
 

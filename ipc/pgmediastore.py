@@ -25,16 +25,15 @@ from ipc.errors import BAD_REQUEST, INTERNAL, NOT_FOUND, TIMEOUT, WaportError, d
 from ipc.files import make_dir
 from ipc.mediastore import _ID, CHUNK, TMP_KEPT, MediaInfo, MediaStore, _safe_name, validate_id
 from ipc.pgdb import PgDb, PgUnavailable
+from ipc.pgjournal import NEEDED_MEDIA_SQL  # whichever company's and host's: the whole outbox
 
 log = logging.getLogger("waport.media")
 
 BYTES_PER_SECOND = 8 << 20  # the slowest copy into or out of PostgreSQL a call allows for, past its base bound
 CACHE_SETTLE = 600.0  # seconds a cached file PostgreSQL has not got is left alone (its record may be under way)
 PRUNE_BATCH = 500  # media rows one prune statement removes (the next hourly look takes the rest)
+_UNNEEDED = f"NOT IN (SELECT m FROM ({NEEDED_MEDIA_SQL}) AS needed(m) WHERE m IS NOT NULL)"  # by no send yet
 _COLUMNS = "media_id, size, mimetype, filename, created, owners"
-# Media a send not yet out still needs, whichever company's and whichever host's: the whole outbox.
-_NEEDED = ("SELECT o.payload::jsonb ->> 'media' FROM waport_outbox o WHERE o.status IN ('queued', 'sending')"
-           " AND o.payload IS NOT NULL")
 
 
 def unavailable(exc: PgUnavailable, what: str) -> WaportError:
@@ -196,7 +195,7 @@ class PgMediaStore(MediaStore):
                 if row is None or row[0] or media_id in keep:
                     return None if row is None else False
                 return conn.execute(f"DELETE FROM waport_media WHERE media_id = %(id)s AND owners = '{{}}'"
-                                    f" AND %(id)s NOT IN (SELECT m FROM ({_NEEDED}) AS needed(m) WHERE m IS NOT NULL)"
+                                    f" AND %(id)s {_UNNEEDED}"
                                     " RETURNING 1", params).fetchone() is not None
 
         try:
@@ -222,7 +221,7 @@ class PgMediaStore(MediaStore):
         removed = [r[0] for r in self._call("media_prune", lambda conn: conn.execute(
             "DELETE FROM waport_media WHERE media_id IN (SELECT media_id FROM waport_media WHERE created < %(before)s"
             " AND NOT (media_id = ANY(%(keep)s::text[]))"
-            f" AND media_id NOT IN (SELECT m FROM ({_NEEDED}) AS needed(m) WHERE m IS NOT NULL)"
+            f" AND media_id {_UNNEEDED}"
             " ORDER BY created LIMIT %(limit)s) RETURNING media_id", params).fetchall())]
         for media_id in removed:
             self._uncache(media_id)

@@ -23,11 +23,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from ipc.pgdb import PgDb, PgUnavailable
-from ipc.webhookstore import GLOBAL, Busy, Endpoint, Event, Settled, deliveries_of
+from ipc.webhookstore import EVENT_COLUMNS, GLOBAL, Busy, Endpoint, Event, Settled, deliveries_of, event_of
 
 HOLD_OFF = 1.0  # seconds a write is not tried after PostgreSQL failed one
 
-_EVENT_COLUMNS = "n, id, company, seq, type, body, created, attempts, next_at"
 # Mine to deliver: the company's live lease is mine, or nobody's and I wrote the event.
 _MINE = """(EXISTS (SELECT 1 FROM waport_leases l WHERE l.company = e.company AND l.owner = %(me)s
                     AND l.expires_at > now())
@@ -183,14 +182,14 @@ class PgWebhookStore:
 
     def pending_after(self, n: int, limit: int) -> list[Event]:
         """This host's pending events after row `n` (the companies it holds, and what it wrote of the others)."""
-        return [_event(r) for r in self._read(
-            "pending events", f"SELECT {_EVENT_COLUMNS} FROM waport_webhook_events e WHERE n > %(n)s"
+        return [event_of(r) for r in self._read(
+            "pending events", f"SELECT {EVENT_COLUMNS} FROM waport_webhook_events e WHERE n > %(n)s"
                               f" AND status = 'pending' AND {_MINE} ORDER BY n LIMIT %(limit)s",
             {"n": n, "me": self.me, "limit": limit})]
 
     def pending_of(self, company: str, after_seq: int, limit: int) -> list[Event]:
-        return [_event(r) for r in self._read(
-            "pending events", f"SELECT {_EVENT_COLUMNS} FROM waport_webhook_events WHERE company = %s"
+        return [event_of(r) for r in self._read(
+            "pending events", f"SELECT {EVENT_COLUMNS} FROM waport_webhook_events WHERE company = %s"
                               " AND status = 'pending' AND seq > %s ORDER BY seq LIMIT %s",
             (company, after_seq, limit))]
 
@@ -225,8 +224,4 @@ class PgWebhookStore:
                                         " WHERE company = %s ORDER BY status = 'ok', seq DESC LIMIT %s",
                           (company, limit))
         return deliveries_of(counts, rows)
-
-
-def _event(r: tuple) -> Event:
-    return Event(r[0], r[1], r[2], r[3], r[4], r[5].encode(), r[6], r[7], r[8])
 

@@ -23,6 +23,7 @@ from ipc.webhooks import GLOBAL
 DIRNAME = "webhooks"
 FILENAME = "webhooks.db"
 PENDING, OK, DEAD = "pending", "ok", "dead"
+EVENT_COLUMNS = "n, id, company, seq, type, body, created, attempts, next_at"  # what `event_of` reads
 CLUSTER_DSN_ENV = "WAPORT_CLUSTER_DSN"  # how the delivery process of a cluster host gets the store's DSN
 
 _SCHEMA = """
@@ -254,13 +255,13 @@ class WebhookStore:
     # ------------------------------------------------------------ events: the delivery process's side
 
     def pending_after(self, n: int, limit: int) -> list[Event]:
-        return [_event(r) for r in self.db.execute(
-            "SELECT n, id, company, seq, type, body, created, attempts, next_at FROM events "
+        return [event_of(r) for r in self.db.execute(
+            f"SELECT {EVENT_COLUMNS} FROM events "
             "WHERE n > ? AND status = 'pending' ORDER BY n LIMIT ?", (n, limit))]
 
     def pending_of(self, company: str, after_seq: int, limit: int) -> list[Event]:
-        return [_event(r) for r in self.db.execute(
-            "SELECT n, id, company, seq, type, body, created, attempts, next_at FROM events "
+        return [event_of(r) for r in self.db.execute(
+            f"SELECT {EVENT_COLUMNS} FROM events "
             "WHERE company = ? AND status = 'pending' AND seq > ? ORDER BY seq LIMIT ?", (company, after_seq, limit))]
 
     def settle(self, results: list[Settled]) -> None:
@@ -305,5 +306,6 @@ def deliveries_of(counts: dict[str, int], rows: list[tuple]) -> dict[str, Any]:
     return {"counts": {k: counts.get(k, 0) for k in (PENDING, OK, DEAD)}, "events": items}
 
 
-def _event(r: tuple) -> Event:
+def event_of(r: tuple) -> Event:
+    """An Event from a row of EVENT_COLUMNS (both stores')."""
     return Event(r[0], r[1], r[2], r[3], r[4], r[5].encode(), r[6], r[7], r[8])

@@ -25,6 +25,7 @@ from test_worker import FakeSupervisor
 
 from ipc import exitcodes, protocol, states
 from ipc import journal as J
+from ipc.mediastore import MediaStore
 from workers.backend import BackendError, SendItem, WorkerContext
 from workers.outbox import Sender
 
@@ -782,7 +783,8 @@ def test_the_outbox_journals_each_media_failure_with_its_reason(make: Any, media
         fields = {**media, "media": "ef" * 32} if caption == "gone" else media  # not in the store
         journal.enqueue("acme", "15557654321", caption, None, "control", "image", fields)
     reports: list[tuple[str, dict[str, Any]]] = []
-    sender = Sender(journal.path, backend, lambda t, d: reports.append((t, d)), os.path.join(short_tmp, "media"))
+    sender = Sender(journal.path, backend, lambda t, d: reports.append((t, d)),
+                    MediaStore(os.path.join(short_tmp, "media")))
     sender.connected = True
     sender.wakeup.set()  # no retry pause in the test
     errors = [UploadError("dial tcp: lookup mmg.whatsapp.net: no such host"),  # "dns"

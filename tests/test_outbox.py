@@ -9,6 +9,7 @@ import pytest
 
 from ipc import journal as J
 from ipc.errors import BAD_REQUEST, NOT_CONNECTED, TIMEOUT
+from ipc.mediastore import MediaStore
 from workers.backend import Backend, BackendError, SendItem, WorkerContext
 from workers.outbox import InlineSender, Sender, begin_window
 
@@ -191,7 +192,7 @@ def test_a_rich_send_reaches_the_backend_with_its_file_and_the_message_it_quotes
                     {"media": media, "mimetype": "image/png", "size": 3, "reply_to": "WA-IN"})
     journal.enqueue("acme", "15557654321", "", None, "control", "reaction", {"reaction_to": "WA-IN", "emoji": "👍"})
     backend = Scripted(window=4)
-    sender = Sender(journal.path, backend, lambda *_: None, media_root=str(tmp_path / "media"))
+    sender = Sender(journal.path, backend, lambda *_: None, media=MediaStore(str(tmp_path / "media")))
     sender.connected = True
     sender.drain(journal)
     image, reaction = backend.items

@@ -166,7 +166,7 @@ class Arbiter:
 
         cfg = self.cfg
         self.cluster_link = ClusterLink(cfg.cluster_dsn, cfg.host_id, cfg.lease_ttl, self.wake)
-        self.lease_link = ClusterLink(cfg.cluster_dsn, cfg.host_id, cfg.lease_ttl, self.wake, role="/leases")
+        self.lease_link = ClusterLink(cfg.cluster_dsn, cfg.host_id, cfg.lease_ttl, self.wake, role="leases")
         self.cluster_link.start()
         self.lease_link.start()
         self.cluster_listener = ClusterListener(self.cluster_link.store, self.wake, self.cluster_link.ready)
@@ -199,8 +199,7 @@ class Arbiter:
             return
         try:
             self.webhooks.open()
-        except sqlite3.Error as exc:  # PgUnavailable: the next round tries again
-            self.webhooks.store = None
+        except sqlite3.Error as exc:  # PgUnavailable (the store stays unopened): the next round tries again
             log.warning("webhook store not opened yet: %s", exc)
 
     def take_cluster_mail(self) -> None:

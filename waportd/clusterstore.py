@@ -139,7 +139,7 @@ class ClusterStore:
         return clean_error(exc, self._secret)
 
     def _connect(self, role: str = "") -> psycopg.Connection:
-        return connect_bounded(self._dsn, f"waportd/{self.host_id}{role}"[:schema.NAME_MAX_BYTES],
+        return connect_bounded(self._dsn, schema.supervisor_name(self.host_id, role),
                                self.connect_timeout, self.statement_timeout, self.call_timeout)
 
     def _call(self, what: str, fn: Callable[[psycopg.Connection], Any]) -> Any:
@@ -447,8 +447,8 @@ class ClusterLink(threading.Thread):
 
     def __init__(self, dsn: str, host_id: str, lease_ttl: float, wake: Callable[[], None], role: str = "",
                  **store_options: Any) -> None:
-        """`role`: which of this host's links it is ("/leases"), in its thread's and connection's names."""
-        super().__init__(name="cluster" + role.replace("/", "-"), daemon=True)
+        """`role`: which of this host's links it is ("leases"), in its thread's and connection's names."""
+        super().__init__(name=f"cluster-{role}" if role else "cluster", daemon=True)
         self.store = ClusterStore(dsn, host_id, lease_ttl, role=role, **store_options)
         self.wake = wake
         self.cond = threading.Condition()
@@ -558,7 +558,7 @@ class ClusterListener(threading.Thread):
         while not self.stopping.is_set():
             conn = None
             try:
-                conn = self.store._connect("/listen")
+                conn = self.store._connect("listen")
                 conn.execute(f"LISTEN {schema.MAIL_CHANNEL}")
                 conn.execute(f"LISTEN {schema.EVENTS_CHANNEL}")
                 self.listening.set()

@@ -58,10 +58,11 @@ class MediaDesk:
         root = os.path.join(cfg.state_dir, "media")
         if not cfg.cluster_dsn:
             return MediaStore(root, cfg.media_max_bytes)
+        from ipc.clusterschema import supervisor_name
         from ipc.pgdb import PgDb  # psycopg: only in cluster mode
         from ipc.pgmediastore import PgMediaStore
 
-        return PgMediaStore(root, cfg.media_max_bytes, PgDb(cfg.cluster_dsn, f"waportd/{cfg.host_id}/media"[:63]))
+        return PgMediaStore(root, cfg.media_max_bytes, PgDb(cfg.cluster_dsn, supervisor_name(cfg.host_id, "media")))
 
     def close(self) -> None:
         for pending in self.uploads.values():
@@ -72,7 +73,8 @@ class MediaDesk:
 
     def prune(self, wall: float, needed: Callable[[], set[str]] = set) -> None:
         """Media older than `media_retention` goes (an hourly look from the loop), except what a send not yet
-        out still needs (`needed()`, asked only when the hour comes: it reads every journal)."""
+        out still needs (`needed()`, asked only when the hour comes: it reads every journal; in a cluster the
+        store in PostgreSQL asks the whole outbox itself)."""
         cfg = self.services.cfg
         if self._store is not None:
             self._store.close_if_idle(IDLE_CLOSE)  # cluster mode: no connection held for an hourly look
@@ -80,7 +82,7 @@ class MediaDesk:
             return
         self.next_prune = wall + PRUNE_EVERY
         try:
-            removed = self.store.prune(wall, cfg.media_retention, needed())
+            removed = self.store.prune(wall, cfg.media_retention, set() if cfg.cluster_dsn else needed())
         except (WaportError, sqlite3.Error) as exc:  # PostgreSQL away (cluster mode): the next hour's look
             log.warning("media retention deferred: %s", getattr(exc, "message", exc))
             return

@@ -109,10 +109,11 @@ class MessageDesk:
     def cluster_connection(self) -> Any:
         """The one PostgreSQL connection every company's journal shares on this loop."""
         if self.cluster_db is None:
+            from ipc.clusterschema import supervisor_name
             from ipc.pgdb import PgDb
 
             cfg = self.services.cfg
-            self.cluster_db = PgDb(cfg.cluster_dsn, f"waportd/{cfg.host_id}/journal"[:63])
+            self.cluster_db = PgDb(cfg.cluster_dsn, supervisor_name(cfg.host_id, "journal"))
         return self.cluster_db
 
     def forget(self, company: str) -> None:
@@ -178,10 +179,6 @@ class MessageDesk:
 
     def queued_media(self) -> set[str]:
         """Media that sends not yet out still need, across the companies here (kept past media_retention)."""
-        if self.services.cfg.cluster_dsn:  # one query for every company here, not one each on the loop
-            from ipc.pgjournal import queued_media_of
-
-            return queued_media_of(self.cluster_connection(), [c.name for c in self.roster])
         keep: set[str] = set()
         for c in self.roster:
             keep |= self.journal(c.name).queued_media()

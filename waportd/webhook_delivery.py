@@ -392,7 +392,8 @@ class Delivery:
                     self.store.prune(wall - self.max_age, wall - max(DEAD_KEPT, self.max_age))
 
     async def watch(self, nudges: zmq.Socket) -> None:
-        """Nudges from waportd (`new`, `endpoints`, `reload COMPANY`), and a look at the store every second."""
+        """Nudges from waportd (`new`, `endpoints`, `reload COMPANY`, `drop COMPANY`), and a look at the store
+        every `poll` seconds."""
         loop = asyncio.get_running_loop()
         loop.add_reader(nudges.getsockopt(zmq.FD), self.look.set)
         reload_endpoints, reloads = not self.endpoints, set()
@@ -471,13 +472,14 @@ def main(argv: list[str] | None = None) -> None:
     store: Any
     poll = POLL
     if args.host_id:
+        from ipc.clusterschema import supervisor_name
         from ipc.pgdb import PgDb  # psycopg: only in cluster mode
         from ipc.pgwebhookstore import PgWebhookStore
 
         dsn = os.environ.pop(CLUSTER_DSN_ENV, "")
         if not dsn:
             p.error(f"--host-id needs the cluster's DSN in ${CLUSTER_DSN_ENV}")
-        store, poll = PgWebhookStore(PgDb(dsn, f"waportd/{args.host_id}/webhook-delivery"[:63]), args.host_id), \
+        store, poll = PgWebhookStore(PgDb(dsn, supervisor_name(args.host_id, "webhook-delivery")), args.host_id), \
             CLUSTER_POLL
     else:
         store = WebhookStore(path_in(args.state_dir), busy_ms=1000)

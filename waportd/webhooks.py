@@ -56,10 +56,11 @@ class Webhooks:
     def open(self) -> None:
         cfg = self.services.cfg
         if cfg.cluster_dsn:  # the companies' endpoints, seqs and events move with them (DESIGN.md §12)
+            from ipc.clusterschema import supervisor_name
             from ipc.pgdb import PgDb  # psycopg: only in cluster mode
             from ipc.pgwebhookstore import PgWebhookStore
 
-            store: Any = PgWebhookStore(PgDb(cfg.cluster_dsn, f"waportd/{cfg.host_id}/webhooks"[:63]), cfg.host_id)
+            store: Any = PgWebhookStore(PgDb(cfg.cluster_dsn, supervisor_name(cfg.host_id, "webhooks")), cfg.host_id)
         else:
             store = WebhookStore(path_in(cfg.state_dir), busy_ms=0, checkpoints=False)
         try:

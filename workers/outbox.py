@@ -13,7 +13,6 @@ backends that run inside it (sim): no thread hand-off per message.
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -79,29 +78,25 @@ def begin_window(journal: J.Journal, window: int) -> list[J.Outgoing]:
     return journal.take_queued(max(1, window))
 
 
-Media = str | MediaStore | None  # the store's directory, or the store (cluster mode: one in PostgreSQL)
+def media_path(store: MediaStore | None, media_id: str) -> str | None:
+    """The file a media send reads: in the store, brought there first by a store in PostgreSQL (the file came
+    through another host). One it cannot bring: the path, absent, and the send fails with not_found (the
+    reason is logged)."""
+    if store is None:
+        return None
+    try:
+        return store.local_path(media_id)
+    except WaportError as exc:
+        log.warning("media %s… could not be brought into this host's store: %s", media_id[:12], exc.message)
+        return store.path(media_id)
 
 
-def media_path(media: Media, media_id: str) -> str | None:
-    """The file a media send reads: in the store's directory, brought there first by a store in PostgreSQL
-    (the file came through another host). One it cannot bring: the path, absent, and the send fails with
-    not_found (the reason is logged)."""
-    if isinstance(media, MediaStore):
-        try:
-            return media.local_path(media_id)
-        except WaportError as exc:
-            log.warning("media %s… could not be brought into this host's store: %s", media_id[:12], exc.message)
-            return media.path(media_id)
-    return os.path.join(media, media_id[:2], media_id) if media else None
-
-
-def items_of(journal: J.Journal, batch: list[J.Outgoing], media_root: Media) -> list[SendItem]:
+def items_of(journal: J.Journal, batch: list[J.Outgoing], media: MediaStore | None) -> list[SendItem]:
     """What the backend sends: the journal's rows, their stored file and the messages they quote found."""
     items = []
     for m in batch:
         fields = m.fields
-        media = fields.get("media")
-        path = media_path(media_root, media) if media else None
+        path = media_path(media, fields["media"]) if fields.get("media") else None
         quoted = journal.reference(fields["reply_to"]) if "reply_to" in fields else None
         target = journal.reference(fields["reaction_to"]) if "reaction_to" in fields else None
         items.append(SendItem(m.recipient, m.text, m.message_id, m.type, fields, path, quoted, target))
@@ -145,12 +140,12 @@ class Sender(threading.Thread):
     """For backends whose send blocks: a thread, so heartbeats never wait for a send."""
 
     def __init__(self, journal: str | Callable[[], J.Journal], backend: Backend, emit: Emit,
-                 media_root: Media = None, sync: str = "normal") -> None:
+                 media: MediaStore | None = None, sync: str = "normal") -> None:
         """`journal`: the SQLite journal's path, or what opens the thread's own journal (cluster mode's in
         PostgreSQL); `sync="full"`: its own connection fsyncs each commit too (journal_sync = "full")."""
         super().__init__(name="sender", daemon=True)
         self.open_journal = (lambda: J.Journal(journal, sync=sync)) if isinstance(journal, str) else journal
-        self.media_root = media_root
+        self.media = media
         self.backend = backend
         self.emit = emit
         self.connected = False
@@ -197,7 +192,7 @@ class Sender(threading.Thread):
 
     def send_window(self, journal: J.Journal, batch: list[J.Outgoing]) -> bool:
         """Send a window already marked `sending`; False when the backend was not connected after all."""
-        items = items_of(journal, batch, self.media_root)
+        items = items_of(journal, batch, self.media)
         outcomes = self.backend.send_many(items)
         while True:  # the outcomes are known: they wait here until the journal takes them (a full disk)
             try:
@@ -219,9 +214,9 @@ class Sender(threading.Thread):
 class InlineSender:
     """For backends the worker's loop drives: a window goes out from the loop, its answers come back in it."""
 
-    def __init__(self, journal: J.Journal, backend: Backend, emit: Emit, media_root: Media = None) -> None:
+    def __init__(self, journal: J.Journal, backend: Backend, emit: Emit, media: MediaStore | None = None) -> None:
         self.journal = journal
-        self.media_root = media_root
+        self.media = media
         self.backend = backend
         self.emit = emit
         self.connected = False
@@ -268,7 +263,7 @@ class InlineSender:
         self.dirty = len(batch) >= window  # a full window: more may wait
         if batch:
             self.in_flight = batch
-            self.backend.send_async(items_of(self.journal, batch, self.media_root), self.on_done)
+            self.backend.send_async(items_of(self.journal, batch, self.media), self.on_done)
 
     def on_done(self, outcomes: list[Any]) -> None:
         batch, self.in_flight = self.in_flight, None

@@ -81,8 +81,7 @@ def median_of(runs: list[Any]) -> Any:
     first = runs[0]
     if isinstance(first, dict):  # a count one run lacks (`not_sent` lists only what happened) is 0 there
         keys = dict.fromkeys(k for r in runs for k in r)
-        return {k: median_of([r.get(k, 0) if isinstance(first.get(k, 0), int) else r[k] for r in runs if k in r
-                              or isinstance(first.get(k, 0), int)]) for k in keys}
+        return {k: median_of([r.get(k, 0) for r in runs]) for k in keys}
     if isinstance(first, (int, float)) and not isinstance(first, bool) and all(
             isinstance(r, (int, float)) for r in runs):
         m = statistics.median(runs)
