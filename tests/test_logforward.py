@@ -53,13 +53,17 @@ def test_tracebacks_travel_with_the_message():
 def test_the_socket_never_carries_news_about_itself_nor_a_flood():
     fallback = CollectRecords()
     frames: list[list[bytes]] = []
-    h = logforward.ForwardHandler(fallback)
+    now = [100.0]
+    h = logforward.ForwardHandler(fallback, clock=lambda: now[0])
     h.sink = frames.append
     h.handle(make("supervisor socket full; dropped a LOG frame", logging.WARNING, "waport.worker", "send_raw"))
     assert not frames and len(fallback.records) == 1
     for i in range(logforward.MAX_PER_SECOND + 50):
         h.handle(make(f"line {i}"))
-    assert len(frames) <= logforward.MAX_PER_SECOND and len(fallback.records) >= 50
+    assert len(frames) == logforward.MAX_PER_SECOND and len(fallback.records) == 51
+    now[0] = 101.0  # the next second forwards again
+    h.handle(make("line after"))
+    assert len(frames) == logforward.MAX_PER_SECOND + 1 and len(fallback.records) == 51
 
 
 def test_setup_attach_detach_route_the_root_logger(capfd):

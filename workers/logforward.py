@@ -32,9 +32,10 @@ Sink = Callable[[list[bytes]], None]
 class ForwardHandler(logging.Handler):
     """Turns records into LOG frames for `sink` (thread-safe); stderr when there is no sink."""
 
-    def __init__(self, fallback: logging.Handler) -> None:
+    def __init__(self, fallback: logging.Handler, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self.fallback = fallback
+        self.clock = clock  # the rate's one-second windows
         self.sink: Sink | None = None
         self._window = 0
         self._in_window = 0
@@ -60,7 +61,7 @@ class ForwardHandler(logging.Handler):
             self.handleError(record)
 
     def _admit(self) -> bool:
-        second = int(time.monotonic())
+        second = int(self.clock())
         if second != self._window:
             self._window, self._in_window = second, 0
         self._in_window += 1

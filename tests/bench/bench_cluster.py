@@ -176,16 +176,22 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         os.kill(hosts["h1"].proc.pid, signal.SIGKILL)
         hosts["h1"].proc.wait(30)
 
+        phases: dict[str, float] = {}  # seconds after the kill: the last lease expired, all claimed, connected
+
         def moved() -> bool:
-            now_owned = owners(pg)
-            return all(now_owned.get(c) not in (None, "h1") for c in victims) and connected(net, victims) == len(
-                victims)
+            now_owned = [owners(pg).get(c) for c in victims]
+            for phase, reached in (("expired", "h1" not in now_owned),
+                                   ("claimed", all(o not in (None, "h1") for o in now_owned))):
+                if reached:
+                    phases.setdefault(phase, round(time.monotonic() - killed, 1))
+            return "claimed" in phases and connected(net, victims) == len(victims)
 
         wait_for(moved, timeout=300, interval=0.2, what="h1's companies connected elsewhere")
         stats = net.stats()
         figures["failover"] = {"companies": len(victims), "seconds": round(time.monotonic() - killed, 1),
                                "bound_s": "lease_ttl + 10 = 25", "replaced": stats["replaced"],
-                               "new_pairings": stats["pairings"] - pairings}
+                               "new_pairings": stats["pairings"] - pairings,
+                               "leases_expired_s": phases["expired"], "all_claimed_s": phases["claimed"]}
         for d in hosts.values():
             if d.proc is not None and d.proc.poll() is None:
                 d.terminate(timeout=120)
