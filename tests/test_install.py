@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 
 import pytest
@@ -68,7 +69,8 @@ def test_the_unit_runs_what_the_install_creates(venv):
 def test_the_installed_daemon_runs_the_example_config_and_keeps_sessions_over_an_upgrade(installed, short_tmp):
     venv, wheel = installed
     state, run_dir = os.path.join(short_tmp, "state"), os.path.join(short_tmp, "run")
-    metrics, http = free_port(), free_port()
+    metrics = free_port()
+    http = next(port for port in iter(free_port, None) if port != metrics)  # neither is bound yet: never the same
     env = clean_env(WAPORT_STATE_DIR=state, WAPORT_RUN_DIR=run_dir, WAPORT_BACKEND="sim",
                     WAPORT_METRICS_LISTEN=f"127.0.0.1:{metrics}", WAPORT_HTTP_LISTEN=f"127.0.0.1:{http}")
     log = open(os.path.join(short_tmp, "waportd.log"), "ab")
@@ -94,8 +96,17 @@ def test_the_installed_daemon_runs_the_example_config_and_keeps_sessions_over_an
         assert ctl("diagnose", "acme").returncode == 0
         scrape = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5).read().decode()
         assert 'waport_session_up{company="acme"} 1.0' in scrape
-        health = urllib.request.urlopen(f"http://127.0.0.1:{http}/v1/health", timeout=5)
-        assert health.status == 200
+
+        def health() -> int | None:  # the API is a child process of its own: it may still be starting
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http}/v1/health", timeout=5) as r:
+                    return r.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+            except OSError:
+                return None
+
+        assert wait_for(health, timeout=30, what="the API to answer GET /v1/health") == 200
 
         # Upgrade: stop, install the package again over itself, start. Nothing is paired again.
         daemon.send_signal(signal.SIGTERM)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import time
 import uuid
 
@@ -12,23 +13,37 @@ from conftest import wait_for
 
 from waportd.sdnotify import Notifier, address_of, status_text
 
+# Linux's SO_TIMESTAMPNS (the same number as its control message type; not exported by Python's socket module).
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+
 
 class Listener:
-    """What systemd does: a bound AF_UNIX datagram socket; collects every notification."""
+    """What systemd does: a bound AF_UNIX datagram socket; collects every notification, each with the time
+    the kernel queued it (not when this test got round to reading it: the gaps are the sender's)."""
 
     def __init__(self, address: str) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(address_of(address))
         self.sock.settimeout(0.05)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            self.kernel_stamps = True
+        except OSError:
+            self.kernel_stamps = False
         self.messages: list[tuple[float, list[str]]] = []
 
     def pump(self) -> list[list[str]]:
         while True:
             try:
-                data = self.sock.recv(4096)
+                data, ancdata, _flags, _addr = self.sock.recvmsg(4096, socket.CMSG_SPACE(16))
             except (TimeoutError, BlockingIOError):
                 return [m for _, m in self.messages]
-            self.messages.append((time.monotonic(), data.decode().split("\n")))
+            stamp = time.monotonic()
+            if self.kernel_stamps:
+                (sec, nsec), = [struct.unpack("qq", raw[:16]) for level, kind, raw in ancdata
+                                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS]
+                stamp = sec + nsec / 1e9
+            self.messages.append((stamp, data.decode().split("\n")))
 
     def first(self, prefix: str) -> int | None:
         return next((i for i, (_, m) in enumerate(self.messages) if any(f.startswith(prefix) for f in m)), None)

@@ -107,7 +107,7 @@ def test_reaper_terms_then_kills(tmp_path):
         now = time.monotonic()
         assert reaper.end(stubborn.pid, now) and reaper.end(polite.pid, now)
         assert polite.wait(5) == -signal.SIGTERM
-        reaper.tick(time.monotonic())
+        reaper.tick(now + 0.25)  # within the grace, whatever the wait above took
         assert alive(stubborn.pid) and list(reaper.pending) == [stubborn.pid]
         reaper.tick(now + 1)
         assert stubborn.wait(5) == -signal.SIGKILL and not reaper.pending
