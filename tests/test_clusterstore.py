@@ -117,6 +117,23 @@ def test_two_hosts_claiming_at_once_one_wins(stores: Callable[..., ClusterStore]
         assert [g for g in got if g is not None][0].epoch == 1
 
 
+def test_a_batch_claim_takes_the_free_the_expired_and_its_own_and_two_batches_split_the_rest(
+        stores: Callable[..., ClusterStore]) -> None:
+    a, b, c = stores("a", lease_ttl=1), stores("b", lease_ttl=15), stores("c", lease_ttl=15)
+    assert set(a.claim_many(["old1", "old2"])) == {"old1", "old2"}
+    assert b.claim("taken") is not None and b.claim("mine") is not None
+    wait_for(lambda: not any(r.live for r in a.leases() if r.owner == "a"), timeout=5, what="a's leases to end")
+    got = b.claim_many(["old1", "old2", "taken", "mine", "new", "new"])
+    assert {k: v.epoch for k, v in got.items()} == {"old1": 2, "old2": 2, "taken": 1, "mine": 1, "new": 1}
+    assert c.claim_many(["old1", "taken", "new", "free"]).keys() == {"free"}  # b's live ones stay b's
+    assert b.claim_many([]) == {}
+    # Two hosts claiming the same hundred at once: each company goes to exactly one of them, none waits forever.
+    names = [f"n{i:03d}" for i in range(100)]
+    got2 = at_once(lambda: b.claim_many(names), lambda: c.claim_many(list(reversed(names))))
+    assert not any(isinstance(g, BaseException) for g in got2), got2
+    assert sorted([*got2[0], *got2[1]]) == names
+
+
 def test_renewal_keeps_the_epoch_and_counts_on_the_database_clock(stores: Callable[..., ClusterStore]) -> None:
     a = stores("a", lease_ttl=15)
     first = a.claim("acme")
@@ -201,6 +218,24 @@ def test_fence_older_ends_only_the_older_epochs_connections(pg: PgServer,
             long_old.execute("SELECT 1")
     finally:
         for conn in (old, older, current, other, like, long_old):
+            conn.close()
+
+
+def test_fencing_many_companies_at_once_ends_every_older_connection_before_it_returns(
+        pg: PgServer, stores: Callable[..., ClusterStore]) -> None:
+    b = stores("b")
+    names = [f"c{i:02d}" for i in range(20)]
+    old = [pg.connect(application_name=application_name(n, 1)) for n in names]
+    kept = [pg.connect(application_name=application_name(n, 2)) for n in names[:5]]
+    try:
+        assert b.fence_older_many({n: 2 for n in names}) == 20
+        # gone when it returns, not merely signalled
+        assert pg.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'waport/c__/1'") == [(0,)]
+        for conn in kept:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert b.fence_older_many({n: 2 for n in names}) == 0 and b.fence_older_many({}) == 0
+    finally:
+        for conn in old + kept:
             conn.close()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from waportd.placement import DOWN, DRAINING, UP, HostView, LeaseView, Wanted, place, plan
+from waportd.placement import DOWN, DRAINING, UP, HostView, LeaseView, Wanted, next_expiry, place, plan
 
 TTL = 15.0
 
@@ -75,3 +75,11 @@ def test_plan_releases_what_is_no_longer_wanted_moved_away_or_everything_when_dr
     # a move to a host that is not there waits: the company stays
     hs_dead = hosts("h1", "h2", h2={"heartbeat_age": 99.0})
     assert plan("h1", hs_dead, {}, wanted, {"a", "b"}, {}, TTL, None).release == []
+
+
+def test_the_next_round_may_come_when_another_host_s_first_lease_runs_out():
+    leases = [LeaseView("a", "h1", 1, 4.0), LeaseView("b", "h2", 3, 1.5), LeaseView("c", "h2", 1, 9.0),
+              LeaseView("d", "h3", 2, -2.0)]  # d: expired already, claimable now
+    assert next_expiry("h1", leases) == 1.5
+    assert next_expiry("h2", leases) == 4.0  # its own leases it renews
+    assert next_expiry("h1", [LeaseView("a", "h1", 1, 4.0), LeaseView("d", "h3", 2, -2.0)]) is None

@@ -24,13 +24,14 @@ from ipc.events import LEASE_ACQUIRED, LEASE_LOST
 from ipc.states import STARTING, STOPPED
 from ipc.validation import validate_company
 from waportd.controller import KEEP, proxy_arg
-from waportd.placement import DOWN, DRAINING, UP, HostView, LeaseView, Wanted, plan
+from waportd.placement import DOWN, DRAINING, UP, HostView, LeaseView, Wanted, next_expiry, plan
 from waportd.roster import Roster
 from waportd.services import Services
 from waportd.session import Session
 
 log = logging.getLogger("waport.cluster")
 CLAIMS_PER_ROUND = 1000
+EXPIRY_MARGIN = 0.05  # seconds past a foreign lease's expiry before the round that may claim it
 
 Submit = Callable[[Callable[[Any], Any], Callable[[Any], None]], None]  # (work on the store, done with its result)
 
@@ -155,6 +156,9 @@ class Cluster:
                 if c is not None and c.ready:
                     c.beat(only_with_deadline=True)  # the worker hears its new deadline at once
         self.view = self.see(result)
+        expiry = next_expiry(self.cfg.host_id, self.view.leases.values())
+        if expiry is not None:  # measured at the database a moment ago: the round goes just after
+            self.next_round = min(self.next_round, self.services.clock.monotonic() + expiry + EXPIRY_MARGIN)
         self.act(started)
 
     def see(self, result: Round) -> View:
@@ -202,13 +206,10 @@ class Cluster:
         self.claiming.update(companies)
 
         def work(store: Any) -> list[Any]:
-            leases = []
-            for company in companies:
-                lease = store.claim(company)
-                if lease is not None and lease.epoch > 1:
-                    store.fence_older(company, lease.epoch)  # a host that wakes late cannot write any more
-                leases.append(lease)
-            return leases
+            leases = store.claim_many(companies)
+            # a host that wakes late cannot write any more
+            store.fence_older_many({c: lease.epoch for c, lease in leases.items() if lease.epoch > 1})
+            return [leases.get(company) for company in companies]
 
         def done(result: Any) -> None:
             for i, company in enumerate(companies):

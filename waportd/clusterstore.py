@@ -113,6 +113,9 @@ def redact_dsn(dsn: str) -> str:
     return psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in params.items()})
 
 
+FENCE_WAIT = 2.0  # seconds an ended connection of an older epoch is given to be gone
+
+
 class ClusterStore:
     def __init__(self, dsn: str, host_id: str, lease_ttl: float, *, connect_timeout: float = 3.0,
                  statement_timeout: float = 5.0, call_timeout: float = 8.0, role: str = "") -> None:
@@ -255,12 +258,22 @@ class ClusterStore:
     # ------------------------------------------------------------ leases
 
     def claim(self, company: str) -> Lease | None:
-        """Take `company`'s lease if nobody holds it, it expired, or it is mine: a new or expired lease gets
-        epoch + 1 (a first one epoch 1), my own live one keeps its epoch. None: another host holds it.
-        One statement: of two hosts claiming at once, the second sees the first's row and gets nothing."""
-        row = self._call("claim", lambda conn: conn.execute(
+        """Take `company`'s lease if nobody holds it, it expired, or it is mine (see `claim_many`). None:
+        another host holds it."""
+        return self.claim_many([company]).get(company)
+
+    def claim_many(self, companies: list[str]) -> dict[str, Lease]:
+        """Take each lease of `companies` that nobody holds, that expired, or that is mine, in one statement
+        (a dead host's hundreds at once): a new or expired lease gets epoch + 1 (a first one epoch 1), my own
+        live one keeps its epoch. A company missing from the answer is another host's. Of two hosts claiming
+        at once, the second sees the first's row and gets nothing; the rows are taken in name order, so two
+        batches never wait for each other in a cycle."""
+        if not companies:
+            return {}
+        rows = self._call("claim", lambda conn: conn.execute(
             """INSERT INTO waport_leases AS l (company, owner, epoch, expires_at)
-               VALUES (%(company)s, %(owner)s, 1, now() + make_interval(secs => %(ttl)s))
+               SELECT c, %(owner)s, 1, now() + make_interval(secs => %(ttl)s)
+               FROM unnest(%(companies)s::text[]) AS c ORDER BY c
                ON CONFLICT (company) DO UPDATE SET
                    owner = EXCLUDED.owner,
                    epoch = CASE WHEN l.owner = EXCLUDED.owner AND l.expires_at > now() THEN l.epoch
@@ -268,8 +281,8 @@ class ClusterStore:
                    expires_at = EXCLUDED.expires_at
                WHERE l.owner = EXCLUDED.owner OR l.expires_at <= now()
                RETURNING company, epoch, expires_at, now()""",
-            {"company": company, "owner": self.host_id, "ttl": self.lease_ttl}).fetchone())
-        return Lease(*row) if row else None
+            {"companies": sorted(set(companies)), "owner": self.host_id, "ttl": self.lease_ttl}).fetchall())
+        return {row[0]: Lease(*row) for row in rows}
 
     def renew(self, companies: dict[str, int]) -> dict[str, Lease]:
         """Extend every lease of `companies` (company -> epoch) still mine at that epoch, in one statement.
@@ -303,25 +316,38 @@ class ClusterStore:
         return [LeaseRow(*row) for row in rows]
 
     def fence_older(self, company: str, epoch: int) -> int:
-        """End every database connection made for `company` under an epoch older than `epoch` (a host that
-        wakes late cannot write with them any more), waiting up to 2 s for each to be gone. How many."""
-        token = schema.company_token(company)
+        """End every database connection made for `company` under an epoch older than `epoch` (see
+        `fence_older_many`). How many."""
+        return self.fence_older_many({company: epoch})
+
+    def fence_older_many(self, epochs: dict[str, int]) -> int:
+        """End every database connection made for a company of `epochs` under an epoch older than the one
+        given (a host that wakes late cannot write with them any more), and wait up to 2 s for them to be
+        gone — all at once: PostgreSQL's own wait looks every 100 ms, once per connection. How many."""
+        if not epochs:
+            return 0
+        newest = {schema.company_token(company): epoch for company, epoch in epochs.items()}
 
         def run(conn: psycopg.Connection) -> int:
             rows = conn.execute(
                 """SELECT pid, application_name FROM pg_stat_activity
-                   WHERE application_name LIKE %(prefix)s AND pid <> pg_backend_pid()""",
-                {"prefix": schema.like_prefix(company)}).fetchall()
+                   WHERE application_name LIKE ANY(%(prefixes)s) AND pid <> pg_backend_pid()""",
+                {"prefixes": [schema.like_prefix(company) for company in epochs]}).fetchall()
             pids = []
             for pid, name in rows:
                 parsed = schema.parse_application_name(name)
-                if parsed is not None and parsed[0] == token and parsed[1] < epoch:
+                if parsed is not None and parsed[0] in newest and parsed[1] < newest[parsed[0]]:
                     pids.append(pid)
             if not pids:
                 return 0
-            row = conn.execute("SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 2000)) "
+            row = conn.execute("SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) "
                                "FROM unnest(%(pids)s::int[]) AS pid", {"pids": pids}).fetchone()
-            return int(row[0]) if row else 0
+            ended = int(row[0]) if row else 0
+            deadline = time.monotonic() + FENCE_WAIT
+            while time.monotonic() < deadline and conn.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE pid = ANY(%(pids)s) LIMIT 1", {"pids": pids}).fetchone():
+                time.sleep(0.02)
+            return ended
 
         return self._call("fence_older", run)
 

@@ -10,6 +10,7 @@ a whole lease_ttl (its host is slow, full, or dying) may be claimed by anyone.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 UP, DRAINING, DOWN = "up", "draining", "down"
@@ -100,3 +101,10 @@ def plan(me: str, hosts: list[HostView], leases: dict[str, LeaseView], wanted: d
         if named == me or unclaimed_for.get(company, 0.0) >= lease_ttl:
             out.claim.append(company)
     return out
+
+
+def next_expiry(me: str, leases: Iterable[LeaseView]) -> float | None:
+    """Seconds until the first live lease of another host runs out (None: there is none). A live host
+    renews long before; a dead host's companies are claimable then, so the next round goes at that moment
+    rather than up to a renewal interval later."""
+    return min((lease.remaining for lease in leases if lease.owner != me and lease.live), default=None)

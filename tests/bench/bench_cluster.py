@@ -14,6 +14,7 @@ hosts); `each_run` keeps every run's headline figures beside them.
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import shutil
 import signal
@@ -44,6 +45,19 @@ def transactions(pg: PgServer) -> int:
 
 def owners(pg: PgServer) -> dict[str, str]:
     return dict(pg.sql("SELECT company, owner FROM waport_leases WHERE expires_at > now()"))
+
+
+def claimed_at(log_path: str, companies: list[str]) -> list[float]:
+    """When a host's log says it acquired the lease of one of `companies` (epoch seconds)."""
+    wanted, out = set(companies), []
+    with open(log_path, errors="replace") as fh:
+        for line in fh:
+            if ": lease acquired (epoch" not in line:
+                continue
+            company = line.split(": ")[1].rsplit(" ", 1)[-1]
+            if company in wanted:
+                out.append(datetime.datetime.strptime(line.split(" ", 1)[0], "%Y-%m-%dT%H:%M:%S.%f%z").timestamp())
+    return out
 
 
 def connected(net: SimNetProcess, names: list[str]) -> int:
@@ -172,26 +186,41 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         # 4. Failover: h1 dies with its workers; its companies connect elsewhere without pairing again.
         victims = [c for c, o in owners(pg).items() if o == "h1"]
         pairings = net.stats()["pairings"]
-        killed = time.monotonic()
+        # The watcher gets the CPU as the network and the database do: starved, it would see late.
+        os.setpriority(os.PRIO_PROCESS, 0, -10)
+        lease_left = pg.sql("SELECT extract(epoch FROM max(expires_at) - now()) FROM waport_leases"
+                            " WHERE owner = 'h1'")[0][0]
+        killed, killed_wall = time.monotonic(), time.time()
         os.kill(hosts["h1"].proc.pid, signal.SIGKILL)
         hosts["h1"].proc.wait(30)
-
-        phases: dict[str, float] = {}  # seconds after the kill: the last lease expired, all claimed, connected
+        first_connected: list[float] = []
 
         def moved() -> bool:
-            now_owned = [owners(pg).get(c) for c in victims]
-            for phase, reached in (("expired", "h1" not in now_owned),
-                                   ("claimed", all(o not in (None, "h1") for o in now_owned))):
-                if reached:
-                    phases.setdefault(phase, round(time.monotonic() - killed, 1))
-            return "claimed" in phases and connected(net, victims) == len(victims)
+            now_owned = owners(pg)
+            if not all(now_owned.get(c) not in (None, "h1") for c in victims):
+                return False
+            n = connected(net, victims)
+            if n and not first_connected:
+                first_connected.append(time.monotonic() - killed)
+            return n == len(victims)
 
-        wait_for(moved, timeout=300, interval=0.2, what="h1's companies connected elsewhere")
+        try:
+            wait_for(moved, timeout=300, interval=0.1, what="h1's companies connected elsewhere")
+        finally:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)  # what this process starts next runs as the hosts do
+        seconds = time.monotonic() - killed
         stats = net.stats()
-        figures["failover"] = {"companies": len(victims), "seconds": round(time.monotonic() - killed, 1),
+        claims = sorted(t - killed_wall for h in ("h2", "h3") for t in claimed_at(hosts[h].log_path, victims))
+        figures["failover"] = {"companies": len(victims), "seconds": round(seconds, 1),
                                "bound_s": "lease_ttl + 10 = 25", "replaced": stats["replaced"],
                                "new_pairings": stats["pairings"] - pairings,
-                               "leases_expired_s": phases["expired"], "all_claimed_s": phases["claimed"]}
+                               # what the time is made of, in seconds after the kill: the lease h1 had
+                               # left (the database's clock), the survivors' claims (their logs), and the
+                               # first of its companies seen connected elsewhere
+                               "lease_left_s": round(float(lease_left), 1),
+                               "first_claim_s": round(claims[0], 1) if claims else None,
+                               "last_claim_s": round(claims[-1], 1) if claims else None,
+                               "first_connected_s": round(first_connected[0], 1) if first_connected else None}
         for d in hosts.values():
             if d.proc is not None and d.proc.poll() is None:
                 d.terminate(timeout=120)
