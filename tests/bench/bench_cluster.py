@@ -87,7 +87,9 @@ def sends_out(pg: PgServer, before: dict[str, int], accepted: int, what: str) ->
 
 
 HEADLINE = ("start.seconds_to_all_connected", "idle.transactions_per_s_per_host", "send_local.accepted_per_s",
-            "send_forwarded.accepted_per_s", "send_single_host.accepted_per_s", "failover.seconds")
+            "send_local.reconnects", "send_local.not_sent.uncertain", "send_forwarded.accepted_per_s",
+            "send_forwarded.reconnects", "send_forwarded.not_sent.uncertain", "send_single_host.accepted_per_s",
+            "failover.lease_left_s", "failover.first_connected_s", "failover.seconds")
 
 
 def median_of(runs: list[Any]) -> Any:
@@ -104,9 +106,10 @@ def median_of(runs: list[Any]) -> Any:
 
 
 def pick(figures: dict[str, Any], dotted: str) -> Any:
+    """One figure of a run by its dotted name; a count the run lacks (`not_sent` lists only what happened): 0."""
     for part in dotted.split("."):
         figures = figures.get(part, {}) if isinstance(figures, dict) else {}
-    return figures
+    return 0 if figures == {} else figures
 
 
 def main() -> None:
