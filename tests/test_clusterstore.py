@@ -134,6 +134,21 @@ def test_a_batch_claim_takes_the_free_the_expired_and_its_own_and_two_batches_sp
     assert sorted([*got2[0], *got2[1]]) == names
 
 
+def test_a_batch_claim_skips_a_row_another_transaction_holds_and_takes_it_next_time(
+        pg: PgServer, stores: Callable[..., ClusterStore]) -> None:
+    a, b = stores("a", lease_ttl=1), stores("b", lease_ttl=15, statement_timeout=3.0)
+    a.claim_many(["x1", "x2", "x3"])
+    wait_for(lambda: not any(r.live for r in a.leases()), timeout=5, what="a's leases to expire")
+    # a stalled transaction of a's (a lease check of its webhook writer, say) keeps x2's row locked
+    with pg.connect() as held:
+        held.execute("BEGIN")
+        held.execute("SELECT epoch FROM waport_leases WHERE company = 'x2' FOR SHARE")
+        # not held up: waiting would end in the 3 s statement timeout, an error for the whole batch
+        assert set(b.claim_many(["x1", "x2", "x3", "x4"])) == {"x1", "x3", "x4"}
+        held.execute("ROLLBACK")
+    assert b.claim_many(["x2"])["x2"].epoch == 2
+
+
 def test_renewal_keeps_the_epoch_and_counts_on_the_database_clock(stores: Callable[..., ClusterStore]) -> None:
     a = stores("a", lease_ttl=15)
     first = a.claim("acme")

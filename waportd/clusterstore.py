@@ -265,15 +265,25 @@ class ClusterStore:
     def claim_many(self, companies: list[str]) -> dict[str, Lease]:
         """Take each lease of `companies` that nobody holds, that expired, or that is mine, in one statement
         (a dead host's hundreds at once): a new or expired lease gets epoch + 1 (a first one epoch 1), my own
-        live one keeps its epoch. A company missing from the answer is another host's. Of two hosts claiming
-        at once, the second sees the first's row and gets nothing; the rows are taken in name order, so two
-        batches never wait for each other in a cycle."""
+        live one keeps its epoch. A company missing from the answer is another host's, or its row was locked
+        at that moment (a renewal, a worker's or webhook writer's lease check): the next round tries again.
+        It never waits for another transaction's row lock, so a stalled one holds up only its own company
+        and nothing waits for it in a cycle; of two hosts inserting the same new rows, both go in name
+        order, so one waits for the other's, never both."""
         if not companies:
             return {}
         rows = self._call("claim", lambda conn: conn.execute(
-            """INSERT INTO waport_leases AS l (company, owner, epoch, expires_at)
+            """WITH takeable AS MATERIALIZED (
+                   SELECT company FROM waport_leases
+                   WHERE company = ANY(%(companies)s::text[])
+                     AND (owner = %(owner)s OR expires_at <= now())
+                   ORDER BY company FOR NO KEY UPDATE SKIP LOCKED)
+               INSERT INTO waport_leases AS l (company, owner, epoch, expires_at)
                SELECT c, %(owner)s, 1, now() + make_interval(secs => %(ttl)s)
-               FROM unnest(%(companies)s::text[]) AS c ORDER BY c
+               FROM unnest(%(companies)s::text[]) AS c
+               WHERE c IN (SELECT company FROM takeable)
+                  OR NOT EXISTS (SELECT 1 FROM waport_leases WHERE company = c)
+               ORDER BY c
                ON CONFLICT (company) DO UPDATE SET
                    owner = EXCLUDED.owner,
                    epoch = CASE WHEN l.owner = EXCLUDED.owner AND l.expires_at > now() THEN l.epoch
