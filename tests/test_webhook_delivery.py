@@ -147,7 +147,8 @@ def test_500_429_and_a_receiver_down_lose_nothing(daemon_factory, simnet, receiv
 
 
 def test_a_hanging_endpoint_delays_no_other_company(daemon_factory, simnet, receiver):
-    d = daemon_factory(sim_endpoint=simnet.endpoint, webhook_timeout=3, webhook_retry_scale=0.01).start()
+    # the slow endpoint's first request must still be pending when the fast company's five have arrived
+    d = daemon_factory(sim_endpoint=simnet.endpoint, webhook_timeout=8, webhook_retry_scale=0.01).start()
     for company in ("slow", "fast"):
         d.ctl("start", company=company)
         d.ctl("webhook_set", company=company, url=receiver.url(company), events="message")
@@ -165,7 +166,7 @@ def test_a_hanging_endpoint_delays_no_other_company(daemon_factory, simnet, rece
     receiver.behave("slow", status=200)
     wait_for(lambda: any(e["last_error"] and "no answer" in e["last_error"]
                          for e in d.ctl("webhook_deliveries", company="slow")["events"]) or
-             d.ctl("webhook_deliveries", company="slow")["counts"]["ok"], timeout=10, what="the timeout recorded")
+             d.ctl("webhook_deliveries", company="slow")["counts"]["ok"], timeout=15, what="the timeout recorded")
     wait_for(lambda: d.ctl("webhook_deliveries", company="slow")["counts"]["ok"] == 1, timeout=20,
              what="S-1 delivered on a later attempt")
 
