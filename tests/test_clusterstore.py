@@ -41,6 +41,11 @@ def stores(pg: PgServer) -> Iterator[Callable[..., ClusterStore]]:
         store.close()
 
 
+def claim(store: ClusterStore, company: str) -> Lease | None:
+    """One company's claim; None: another host holds it."""
+    return store.claim_many([company]).get(company)
+
+
 def at_once(*calls: Callable[[], Any]) -> list[Any]:
     """Run the calls in threads released together; their results in order."""
     barrier = threading.Barrier(len(calls))
@@ -108,7 +113,7 @@ def test_two_hosts_claiming_at_once_one_wins(stores: Callable[..., ClusterStore]
     a, b = stores("a"), stores("b")
     for i in range(20):
         company = f"c{i}"
-        got = at_once(lambda c=company: a.claim(c), lambda c=company: b.claim(c))
+        got = at_once(lambda c=company: claim(a, c), lambda c=company: claim(b, c))
         assert not any(isinstance(g, BaseException) for g in got), got
         winners = [host for host, lease in zip("ab", got, strict=True) if lease is not None]
         assert len(winners) == 1, (company, got)
@@ -121,7 +126,7 @@ def test_a_batch_claim_takes_the_free_the_expired_and_its_own_and_two_batches_sp
         stores: Callable[..., ClusterStore]) -> None:
     a, b, c = stores("a", lease_ttl=1), stores("b", lease_ttl=15), stores("c", lease_ttl=15)
     assert set(a.claim_many(["old1", "old2"])) == {"old1", "old2"}
-    assert b.claim("taken") is not None and b.claim("mine") is not None
+    assert claim(b, "taken") is not None and claim(b, "mine") is not None
     wait_for(lambda: not any(r.live for r in a.leases() if r.owner == "a"), timeout=5, what="a's leases to end")
     got = b.claim_many(["old1", "old2", "taken", "mine", "new", "new"])
     assert {k: v.epoch for k, v in got.items()} == {"old1": 2, "old2": 2, "taken": 1, "mine": 1, "new": 1}
@@ -151,14 +156,14 @@ def test_a_batch_claim_skips_a_row_another_transaction_holds_and_takes_it_next_t
 
 def test_renewal_keeps_the_epoch_and_counts_on_the_database_clock(stores: Callable[..., ClusterStore]) -> None:
     a = stores("a", lease_ttl=15)
-    first = a.claim("acme")
+    first = claim(a, "acme")
     assert first is not None and first.epoch == 1
     assert first.expires_at - first.db_now == datetime.timedelta(seconds=15)
     renewed = a.renew({"acme": 1})
     assert set(renewed) == {"acme"} and renewed["acme"].epoch == 1
     assert renewed["acme"].expires_at - renewed["acme"].db_now == datetime.timedelta(seconds=15)
     assert renewed["acme"].expires_at >= first.expires_at
-    again = a.claim("acme")  # my own live lease: kept, not bumped
+    again = claim(a, "acme")  # my own live lease: kept, not bumped
     assert again is not None and again.epoch == 1
     started = time.monotonic()
     assert again.deadline(started) == pytest.approx(started + 15)
@@ -168,25 +173,25 @@ def test_renewal_keeps_the_epoch_and_counts_on_the_database_clock(stores: Callab
 
 def test_an_expired_lease_goes_to_another_host_with_a_new_epoch(stores: Callable[..., ClusterStore]) -> None:
     a, b = stores("a", lease_ttl=1), stores("b", lease_ttl=1)
-    assert a.claim("acme").epoch == 1  # type: ignore[union-attr]
-    assert b.claim("acme") is None  # live: a's
+    assert claim(a, "acme").epoch == 1  # type: ignore[union-attr]
+    assert claim(b, "acme") is None  # live: a's
     wait_for(lambda: not a.leases()[0].live, timeout=5, what="a's lease to expire")
     assert a.renew({"acme": 1})["acme"].epoch == 1  # expired but nobody took it: still a's to renew
-    taken: Lease = wait_for(lambda: b.claim("acme"), timeout=5, what="a's lease to expire and b to take it")
+    taken: Lease = wait_for(lambda: claim(b, "acme"), timeout=5, what="a's lease to expire and b to take it")
     assert taken.epoch == 2
     assert a.renew({"acme": 1}) == {}  # lost
-    assert a.claim("acme") is None  # b holds it now
+    assert claim(a, "acme") is None  # b holds it now
     row = {r.company: r for r in a.leases()}["acme"]
     assert (row.owner, row.epoch, row.live) == ("b", 2, True)
 
 
 def test_release_lets_another_host_claim_with_a_higher_epoch(stores: Callable[..., ClusterStore]) -> None:
     a, b = stores("a"), stores("b")
-    assert a.claim("acme").epoch == 1  # type: ignore[union-attr]
+    assert claim(a, "acme").epoch == 1  # type: ignore[union-attr]
     assert not a.release("acme", 2)  # not the epoch I hold: nothing happens
-    assert b.claim("acme") is None
+    assert claim(b, "acme") is None
     assert a.release("acme", 1)
-    lease = b.claim("acme")
+    lease = claim(b, "acme")
     assert lease is not None and lease.epoch == 2  # the row stays: an epoch never goes back to 1
     assert not a.release("acme", 1)
 
@@ -195,10 +200,10 @@ def test_credentials_of_an_older_epoch_are_refused(pg: PgServer, stores: Callabl
     a, b = stores("a", lease_ttl=1), stores("b", lease_ttl=1)
     assert not a.put_credentials("acme", 1, {"k": "no lease yet"})
     assert a.credentials("acme") is None
-    assert a.claim("acme").epoch == 1  # type: ignore[union-attr]
+    assert claim(a, "acme").epoch == 1  # type: ignore[union-attr]
     assert a.put_credentials("acme", 1, {"k": "one", "n": [1, 2]})
     assert b.credentials("acme") == {"k": "one", "n": [1, 2]}
-    wait_for(lambda: b.claim("acme"), timeout=5, what="b to take over acme")
+    wait_for(lambda: claim(b, "acme"), timeout=5, what="b to take over acme")
     assert b.put_credentials("acme", 2, {"k": "two"})
     assert not a.put_credentials("acme", 1, {"k": "late write of the old owner"})
     assert a.credentials("acme") == {"k": "two"}
@@ -221,14 +226,14 @@ def test_fence_older_ends_only_the_older_epochs_connections(pg: PgServer,
     like = pg.connect(application_name=application_name("acm_", 1))  # `_` is no wildcard
     long_old = pg.connect(application_name=application_name(long_name, 1))
     try:
-        assert b.fence_older("acme", 4) == 2
+        assert b.fence_older_many({"acme": 4}) == 2
         for conn in (old, older):
             with pytest.raises(psycopg.OperationalError):
                 conn.execute("SELECT 1")
         for conn in (current, other, like, long_old):
             assert conn.execute("SELECT 1").fetchone() == (1,)
-        assert b.fence_older("acme", 4) == 0
-        assert b.fence_older(long_name, 2) == 1
+        assert b.fence_older_many({"acme": 4}) == 0
+        assert b.fence_older_many({long_name: 2}) == 1
         with pytest.raises(psycopg.OperationalError):
             long_old.execute("SELECT 1")
     finally:
@@ -311,7 +316,7 @@ def test_postgres_down_fails_fast_and_heals(pg: PgServer) -> None:
     assert [h.host_id for h in store.hosts()] == ["a"]
     pg.kill()
     with pytest.raises(StoreUnavailable):
-        store.claim("acme")
+        claim(store, "acme")
     pg.start()  # crash recovery: what was committed is there
     assert [h.host_id for h in store.hosts()] == ["a"]
     store.close()
@@ -341,12 +346,12 @@ def test_cluster_link_answers_through_the_loop_without_blocking_it(pg: PgServer)
 
     try:
         # The schema is migrated before the first work: a claim works on an empty database.
-        link.submit(lambda store: store.claim("acme"), lambda lease: got.append(("claim", lease)))
+        link.submit(lambda store: claim(store, "acme"), lambda lease: got.append(("claim", lease)))
         link.submit(broken, bad_callback)  # logged; the thread goes on
         link.submit(broken, lambda exc: got.append(("broken", exc)))
         link.submit(lambda store: store.renew({"acme": 1}), lambda leases: got.append(("renew", leases)))
-        claim, failed, renew = results(3)
-        assert claim[1].epoch == 1
+        claimed, failed, renew = results(3)
+        assert claimed[1].epoch == 1
         assert isinstance(failed[1], RuntimeError)
         assert set(renew[1]) == {"acme"}
         pg.stop()

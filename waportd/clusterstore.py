@@ -257,11 +257,6 @@ class ClusterStore:
 
     # ------------------------------------------------------------ leases
 
-    def claim(self, company: str) -> Lease | None:
-        """Take `company`'s lease if nobody holds it, it expired, or it is mine (see `claim_many`). None:
-        another host holds it."""
-        return self.claim_many([company]).get(company)
-
     def claim_many(self, companies: list[str]) -> dict[str, Lease]:
         """Take each lease of `companies` that nobody holds, that expired, or that is mine, in one statement
         (a dead host's hundreds at once): a new or expired lease gets epoch + 1 (a first one epoch 1), my own
@@ -324,11 +319,6 @@ class ClusterStore:
                       EXTRACT(EPOCH FROM expires_at - now())::float8
                FROM waport_leases ORDER BY company""").fetchall())
         return [LeaseRow(*row) for row in rows]
-
-    def fence_older(self, company: str, epoch: int) -> int:
-        """End every database connection made for `company` under an epoch older than `epoch` (see
-        `fence_older_many`). How many."""
-        return self.fence_older_many({company: epoch})
 
     def fence_older_many(self, epochs: dict[str, int]) -> int:
         """End every database connection made for a company of `epochs` under an epoch older than the one
