@@ -99,7 +99,10 @@ def test_own_endpoint_rotation_410_and_replay(daemon_factory, simnet, receiver):
     tap.close()
     shown = wait_for(lambda: (s := d.ctl("webhook_show", company="acme"))["disabled"] and s, what="disabled")
     assert "410" in shown["disabled"]["reason"]
+    tap = EventTap(d.run_dir, b"acme.message")
     inbound(simnet, "acme", "R-4")  # not recorded: the endpoint said it is gone
+    tap.wait(lambda e: e["data"]["id"] == "R-4", what="R-4 published while the endpoint is disabled")
+    tap.close()
     wait_for(lambda: d.ctl("webhook_deliveries", company="acme")["counts"]["dead"] == 1, what="R-3 dead")
 
     receiver.behave("acme", status=200)

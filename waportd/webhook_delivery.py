@@ -197,13 +197,18 @@ class Delivery:
         lane.full = len(batch) >= want
 
     def reload_lane(self, company: str) -> None:
-        """After a replay or a delete: the store says what is pending now."""
+        """After a replay or a delete: the store says what is pending now, once it knows what this process
+        settled (an event delivered a moment ago, its result not yet written, would otherwise go twice)."""
+        self.flush()
+        done = {s.n for s in self.settled if s.status != PENDING}  # the store was busy: still unwritten
         lane = self.lane(company)
         lane.events, lane.ready, lane.waiting, lane.max_seq, lane.full = {}, [], [], 0, True
         lane.paused_until, lane.streak = 0.0, 0
         if lane.current is not None:  # the attempt in flight settles itself
             lane.events[lane.current.n] = lane.current
         self.refill(lane)
+        for n in done:
+            lane.events.pop(n, None)
         lane.wake.set()
 
     def drop_lane(self, company: str) -> None:
