@@ -87,7 +87,7 @@ def test_export_moves_a_company_with_its_queued_send_and_no_new_pairing(hosts: H
     connected_on_a(h)
     pairings = h.net.stats()["pairings"]
     # The network goes away: acme's send waits in its journal.
-    h.net.call("outage", seconds=4)
+    h.net.call("outage", seconds=60)  # until host A has let go of acme
     h.a.wait_state("acme", "disconnected", "backoff")
     queued = h.a.ctl("send", company="acme", to=TO, text="moved along")
     assert queued["status"] == "queued"
@@ -104,6 +104,7 @@ def test_export_moves_a_company_with_its_queued_send_and_no_new_pairing(hosts: H
     assert not os.path.exists(os.path.join(h.a.state_dir, "sessions", "acme"))
     assert os.listdir(os.path.join(h.a.state_dir, "retired"))
     assert not os.listdir(os.path.join(h.a.state_dir, "transfers"))
+    h.net.call("outage", seconds=0)
 
     out = h.ctl(h.b, "import", bundle)
     assert out.returncode == 0, out.stderr

@@ -102,7 +102,7 @@ def test_the_31st_message_to_one_recipient_is_refused(daemon_factory, simnet):
 
 
 def test_sends_queue_while_restarting_and_go_out_after(daemon_factory, simnet):
-    d = daemon_factory(sim_endpoint=simnet.endpoint, companies=["acme"], restart_base_delay=1.0).start()
+    d = daemon_factory(sim_endpoint=simnet.endpoint, companies=["acme"], restart_base_delay=3.0).start()
     pid = d.wait_state("acme", "connected")["pid"]
     os.kill(pid, signal.SIGKILL)
     d.wait_state("acme", "backoff")

@@ -239,11 +239,12 @@ def make_a_failed_send_and_an_error(d: Any, net: Any) -> None:
     not_found), and unreadable sim credentials (an `error` event, kind credentials; the worker pairs again)."""
     media = d.ctl("media_put", data=base64.b64encode(b"\xff\xd8 a photo").decode(), last=True,
                   mimetype="image/jpeg", company="acme")
-    net.call("outage", seconds=3)
+    net.call("outage", seconds=60)  # until the file is gone
     d.wait_state("acme", "disconnected")
     queued = d.ctl("send", company="acme", to="15550109999", type="image", media=media["media_id"])
     assert queued["status"] == "queued", queued
     os.remove(os.path.join(d.state_dir, "media", media["media_id"][:2], media["media_id"]))
+    net.call("outage", seconds=0)
     wait_for(lambda: counted(d, "waport_messages_failed_total", company="acme") >= 1, timeout=20,
              what="the failed send counted")
     d.ctl("stop", company="acme")

@@ -135,13 +135,14 @@ def test_bad_sends_get_clear_errors_and_queue_nothing(connected, simnet) -> None
 def test_media_sends_queue_while_disconnected_and_go_once_with_an_idempotency_key(connected, simnet) -> None:
     d = connected
     image = put(d, PNG, "image/png")
-    simnet.call("outage", seconds=1.5)
+    simnet.call("outage", seconds=60)  # until both sends are in
     d.wait_state("acme", "disconnected", "connecting")
     first = d.ctl("send", company="acme", to="15550109999", type="image", media=image["media_id"],
                   idempotency_key="menu-1")
     again = d.ctl("send", company="acme", to="15550109999", type="image", media=image["media_id"],
                   idempotency_key="menu-1")
     assert first["status"] == "queued" and again["message_id"] == first["message_id"]
+    simnet.call("outage", seconds=0)
     assert wait_for(lambda: settled(d), timeout=20, what="the queued image to go") == {"sent": 1}
     (sent,) = simnet.call("sent", company="acme")["messages"]
     assert sent["sha256"] == image["sha256"] and sent["id"] == first["message_id"]

@@ -80,7 +80,8 @@ def test_auto_pair_saves_credentials_and_a_restart_reuses_them(
     assert saved is not None and saved["phone"] == connected["phone"]
     sim.stop()
     sim.backend.stop()  # idempotent
-    assert auto_net.connections() == {}  # bye freed the session at once
+    # bye freed the session: no waiting out the network's liveness timeout (10 s)
+    wait_until(lambda: auto_net.connections() == {}, 2.0, "the session freed by bye")
     again, log2 = make_backend(auto_net.endpoint)
     assert log2.wait_state("connected")["phone"] == connected["phone"]
     assert log2.of("qr") == [] and log2.states() == ["connecting", "connected"]
@@ -187,13 +188,14 @@ def test_drop_disconnects_then_reconnects(auto_net: SimNetProcess, make_backend:
 def test_outage_fails_reconnects_until_it_ends(auto_net: SimNetProcess, make_backend: Factory) -> None:
     sim, log = make_backend(auto_net.endpoint)
     log.wait_state("connected")
-    # Retries at about 0.2 s and 0.6 s after the loss, then 1.4 s: the second one well inside the outage.
-    auto_net.call("outage", seconds=1.3)
+    # Retries at about 0.2 s and 0.6 s after the loss, then 1.4 s: the outage lasts until two have failed.
+    auto_net.call("outage", seconds=60)
     log.wait_state("disconnected")
     failed = log.wait_for("reconnect_failed")
     assert failed["attempt"] == 1 and "outage" in failed["error"]
-    log.wait_state("connected", nth=2, timeout=6)
-    assert len(log.of("reconnect_failed")) >= 2
+    log.wait_for("reconnect_failed", lambda f: f["attempt"] == 2)
+    auto_net.call("outage", seconds=0)
+    log.wait_state("connected", nth=2, timeout=10)
     assert [f["attempt"] for f in log.of("reconnect_failed")][:2] == [1, 2]
     assert auto_net.stats()["outage_refusals"] >= 2
     assert log.of("exit") == []
