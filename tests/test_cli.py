@@ -393,7 +393,7 @@ def test_silent_daemon_exits_3_after_timeout(run_dir: str, daemon: Callable[...,
     assert proc.returncode == 3
     assert re.match(UNREACHABLE_RE, proc.stderr)
     assert "(no reply within 0.5 s)" in proc.stderr
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 5  # the 0.5 s asked for and the CLI's start, not the default 10 s
     assert fake.sent() == [("ping", {})]
 
 

@@ -357,7 +357,7 @@ def test_cluster_link_answers_through_the_loop_without_blocking_it(pg: PgServer)
         pg.stop()
         began = time.monotonic()
         link.submit(lambda store: store.renew({"acme": 1}), lambda leases: got.append(("down", leases)))
-        assert time.monotonic() - began < 0.1  # the caller never waits for PostgreSQL
+        assert time.monotonic() - began < 0.5  # the caller never waits for PostgreSQL
         assert isinstance(results(4)[3][1], StoreUnavailable)
     finally:
         link.stop()

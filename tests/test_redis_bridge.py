@@ -8,7 +8,7 @@ import json
 
 from conftest import EventTap, wait_for
 
-from waportd.redis_bridge import flat
+from waportd.redis_bridge import INBOX, RedisBridge, flat
 
 
 def stream(r, name):
@@ -17,6 +17,28 @@ def stream(r, name):
 
 def test_flat_fields():
     assert flat({"a": True, "b": None, "c": 1.5, "d": "x"}) == {"a": "1", "b": "", "c": "1.5", "d": "x"}
+
+
+def test_a_message_sent_again_by_its_worker_is_one_inbox_entry(redis_server):
+    """A worker sends an unacknowledged message again every 5 s: while Redis is down (the copy waits in the
+    backlog) and after it went in (its ACK was lost). Each copy is answered `added`; waport:inbox has one."""
+    redis_server.stop()
+    bridge = RedisBridge(redis_server.url, wake=lambda: None)
+    bridge.start()
+    try:
+        entry = {"company": "acme", "id": "WA-1", "text": "hello"}
+        for _ in range(3):
+            bridge.put_stream(INBOX, entry, token=("acme", "WA-1"))
+        redis_server.start()
+        results = wait_for(lambda: bridge.take_results() or None, timeout=15, what="the backlog written")
+        assert ("added", ("acme", "WA-1")) in results
+        bridge.put_stream(INBOX, entry, token=("acme", "WA-1"))  # its ACK went missing: the worker asks again
+        assert bridge.take_results() == [("added", ("acme", "WA-1"))]
+        bridge.put_stream(INBOX, {**entry, "id": "WA-2"}, token=("acme", "WA-2"))
+        wait_for(lambda: len(stream(redis_server.client(), INBOX)) == 2, what="the next message written")
+        assert [e["id"] for e in stream(redis_server.client(), INBOX)] == ["WA-1", "WA-2"]
+    finally:
+        bridge.stop()
 
 
 def test_session_mirror_inbox_and_events_streams(daemon_factory, simnet, redis_server):

@@ -73,10 +73,11 @@ def test_status_carries_the_samples(daemon_factory, simnet):
 
 def test_memory_limit_restarts_a_growing_worker_gracefully(daemon_factory, simnet):
     limit = 120 * 1024 * 1024
-    d = daemon_factory(sim_endpoint=simnet.endpoint, companies=["acme"], health_check_interval=0.2,
+    d = daemon_factory(sim_endpoint=simnet.endpoint, health_check_interval=0.2,
                        memory_limit="120MiB", sim_options='{"grow_bytes_per_s": 60000000}',
                        restart_base_delay=0.2).start()
-    tap = EventTap(d.run_dir, b"acme.")
+    tap = EventTap(d.run_dir, b"acme.")  # before the start: it sees every state
+    d.ctl("start", company="acme")
     first = d.wait_state("acme", "connected")
     check = tap.wait(lambda e: e["type"] == "health_check_failed", timeout=20, what="health_check_failed")
     assert check["data"]["check"] == "memory_limit" and check["data"]["limit"] == limit

@@ -116,14 +116,14 @@ def test_daemon_notifies_ready_status_watchdog_and_stopping(daemon_factory, simn
     path = os.path.join(short_tmp, "notify.sock")
     listener = Listener(path)
     monkeypatch.setenv("NOTIFY_SOCKET", path)
-    monkeypatch.setenv("WATCHDOG_USEC", "400000")  # WATCHDOG=1 every 0.2 s
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")  # WATCHDOG=1 every 0.5 s
     d = daemon_factory(sim_endpoint=simnet.endpoint, companies=["acme", "bistro"])
     try:
         d.start(wait=False)
 
         # READY=1 comes once the sockets are bound: the control socket answers at once.
         wait_for(lambda: listener.pump() and listener.first("READY=1") is not None, timeout=15, what="READY=1")
-        assert d.ctl("ping", timeout=1)["pid"] == d.proc.pid
+        assert d.ctl("ping", timeout=5)["pid"] == d.proc.pid  # (the first worker's spawn may be under way)
         ready = listener.messages[listener.first("READY=1")][1]
         assert f"MAINPID={d.proc.pid}" in ready
 
@@ -132,7 +132,7 @@ def test_daemon_notifies_ready_status_watchdog_and_stopping(daemon_factory, simn
         wait_for(lambda: sum(m == ["WATCHDOG=1"] for m in listener.pump()) >= 5, what="watchdog pings")
         pings = [t for t, m in listener.messages if m == ["WATCHDOG=1"]]
         gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
-        assert max(gaps) < 0.4, gaps  # within WATCHDOG_USEC, from the main loop
+        assert max(gaps) < 1.0, gaps  # within WATCHDOG_USEC, from the main loop
 
         # The workers did not inherit the variables (only the main process may notify).
         pid = d.status("acme")["pid"]

@@ -118,7 +118,10 @@ def test_own_endpoint_rotation_410_and_replay(daemon_factory, simnet, receiver):
 def test_500_429_and_a_receiver_down_lose_nothing(daemon_factory, simnet, receiver):
     secret = new_secret()
     receiver.secrets("all", secret)
-    d = daemon_factory(sim_endpoint=simnet.endpoint, **webhook_config(receiver, secret, webhook_events="message"))
+    # Each failure in a row lengthens the lane's pause (5 s, 30 s, 2 min, ... 2 h): at 0.001 the longest is
+    # 7.2 s, whatever number of attempts a slow machine lets through before the receiver comes back.
+    d = daemon_factory(sim_endpoint=simnet.endpoint, **webhook_config(receiver, secret, webhook_events="message",
+                                                                      webhook_retry_scale=0.001))
     d.start()
     d.ctl("start", company="acme")
     d.wait_state("acme", "connected")

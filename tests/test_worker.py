@@ -65,7 +65,8 @@ def sup(short_tmp):
 
 
 def test_ready_heartbeats_and_requests(short_tmp, sup, simnet):
-    proc = spawn_worker(short_tmp, sup, simnet.endpoint)
+    # 3 s without a heartbeat before `supervisor_lost`: time to pair on a slow machine before the first one
+    proc = spawn_worker(short_tmp, sup, simnet.endpoint, heartbeat_interval="1")
     try:
         ready = sup.wait(protocol.READY)
         assert ready.body == {"company": "acme", "pid": proc.pid, "generation": 7, "version": protocol.VERSION}

@@ -5,6 +5,8 @@ The loop hands work over with the `put_*` methods and collects results with `tak
 (after `wake` has poked it). While Redis is down, stream writes wait in a bounded backlog
 and catch up when it returns; inbound messages are only acknowledged to their worker once
 they are in `waport:inbox`, so the worker's journal is the backlog that cannot overflow.
+A worker sends an unacknowledged message again every few seconds: a copy whose token is
+waiting in the backlog, or went in already, adds no second entry to the stream.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import os
 import socket
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +28,7 @@ EVENTS = "waport:events"
 OUTBOX = "waport:outbox"
 GROUP = "waportd"
 BACKLOG = 100_000
+ADDED_KEPT = 100_000  # tokens remembered as in Redis, for copies sent again after their ACK was lost
 
 
 def session_key(company: str) -> str:
@@ -62,6 +65,8 @@ class RedisBridge(threading.Thread):
         self.mirrors: dict[str, dict[str, str] | None] = {}  # latest record per company; None: delete
         self.acks: deque[tuple[str, dict[str, str]]] = deque()  # outbox entries done: (entry id, result)
         self.results: deque[tuple[str, Any]] = deque()
+        self.queued: set[Any] = set()  # tokens of the backlog
+        self.added: OrderedDict[Any, None] = OrderedDict()  # tokens in Redis, the latest ADDED_KEPT
         self.stopping = threading.Event()
         self.up = False
         self.dropped = 0
@@ -70,14 +75,27 @@ class RedisBridge(threading.Thread):
     # ------------------------------------------------------------ from the main loop
 
     def put_stream(self, stream: str, fields: dict[str, Any], token: Any = None) -> None:
-        """XADD later; a token comes back through `take_results` as ("added", token) once it is in."""
+        """XADD later; a token comes back through `take_results` as ("added", token) once it is in (a copy
+        of one in Redis already: at once, with no second entry)."""
         with self.lock:
-            if len(self.streams) >= BACKLOG:
-                _, _, old = self.streams.popleft()
-                self.dropped += 1
-                if old is not None:
-                    self.results.append(("dropped", old))
-            self.streams.append((stream, flat(fields), token))
+            if token in self.queued:
+                return
+            if token is not None and token in self.added:
+                self.results.append(("added", token))
+                again = True
+            else:
+                again = False
+                if len(self.streams) >= BACKLOG:
+                    _, _, old = self.streams.popleft()
+                    self.dropped += 1
+                    if old is not None:
+                        self.queued.discard(old)
+                        self.results.append(("dropped", old))
+                self.streams.append((stream, flat(fields), token))
+                if token is not None:
+                    self.queued.add(token)
+        if again:
+            self.wake()
 
     def put_mirror(self, company: str, record: dict[str, Any] | None) -> None:
         with self.lock:
@@ -160,7 +178,11 @@ class RedisBridge(threading.Thread):
             for _ in streams:
                 _, _, token = self.streams.popleft()
                 if token is not None:
+                    self.queued.discard(token)
+                    self.added[token] = None
                     self.results.append(("added", token))
+            while len(self.added) > ADDED_KEPT:
+                self.added.popitem(last=False)
             for company, record in mirrors.items():
                 if self.mirrors.get(company) is record:
                     del self.mirrors[company]

@@ -386,6 +386,7 @@ class Transfers:
 
         def verified(result: tuple[bundle.Manifest, dict[str, Any]] | None, error: BaseException | None) -> None:
             self.building -= 1
+            answer: dict[str, Any] | WaportError
             try:
                 if isinstance(error, bundle.BundleError):
                     raise WaportError(BAD_REQUEST, f"bundle refused, nothing changed: {error}")
@@ -396,16 +397,20 @@ class Transfers:
                     raise WaportError(INTERNAL, f"the bundle could not be read ({why}); nothing changed")
                 manifest, state = result
                 self.may_install(manifest, replace, from_backup)
-                ok(self.install(manifest, state, stage))
+                answer = self.install(manifest, state, stage)
             except WaportError as exc:
-                fail(exc)
+                answer = exc
             except Exception as exc:  # noqa: BLE001 - an answer, whatever happened
                 log.exception("import failed")
-                fail(WaportError(INTERNAL, f"import failed: {bundle.fail_message(exc)}"))
-            finally:
+                answer = WaportError(INTERNAL, f"import failed: {bundle.fail_message(exc)}")
+            finally:  # before the answer: when the client hears "nothing changed", nothing is left behind
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(inc.path)
                 shutil.rmtree(stage, ignore_errors=True)
+            if isinstance(answer, WaportError):
+                fail(answer)
+            else:
+                ok(answer)
 
         self.off_loop(verify, verified)
 

@@ -93,6 +93,7 @@ class SimBackend(Backend):
         self._to_ack: queue.SimpleQueue[str] = queue.SimpleQueue()  # journaled inbound ids (`journaled`)
         self._accepting = False
         self._wakeup: Wakeup | None = None  # from start(): wakes the loop for calls from other threads
+        self._growing = False  # the grow_bytes_per_s test knob has begun
         # Owned by the loop's thread from here on.
         self._zctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
@@ -118,9 +119,6 @@ class SimBackend(Backend):
         self._loop_thread = threading.get_ident()
         with self._calls_lock:
             self._accepting = True
-        grow = int(self.ctx.options.get("grow_bytes_per_s") or 0)
-        if grow > 0:  # a test knob: a worker whose memory grows, for the memory_limit restart
-            threading.Thread(target=_grow, args=(grow, self._stopping), name="sim-grow", daemon=True).start()
         self._zctx = zmq.Context.instance()  # the worker's: one I/O thread for both sockets
         self._guarded(self._begin)
 
@@ -431,6 +429,10 @@ class SimBackend(Backend):
 
     def _connected(self, phone: str) -> None:
         log.info("connected as %s", phone)  # the log formatter masks the number
+        grow = int(self.ctx.options.get("grow_bytes_per_s") or 0)
+        if grow > 0 and not self._growing:  # a test knob: a session whose memory grows, for memory_limit
+            self._growing = True  # (once connected: a slow connect is not cut short by the limit)
+            threading.Thread(target=_grow, args=(grow, self._stopping), name="sim-grow", daemon=True).start()
         self.phase = states.CONNECTED
         self._pairing_deadline = None
         self.emit("state", {"state": states.CONNECTED, "reason": "", "phone": phone})
