@@ -178,7 +178,7 @@ def test_chaos_soak(daemon_factory, simnet, redis_server, short_tmp, receiver):
     for mid, (company, key) in traffic.accepted.items():
         if status[mid] == "sent":
             assert at_network[mid] == 1, (mid, company, key)
-    assert simnet.stats()["replaced"] == 0, "a double session happened"
+    assert simnet.stats()["replaced"] == 0, f"a double session happened (seed {seed})\n{d.logs()}"
 
     # inbound: each message journaled once, none lost (one the network kept for a session that just came
     # back may still be on its way to the journal: "connected" comes before the network delivers it)

@@ -257,3 +257,48 @@ def test_a_second_server_does_not_steal_a_live_endpoint(net: SimNetProcess) -> N
     assert second.returncode == 1
     assert b"already listens" in second.stderr
     assert net.call("ping")["pong"] is True
+
+
+def test_a_hello_read_after_its_socket_closed_makes_no_session(short_tmp: str) -> None:
+    """A worker that says hello and dies before the answer (killed with its daemon, under load): the network
+    reads the hello after the socket closed. No session: its successor's hello is no double session."""
+    from ipc.control import encode_request
+    from workers.simnet import SimNet
+
+    endpoint = f"ipc://{short_tmp}/net.sock"
+    net = SimNet(endpoint, short_tmp, auto_pair=True)
+    net.bind()
+    ctx = zmq.Context.instance()
+
+    def hello(sock: zmq.Socket, req_id: str) -> None:
+        sock.connect(endpoint)
+        sock.send(encode_request("hello", {"company": "acme"}, req_id))
+
+    try:
+        dying = ctx.socket(zmq.DEALER)
+        hello(dying, "h1")
+        wait_until(lambda: net._router.poll(0), 5.0, "the hello at the network")
+        wait_until(lambda: net._drain_monitor() or net._fd_gen, 5.0, "the connection seen")
+        dying.close(0)
+        # the network's loop sees the close before it reads the hello: the order this test pins down
+        wait_until(lambda: net._drain_monitor() or not net._fd_gen, 5.0, "the close seen")
+        net._drain_router()
+        assert "acme" not in net.live and net.stats.pairings == 0
+
+        successor = ctx.socket(zmq.DEALER)
+        hello(successor, "h2")
+        replies: list[bytes] = []
+
+        def answered() -> bool:
+            net._drain_monitor()
+            net._drain_router()
+            while successor.poll(0):
+                replies.append(successor.recv())
+            return bool(replies)
+
+        wait_until(answered, 5.0, "the successor's hello answered")
+        assert json.loads(replies[0])["ok"]
+        assert net.live["acme"] and net.stats.replaced == 0
+        successor.close(0)
+    finally:
+        net.close()

@@ -192,6 +192,7 @@ class SimNet:
         self.latency = 0.0
         self.outage_until = 0.0
         self._fd_gen: dict[int, int] = {}
+        self._closed_fds: set[int] = set()  # DISCONNECTED, and not ACCEPTED again since
         self._gens = itertools.count(1)
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._timer_seq = itertools.count()
@@ -311,8 +312,10 @@ class SimNet:
             fd = int(event["value"])
             if event["event"] == zmq.EVENT_ACCEPTED:
                 self._fd_gen[fd] = next(self._gens)
+                self._closed_fds.discard(fd)
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 gen = self._fd_gen.pop(fd, None)
+                self._closed_fds.add(fd)
                 for conn in list(self.by_rid.values()):
                     if conn.fd == fd and conn.gen == gen and gen is not None:
                         log.info("%s: socket closed (process gone?)", conn.company)
@@ -482,6 +485,11 @@ class SimNet:
     def _hello(self, peer: Peer, args: dict[str, Any]) -> Result:
         company = validate_company(args.get("company"))
         token = args.get("token") or None
+        if peer.fd in self._closed_fds:
+            # Read after its socket closed (a process that said hello and died before the answer): no one
+            # to connect; made live, it would look like a double session when the successor says hello.
+            log.info("%s: hello from a socket already closed: no session", company)
+            return None
         now = time.time()
         if now < self.outage_until:
             self.stats.outage_refusals += 1
