@@ -28,10 +28,15 @@ class RawSession:
         self.pushes: list[dict[str, Any]] = []
         self._n = 0
 
-    def request(self, cmd: str, **args: Any) -> dict[str, Any]:
+    def send(self, cmd: str, **args: Any) -> str:
+        """The request goes out; its id comes back (for a network this test drives itself, not waited on)."""
         self._n += 1
         req_id = f"r{self._n}"
         self.sock.send(json.dumps({"id": req_id, "cmd": cmd, "args": args}).encode())
+        return req_id
+
+    def request(self, cmd: str, **args: Any) -> dict[str, Any]:
+        req_id = self.send(cmd, **args)
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:
             if self.sock.poll(50):
@@ -262,43 +267,32 @@ def test_a_second_server_does_not_steal_a_live_endpoint(net: SimNetProcess) -> N
 def test_a_hello_read_after_its_socket_closed_makes_no_session(short_tmp: str) -> None:
     """A worker that says hello and dies before the answer (killed with its daemon, under load): the network
     reads the hello after the socket closed. No session: its successor's hello is no double session."""
-    from ipc.control import encode_request
     from workers.simnet import SimNet
 
     endpoint = f"ipc://{short_tmp}/net.sock"
     net = SimNet(endpoint, short_tmp, auto_pair=True)
     net.bind()
-    ctx = zmq.Context.instance()
-
-    def hello(sock: zmq.Socket, req_id: str) -> None:
-        sock.connect(endpoint)
-        sock.send(encode_request("hello", {"company": "acme"}, req_id))
-
     try:
-        dying = ctx.socket(zmq.DEALER)
-        hello(dying, "h1")
+        dying = RawSession(endpoint)
+        dying.send("hello", company="acme")
         wait_until(lambda: net._router.poll(0), 5.0, "the hello at the network")
         wait_until(lambda: net._drain_monitor() or net._fd_gen, 5.0, "the connection seen")
-        dying.close(0)
+        dying.close()
         # the network's loop sees the close before it reads the hello: the order this test pins down
         wait_until(lambda: net._drain_monitor() or not net._fd_gen, 5.0, "the close seen")
         net._drain_router()
         assert "acme" not in net.live and net.stats.pairings == 0
 
-        successor = ctx.socket(zmq.DEALER)
-        hello(successor, "h2")
-        replies: list[bytes] = []
+        successor = RawSession(endpoint)
+        successor.send("hello", company="acme")
 
-        def answered() -> bool:
+        def answered() -> bytes | None:
             net._drain_monitor()
             net._drain_router()
-            while successor.poll(0):
-                replies.append(successor.recv())
-            return bool(replies)
+            return successor.sock.recv() if successor.sock.poll(0) else None
 
-        wait_until(answered, 5.0, "the successor's hello answered")
-        assert json.loads(replies[0])["ok"]
+        assert json.loads(wait_until(answered, 5.0, "the successor's hello answered"))["ok"]
         assert net.live["acme"] and net.stats.replaced == 0
-        successor.close(0)
+        successor.close()
     finally:
         net.close()
